@@ -1,0 +1,134 @@
+//! Typed settings from command-line flags and environment variables, parsed
+//! once at start-up and passed down.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Args;
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is sent, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// Where object storage is and how to talk to it.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:8333 (unset: AWS S3).
+    #[arg(long = "s3-endpoint-url", env = "S3_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    /// Region used for signing (us-east-1 for MinIO-like stores, cn-hangzhou for OSS).
+    #[arg(long = "s3-region", env = "S3_REGION")]
+    pub region: Option<String>,
+    /// Fallback region, as the AWS tools read it.
+    #[arg(long = "aws-default-region", env = "AWS_DEFAULT_REGION", hide = true)]
+    pub default_region: Option<String>,
+    /// Bucket that outputs and uploads are written to.
+    #[arg(long = "s3-bucket", env = "S3_BUCKET", default_value = "prefab-outputs")]
+    pub bucket: String,
+    /// Path-style addressing (MinIO, SeaweedFS: true; OSS: false). Default:
+    /// true with a custom endpoint, false for AWS.
+    #[arg(long = "s3-force-path-style", env = "S3_FORCE_PATH_STYLE")]
+    pub force_path_style: Option<bool>,
+    /// Access key id.
+    #[arg(long = "aws-access-key-id", env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub access_key_id: Option<Secret>,
+    /// Secret access key.
+    #[arg(
+        long = "aws-secret-access-key",
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub secret_access_key: Option<Secret>,
+}
+
+impl S3Args {
+    /// The signing region: `S3_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1.
+    pub fn region(&self) -> &str {
+        self.region
+            .as_deref()
+            .or(self.default_region.as_deref())
+            .unwrap_or("us-east-1")
+    }
+}
+
+/// Settings of `prefab gateway`.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long = "addr", env = "PREFAB_GATEWAY_ADDR", default_value = "0.0.0.0:50051")]
+    pub addr: SocketAddr,
+    /// Shared volume where per-request workspaces are created.
+    #[arg(long, env = "WORKSPACE_ROOT", default_value = "/mnt/prefab-workspace")]
+    pub workspace_root: PathBuf,
+    /// File of bearer tokens, one per line (blank lines and # comments ignored).
+    #[arg(long, env = "PREFAB_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// Serve without authentication (development only).
+    #[arg(long, conflicts_with = "auth_tokens_file")]
+    pub no_auth: bool,
+    /// Buckets inputs may be read from, comma-separated; `*` allows any.
+    /// Default: only the output bucket.
+    #[arg(long, env = "PREFAB_ALLOWED_BUCKETS", value_delimiter = ',')]
+    pub allowed_buckets: Vec<String>,
+    /// Static endpoints, `id@version=http://host:port`, comma-separated;
+    /// they take precedence over the template.
+    #[arg(long, env = "PREFAB_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Endpoint of a prefab not listed in PREFAB_ENDPOINTS; `{id}` and
+    /// `{version}` are replaced. Empty: only listed prefabs exist.
+    #[arg(
+        long,
+        env = "PREFAB_ENDPOINT_TEMPLATE",
+        default_value = "http://{id}.prefab-functions.svc.cluster.local"
+    )]
+    pub endpoint_template: String,
+    /// How long a prefab's manifest is cached, in seconds.
+    #[arg(long, env = "PREFAB_DESCRIBE_TTL_SECONDS", default_value_t = 60)]
+    pub describe_ttl_seconds: u64,
+    /// Object storage.
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+impl GatewayArgs {
+    /// How long a cached manifest stays fresh.
+    pub fn describe_ttl(&self) -> Duration {
+        Duration::from_secs(self.describe_ttl_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(s.expose(), "hunter2");
+    }
+}

@@ -1,0 +1,84 @@
+//! Collecting a call's outputs: each output file a runtime reports is
+//! opened inside the workspace's `outputs/` without following symlinks,
+//! checked to be a regular file, and uploaded from that open descriptor to
+//! `s3://<bucket>/outputs/<request_id>/<uuid>.<ext>`.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::{GatewayError, events::Events, plan::CallPlan};
+use crate::{
+    proto::{self, run_event::Event},
+    storage::{self, S3Url},
+    workspace::{OUTPUTS, RelPath, RequestId, open_regular},
+};
+
+/// Uploads the output files of `plan` and returns the call's final outputs,
+/// file values replaced by their URLs, plus one record per file.
+pub async fn collect_outputs(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    workspace: &Path,
+    id: RequestId,
+    plan: &CallPlan,
+    mut reported: Map<String, Value>,
+    events: &Events,
+) -> Result<(Map<String, Value>, Vec<proto::OutputUploaded>), GatewayError> {
+    let prefab = plan.prefab.name.clone();
+    let contract = |message: String| GatewayError::Contract {
+        prefab: prefab.clone(),
+        message,
+    };
+    let mut outputs = Map::new();
+    for declared in &plan.function.outputs {
+        if let Some(v) = reported.remove(&declared.name) {
+            outputs.insert(declared.name.clone(), v);
+        }
+    }
+    let mut files = Vec::new();
+    for out in &plan.outputs {
+        let raw = match reported.remove(&out.param) {
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                return Err(contract(format!(
+                    "output {:?} must be a path, got {other}",
+                    out.param
+                )));
+            }
+            None => out.rel.clone(),
+        };
+        let rel = RelPath::parse(&raw).map_err(|e| contract(format!("output {:?}: {e}", out.param)))?;
+        if !rel.is_inside(OUTPUTS) {
+            return Err(contract(format!(
+                "output {:?} at {rel} is outside {OUTPUTS}/",
+                out.param
+            )));
+        }
+        let base = workspace.to_owned();
+        let opened = tokio::task::spawn_blocking(move || open_regular(&base, &rel))
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let (file, size) = opened.map_err(|e| contract(format!("output {:?}: {e}", out.param)))?;
+        let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
+        let dest = S3Url::new(bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let url = dest.to_string();
+        let mut progress = events.transfer_progress(plan.index, &out.param, &url, size, false);
+        progress(0);
+        let done = storage::upload(s3, file, size, &dest, &mut progress).await?;
+        let uploaded = proto::OutputUploaded {
+            parameter: out.param.clone(),
+            url: url.clone(),
+            size: done.size,
+            sha256: done.sha256,
+        };
+        events.send(plan.index, Event::Uploaded(uploaded.clone())).await?;
+        outputs.insert(out.param.clone(), Value::String(url));
+        files.push(uploaded);
+    }
+    if !reported.is_empty() {
+        let extra: Vec<_> = reported.keys().collect();
+        tracing::warn!(?extra, "runtime reported undeclared outputs; dropped");
+    }
+    Ok((outputs, files))
+}

@@ -1,0 +1,86 @@
+//! The gateway's error type and its one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+
+use crate::storage::StorageError;
+
+/// Why a run (or a file transfer) failed. Each message names the thing at
+/// fault and, where it helps, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is malformed: a bad URL, a missing or mistyped parameter.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A prefab, function or object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A limit was hit; try later or with less.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency (prefab runtime, object storage) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller went away.
+    #[error("the run was cancelled")]
+    Cancelled,
+    /// Object storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The prefab's runtime returned an error; its code is kept.
+    #[error("prefab {prefab} function {function} failed: {message}")]
+    Runtime {
+        /// `id@version`.
+        prefab: String,
+        /// The function.
+        function: String,
+        /// The runtime's status code.
+        code: Code,
+        /// The runtime's message.
+        message: String,
+    },
+    /// A runtime broke the contract (e.g. reported an output outside its
+    /// workspace).
+    #[error("prefab {prefab} misbehaved: {message}")]
+    Contract {
+        /// `id@version`.
+        prefab: String,
+        /// What it did wrong.
+        message: String,
+    },
+    /// A local failure of the gateway itself.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        let code = match &e {
+            GatewayError::InvalidArgument(_) => Code::InvalidArgument,
+            GatewayError::NotFound(_) => Code::NotFound,
+            GatewayError::PermissionDenied(_) => Code::PermissionDenied,
+            GatewayError::ResourceExhausted(_) => Code::ResourceExhausted,
+            GatewayError::Unavailable(_) => Code::Unavailable,
+            GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::Storage(s) => match s {
+                StorageError::NotFound { .. } => Code::NotFound,
+                StorageError::AccessDenied { .. } => Code::PermissionDenied,
+                StorageError::Unavailable { .. } => Code::Unavailable,
+                StorageError::Rejected { .. } => Code::FailedPrecondition,
+                StorageError::Integrity { .. } => Code::DataLoss,
+                StorageError::Io { .. } => Code::Internal,
+            },
+            GatewayError::Runtime { code, .. } => match code {
+                // A transport failure between gateway and runtime.
+                Code::Unavailable => Code::Unavailable,
+                Code::Ok => Code::Unknown,
+                c => *c,
+            },
+            GatewayError::Contract { .. } => Code::FailedPrecondition,
+            GatewayError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

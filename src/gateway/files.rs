@@ -1,0 +1,244 @@
+//! `PutFile` and `GetFile`: moving files through the gateway for clients
+//! without S3 credentials, streamed in both directions with bounded memory.
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+
+use super::{GatewayError, State};
+use crate::{
+    proto,
+    storage::{self, S3Url, StorageError, upload::PartSource},
+};
+
+/// Largest chunk sent by `GetFile`.
+pub const GET_CHUNK: usize = 1 << 20;
+/// Chunks queued for a slow `GetFile` reader.
+const GET_QUEUE: usize = 4;
+
+/// Receives a `PutFile` stream into `s3://<bucket>/uploads/<uuid>/<name>`.
+pub async fn put_file(
+    state: &State,
+    mut stream: Streaming<proto::PutFileRequest>,
+) -> Result<proto::FileRef, GatewayError> {
+    let header = match stream.message().await {
+        Ok(Some(proto::PutFileRequest {
+            msg: Some(proto::put_file_request::Msg::Header(h)),
+        })) => h,
+        Ok(_) => {
+            return Err(GatewayError::InvalidArgument(
+                "the first PutFile message must be the header".into(),
+            ));
+        }
+        Err(status) => {
+            return Err(GatewayError::InvalidArgument(format!(
+                "PutFile stream failed: {}",
+                status.message()
+            )));
+        }
+    };
+    let name = sanitize_name(&header.file_name);
+    let key = format!("uploads/{}/{name}", uuid::Uuid::new_v4());
+    let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let source = ChunkSource {
+        stream,
+        pending: BytesMut::new(),
+        received: 0,
+        limit: header.size,
+    };
+    let done = storage::upload::upload_from(&state.s3, source, header.size, &dest, &mut |_| {}).await?;
+    if let Some(expected) = header.size
+        && expected != done.size
+    {
+        // The object was written, but it is not what the client meant.
+        let _ = state
+            .s3
+            .delete_object()
+            .bucket(dest.bucket())
+            .key(dest.key())
+            .send()
+            .await;
+        return Err(GatewayError::InvalidArgument(format!(
+            "PutFile header promised {expected} bytes but {} arrived",
+            done.size
+        )));
+    }
+    tracing::info!(url = %dest, size = done.size, "file stored");
+    Ok(proto::FileRef {
+        url: dest.to_string(),
+        size: done.size,
+        sha256: done.sha256,
+    })
+}
+
+/// Keeps the last path component of a client's file name, with every
+/// character outside `[A-Za-z0-9._-]` replaced by `_`.
+pub fn sanitize_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let mut clean: String = last
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.trim_start_matches('.').is_empty() {
+        clean = "file".into();
+    } else if clean.starts_with('.') {
+        clean.insert(0, '_');
+    }
+    clean
+}
+
+struct ChunkSource {
+    stream: Streaming<proto::PutFileRequest>,
+    pending: BytesMut,
+    received: u64,
+    limit: Option<u64>,
+}
+
+impl PartSource for ChunkSource {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+        let cut = |detail: String| StorageError::Rejected {
+            url: "PutFile".into(),
+            op: "PutFile",
+            detail,
+        };
+        while self.pending.len() < max {
+            match self.stream.next().await {
+                Some(Ok(proto::PutFileRequest {
+                    msg: Some(proto::put_file_request::Msg::Chunk(chunk)),
+                })) => {
+                    self.received += chunk.len() as u64;
+                    if self.limit.is_some_and(|l| self.received > l) {
+                        return Err(cut("more bytes arrived than the header's size".into()));
+                    }
+                    self.pending.extend_from_slice(&chunk);
+                }
+                Some(Ok(_)) => return Err(cut("only data chunks may follow the header".into())),
+                Some(Err(status)) => {
+                    return Err(cut(format!("the client stream broke: {}", status.message())));
+                }
+                None => break,
+            }
+        }
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let n = max.min(self.pending.len());
+        Ok(Some(self.pending.split_to(n).freeze()))
+    }
+}
+
+/// Streams an object (or a range of it) as chunks of at most [`GET_CHUNK`].
+pub async fn get_file(
+    state: &State,
+    req: proto::GetFileRequest,
+) -> Result<mpsc::Receiver<Result<proto::FileChunk, Status>>, GatewayError> {
+    let url =
+        S3Url::parse(&req.url).map_err(|e| GatewayError::InvalidArgument(format!("{:?}: {e}", req.url)))?;
+    let own_output = url.bucket() == state.bucket;
+    if !own_output && !state.buckets.allows(&url) {
+        return Err(GatewayError::PermissionDenied(format!(
+            "{url}: the bucket or prefix is not in PREFAB_ALLOWED_BUCKETS"
+        )));
+    }
+    let info = storage::head(&state.s3, &url).await?;
+    if req.offset > info.size || (req.offset == info.size && info.size > 0) {
+        return Err(GatewayError::InvalidArgument(format!(
+            "offset {} is past the end of {url} ({} bytes)",
+            req.offset, info.size
+        )));
+    }
+    let end = match req.length {
+        0 => info.size,
+        n => info.size.min(req.offset.saturating_add(n)),
+    };
+    let (tx, rx) = mpsc::channel(GET_QUEUE);
+    if end == req.offset {
+        return Ok(rx);
+    }
+    let mut get = state
+        .s3
+        .get_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .range(format!("bytes={}-{}", req.offset, end - 1));
+    if let Some(etag) = &info.etag {
+        get = get.if_match(etag);
+    }
+    let body = get
+        .send()
+        .await
+        .map_err(|e| StorageError::from_sdk(&url, "GetObject", e))?
+        .body;
+    tokio::spawn(relay(body, tx, url, req.offset, info.size));
+    Ok(rx)
+}
+
+async fn relay(
+    mut body: aws_sdk_s3::primitives::ByteStream,
+    tx: mpsc::Sender<Result<proto::FileChunk, Status>>,
+    url: S3Url,
+    mut offset: u64,
+    object_size: u64,
+) {
+    let mut batch = BytesMut::with_capacity(GET_CHUNK);
+    loop {
+        let next = tokio::select! {
+            next = body.try_next() => next,
+            () = tx.closed() => return,
+        };
+        let done = match next {
+            Ok(Some(chunk)) => {
+                batch.extend_from_slice(&chunk);
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                let err = StorageError::Unavailable {
+                    url: url.to_string(),
+                    op: "GetObject",
+                    detail: e.to_string(),
+                };
+                let _ = tx.send(Err(GatewayError::from(err).into())).await;
+                return;
+            }
+        };
+        while batch.len() >= GET_CHUNK || (done && !batch.is_empty()) {
+            let data = batch.split_to(GET_CHUNK.min(batch.len())).freeze();
+            let len = data.len() as u64;
+            let chunk = proto::FileChunk {
+                offset,
+                data,
+                object_size,
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+            offset += len;
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize_name;
+
+    #[test]
+    fn names_are_reduced_to_a_safe_last_component() {
+        assert_eq!(sanitize_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_name("C:\\x\\movie file.mp4"), "movie_file.mp4");
+        assert_eq!(sanitize_name(".."), "file");
+        assert_eq!(sanitize_name(".bashrc"), "_.bashrc");
+        assert_eq!(sanitize_name(""), "file");
+    }
+}

@@ -1,0 +1,80 @@
+//! Invoking a prefab's runtime with a workspace handle and relaying its
+//! progress and log lines. Dropping the future drops the gRPC stream, which
+//! cancels the function on the runtime's side.
+
+use serde_json::{Map, Value};
+use tonic::Code;
+
+use super::{GatewayError, events::Events, plan::CallPlan};
+use crate::{
+    proto::{self, invoke_event, run_event::Event},
+    workspace::RequestId,
+};
+
+/// Runs the call's function and returns its raw outputs.
+pub async fn invoke(
+    plan: &CallPlan,
+    id: RequestId,
+    events: &Events,
+) -> Result<Map<String, Value>, GatewayError> {
+    let prefab = &plan.prefab;
+    let invoking = proto::Invoking {
+        prefab_id: prefab.manifest.id.clone(),
+        version: prefab.manifest.version.clone(),
+        function_name: plan.function.name.clone(),
+    };
+    events.send(plan.index, Event::Invoking(invoking)).await?;
+    let request = proto::InvokeRequest {
+        workspace: id.to_string(),
+        function_name: plan.function.name.clone(),
+        arguments: Some(proto::json_to_struct(plan.arguments.clone())),
+        secrets: Default::default(),
+        timeout_ms: 0,
+    };
+    let failed = |status: tonic::Status| runtime_error(plan, status);
+    let mut stream = prefab
+        .client
+        .clone()
+        .invoke(request)
+        .await
+        .map_err(failed)?
+        .into_inner();
+    while let Some(msg) = stream.message().await.map_err(failed)? {
+        match msg.event {
+            Some(invoke_event::Event::Progress(p)) => {
+                events.send(plan.index, Event::RuntimeProgress(p)).await?
+            }
+            Some(invoke_event::Event::Log(l)) => events.send(plan.index, Event::RuntimeLog(l)).await?,
+            Some(invoke_event::Event::Result(r)) => {
+                return Ok(r.outputs.map(proto::struct_to_json).unwrap_or_default());
+            }
+            None => {}
+        }
+    }
+    Err(GatewayError::Contract {
+        prefab: prefab.name.clone(),
+        message: format!("Invoke of {} ended without a result", plan.function.name),
+    })
+}
+
+fn runtime_error(plan: &CallPlan, status: tonic::Status) -> GatewayError {
+    let prefab = &plan.prefab;
+    // Transport failures surface as UNAVAILABLE (or UNKNOWN with a source).
+    let transport = status.code() == Code::Unavailable
+        || (status.code() == Code::Unknown && std::error::Error::source(&status).is_some());
+    if transport {
+        return GatewayError::Unavailable(format!(
+            "prefab {} at {} became unreachable during {}: {}",
+            prefab.name,
+            prefab.endpoint,
+            plan.function.name,
+            status.message()
+        ));
+    }
+    GatewayError::Runtime {
+        prefab: prefab.name.clone(),
+        function: plan.function.name.clone(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}

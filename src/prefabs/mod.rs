@@ -1,0 +1,3 @@
+//! Example prefabs built only on the public [`crate::runtime`] SDK.
+
+pub mod hello;

@@ -1,0 +1,85 @@
+//! Generated protobuf messages and gRPC stubs for package `prefab.v1`, the
+//! descriptor set served by reflection, and conversions between
+//! `google.protobuf.Struct` and `serde_json` values.
+
+#[allow(missing_docs, clippy::all)]
+mod generated {
+    tonic::include_proto!("prefab.v1");
+}
+
+pub use generated::*;
+
+/// Encoded `FileDescriptorSet` of every proto file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prefab_descriptor.bin"));
+
+use prost_types::{ListValue, Struct, Value, value::Kind};
+use serde_json::{Map, Number, Value as Json};
+
+/// Converts a protobuf `Struct` to a JSON object.
+pub fn struct_to_json(s: Struct) -> Map<String, Json> {
+    s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect()
+}
+
+/// Converts a protobuf `Value` to JSON. Non-finite numbers become `null`,
+/// as JSON cannot carry them.
+pub fn value_to_json(v: Value) -> Json {
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::NumberValue(n)) => Number::from_f64(n).map_or(Json::Null, Json::Number),
+        Some(Kind::StringValue(s)) => Json::String(s),
+        Some(Kind::BoolValue(b)) => Json::Bool(b),
+        Some(Kind::StructValue(s)) => Json::Object(struct_to_json(s)),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.into_iter().map(value_to_json).collect()),
+    }
+}
+
+/// Converts a JSON object to a protobuf `Struct`.
+pub fn json_to_struct(m: Map<String, Json>) -> Struct {
+    Struct {
+        fields: m.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+    }
+}
+
+/// Converts JSON to a protobuf `Value`. Integers beyond 2^53 lose precision,
+/// as they do in every JSON-over-protobuf mapping.
+pub fn json_to_value(v: Json) -> Value {
+    let kind = match v {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Json::String(s) => Kind::StringValue(s),
+        Json::Array(a) => Kind::ListValue(ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        Json::Object(m) => Kind::StructValue(json_to_struct(m)),
+    };
+    Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_through_struct() {
+        let json = serde_json::json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": "e"}});
+        let Json::Object(map) = json.clone() else {
+            unreachable!()
+        };
+        let back = Json::Object(struct_to_json(json_to_struct(map)));
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn descriptor_set_names_both_services() {
+        let fds = <prost_types::FileDescriptorSet as prost::Message>::decode(FILE_DESCRIPTOR_SET)
+            .expect("descriptor set decodes");
+        let services: Vec<_> = fds
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(|s| s.name().to_owned()))
+            .collect();
+        assert!(services.contains(&"Gateway".to_owned()));
+        assert!(services.contains(&"PrefabRuntime".to_owned()));
+    }
+}

@@ -1,0 +1,139 @@
+//! [`Invocation`]: everything a function needs to run one call.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::PrefabError;
+use crate::{config::Secret, proto};
+
+/// The values a function returns, by output name.
+pub type Outputs = Map<String, Value>;
+
+/// One call of a function: its arguments with file parameters resolved to
+/// local paths, its secrets, a sink for progress and log lines, and a
+/// cancellation token.
+#[derive(Debug)]
+pub struct Invocation {
+    pub(super) function: String,
+    pub(super) args: Map<String, Value>,
+    pub(super) files: HashMap<String, PathBuf>,
+    pub(super) workspace: PathBuf,
+    pub(super) secrets: HashMap<String, Secret>,
+    pub(super) events: mpsc::Sender<Result<proto::InvokeEvent, tonic::Status>>,
+    pub(super) cancel: CancellationToken,
+}
+
+impl Invocation {
+    /// The function being called.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// The raw argument `name`, if given. File parameters hold their
+    /// workspace-relative path.
+    pub fn arg(&self, name: &str) -> Option<&Value> {
+        self.args.get(name)
+    }
+
+    /// Every argument.
+    pub fn args(&self) -> &Map<String, Value> {
+        &self.args
+    }
+
+    /// The string argument `name`.
+    pub fn str_arg(&self, name: &str) -> Result<&str, PrefabError> {
+        self.arg(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| PrefabError::InvalidArgument(format!("string argument {name:?} is missing")))
+    }
+
+    /// The number argument `name`.
+    pub fn number_arg(&self, name: &str) -> Result<f64, PrefabError> {
+        self.arg(name)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| PrefabError::InvalidArgument(format!("number argument {name:?} is missing")))
+    }
+
+    /// The local path of the input file `name`, ready to read.
+    pub fn input(&self, name: &str) -> Result<&Path, PrefabError> {
+        self.file(name)
+    }
+
+    /// The local path the output file `name` must be written to; its folder
+    /// exists.
+    pub fn output(&self, name: &str) -> Result<&Path, PrefabError> {
+        self.file(name)
+    }
+
+    /// Every file parameter with its local path.
+    pub fn files(&self) -> &HashMap<String, PathBuf> {
+        &self.files
+    }
+
+    fn file(&self, name: &str) -> Result<&Path, PrefabError> {
+        self.files
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| PrefabError::InvalidArgument(format!("file parameter {name:?} is missing")))
+    }
+
+    /// This call's workspace folder.
+    pub fn workspace(&self) -> &Path {
+        &self.workspace
+    }
+
+    /// The secret `name`, if the gateway sent one.
+    pub fn secret(&self, name: &str) -> Option<&str> {
+        self.secrets.get(name).map(Secret::expose)
+    }
+
+    /// Every secret, for passing on to a child process's environment.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.secrets.iter().map(|(k, v)| (k.as_str(), v.expose()))
+    }
+
+    /// Reports progress: `fraction` in [0, 1] (negative when unknown).
+    pub async fn progress(&self, fraction: f64, message: impl Into<String>) {
+        let event = proto::invoke_event::Event::Progress(proto::Progress {
+            fraction,
+            message: message.into(),
+        });
+        self.emit(event).await;
+    }
+
+    /// Sends a log line to the caller.
+    pub async fn log(&self, stream: proto::LogStream, line: impl Into<String>) {
+        let event = proto::invoke_event::Event::Log(proto::LogLine {
+            stream: stream as i32,
+            line: line.into(),
+        });
+        self.emit(event).await;
+    }
+
+    async fn emit(&self, event: proto::invoke_event::Event) {
+        let msg = proto::InvokeEvent { event: Some(event) };
+        // A gone caller is noticed through cancellation, not here.
+        let _ = self.events.send(Ok(msg)).await;
+    }
+
+    /// The token cancelled when the caller goes away or the time limit
+    /// passes; long functions should watch it.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Returns an error if the call was cancelled.
+    pub fn check_cancelled(&self) -> Result<(), PrefabError> {
+        if self.cancel.is_cancelled() {
+            Err(PrefabError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The `prefab.v1.PrefabRuntime` gRPC service wrapping a [`Prefab`].
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{Invocation, Prefab, PrefabError};
+use crate::{
+    config::Secret,
+    manifest::{FunctionSpec, Manifest, ParamKind},
+    proto::{self, prefab_runtime_server::PrefabRuntime},
+    workspace::{HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot},
+};
+
+/// The gRPC name of the service, as health checks ask for it.
+pub const RUNTIME_SERVICE: &str = "prefab.v1.PrefabRuntime";
+
+/// How long a cancelled function may take to stop before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// Events buffered between a function and its caller.
+const EVENT_QUEUE: usize = 64;
+
+/// The gRPC service for one prefab.
+pub struct RuntimeService<P> {
+    prefab: Arc<P>,
+    manifest: Arc<Manifest>,
+    root: WorkspaceRoot,
+    active: Arc<AtomicUsize>,
+}
+
+impl<P> Clone for RuntimeService<P> {
+    fn clone(&self) -> Self {
+        Self {
+            prefab: Arc::clone(&self.prefab),
+            manifest: Arc::clone(&self.manifest),
+            root: self.root.clone(),
+            active: Arc::clone(&self.active),
+        }
+    }
+}
+
+impl<P: Prefab> RuntimeService<P> {
+    /// Wraps `prefab`, resolving workspaces under `workspace_root`.
+    pub fn new(prefab: Arc<P>, workspace_root: PathBuf) -> Result<Self, crate::server::BoxError> {
+        let manifest = prefab.manifest();
+        manifest.validate()?;
+        Ok(Self {
+            prefab,
+            manifest: Arc::new(manifest),
+            root: WorkspaceRoot::new(workspace_root)?,
+            active: Arc::default(),
+        })
+    }
+
+    /// The number of function calls running now.
+    pub fn active(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.active)
+    }
+
+    /// Serves this runtime, with health and reflection, on `listener` until
+    /// `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), crate::server::BoxError> {
+        let router = crate::server::base_router(RUNTIME_SERVICE)
+            .await?
+            .add_service(proto::prefab_runtime_server::PrefabRuntimeServer::new(self));
+        crate::server::serve_router(router, listener, shutdown).await
+    }
+
+    /// Checks a request and builds the invocation, without running it.
+    async fn prepare(
+        &self,
+        req: proto::InvokeRequest,
+        events: mpsc::Sender<Result<proto::InvokeEvent, Status>>,
+        cancel: CancellationToken,
+    ) -> Result<Invocation, Status> {
+        let workspace = self.root.resolve(&req.workspace).await.map_err(|e| match e {
+            HandleError::Missing(_) => Status::not_found(e.to_string()),
+            HandleError::Io { .. } => Status::internal(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
+        let spec = self.manifest.function(&req.function_name).ok_or_else(|| {
+            Status::not_found(format!(
+                "prefab {} has no function {:?}",
+                self.manifest.id, req.function_name
+            ))
+        })?;
+        let args = req.arguments.map(proto::struct_to_json).unwrap_or_default();
+        let files = resolve_files(spec, &args, &workspace).await?;
+        Ok(Invocation {
+            function: req.function_name,
+            args,
+            files,
+            workspace,
+            secrets: req
+                .secrets
+                .into_iter()
+                .map(|(k, v)| (k, Secret::new(v)))
+                .collect(),
+            events,
+            cancel,
+        })
+    }
+}
+
+/// Resolves every file parameter to an absolute path inside `workspace`:
+/// inputs must be regular files under `inputs/`, outputs go under
+/// `outputs/` and get their folder created.
+async fn resolve_files(
+    spec: &FunctionSpec,
+    args: &serde_json::Map<String, Value>,
+    workspace: &Path,
+) -> Result<HashMap<String, PathBuf>, Status> {
+    let mut files = HashMap::new();
+    for p in &spec.parameters {
+        let (dir, is_input) = match p.kind {
+            ParamKind::InputFile => (INPUTS, true),
+            ParamKind::OutputFile => (OUTPUTS, false),
+            _ => continue,
+        };
+        let Some(value) = args.get(&p.name) else {
+            if p.required || !is_input {
+                return Err(Status::invalid_argument(format!(
+                    "file parameter {:?} is missing",
+                    p.name
+                )));
+            }
+            continue;
+        };
+        let rel = value
+            .as_str()
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("file parameter {:?} must be a path string", p.name))
+            })
+            .and_then(|s| RelPath::parse(s).map_err(|e| Status::invalid_argument(e.to_string())))?;
+        if !rel.is_inside(dir) {
+            return Err(Status::invalid_argument(format!(
+                "file parameter {:?} must be under {dir}/, got {rel}",
+                p.name
+            )));
+        }
+        let path = workspace.join(rel.as_str());
+        if is_input {
+            let meta = tokio::fs::symlink_metadata(&path).await.map_err(|e| {
+                Status::failed_precondition(format!("input {:?} at {rel} is not readable: {e}", p.name))
+            })?;
+            if !meta.is_file() {
+                return Err(Status::invalid_argument(format!(
+                    "input {:?} at {rel} is not a regular file",
+                    p.name
+                )));
+            }
+        } else if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                Status::internal(format!("cannot create the folder for output {:?}: {e}", p.name))
+            })?;
+        }
+        files.insert(p.name.clone(), path);
+    }
+    Ok(files)
+}
+
+/// After a successful call: report each output file under its parameter
+/// name as its workspace-relative path, and fail if one was not written.
+async fn add_output_files(
+    spec: &FunctionSpec,
+    args: &serde_json::Map<String, Value>,
+    workspace: &Path,
+    outputs: &mut serde_json::Map<String, Value>,
+) -> Result<(), Status> {
+    for p in spec.parameters.iter().filter(|p| p.kind == ParamKind::OutputFile) {
+        let Some(rel) = args.get(&p.name).and_then(Value::as_str) else {
+            continue;
+        };
+        match tokio::fs::symlink_metadata(workspace.join(rel)).await {
+            Ok(m) if m.is_file() => {
+                outputs.insert(p.name.clone(), Value::String(rel.to_owned()));
+            }
+            _ => {
+                return Err(Status::internal(format!(
+                    "the function finished without writing its output file {:?}",
+                    p.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::InvokeEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
+    async fn describe(
+        &self,
+        _req: Request<proto::DescribeRequest>,
+    ) -> Result<Response<proto::DescribeResponse>, Status> {
+        Ok(Response::new(proto::DescribeResponse {
+            manifest: Some(self.manifest.as_ref().into()),
+        }))
+    }
+
+    type InvokeStream = EventStream;
+
+    async fn invoke(&self, req: Request<proto::InvokeRequest>) -> Result<Response<EventStream>, Status> {
+        let req = req.into_inner();
+        let timeout = Some(Duration::from_millis(req.timeout_ms)).filter(|t| !t.is_zero());
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let cancel = CancellationToken::new();
+        let call = self.prepare(req, tx.clone(), cancel.clone()).await?;
+        let spec = self
+            .manifest
+            .function(call.function())
+            .expect("prepare checked the function exists")
+            .clone();
+        let (args, workspace) = (call.args.clone(), call.workspace.clone());
+        let prefab = Arc::clone(&self.prefab);
+        let active = Arc::clone(&self.active);
+        let span = tracing::info_span!("invoke", function = %spec.name, workspace = %workspace.display());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                active.fetch_add(1, Ordering::SeqCst);
+                let _active = DecrementOnDrop(active);
+                let run = prefab.invoke(call);
+                let outcome = supervise(run, &tx, &cancel, timeout).await;
+                let result = match outcome {
+                    Some(Ok(mut outputs)) => add_output_files(&spec, &args, &workspace, &mut outputs)
+                        .await
+                        .map(|()| outputs),
+                    Some(Err(e)) => Err(Status::from(e)),
+                    None => return, // the caller is gone
+                };
+                let event = result.map(|outputs| proto::InvokeEvent {
+                    event: Some(proto::invoke_event::Event::Result(proto::InvokeResult {
+                        outputs: Some(proto::json_to_struct(outputs)),
+                    })),
+                });
+                if let Err(status) = &event {
+                    tracing::info!(code = ?status.code(), message = status.message(), "function failed");
+                }
+                let _ = tx.send(event).await;
+            },
+            span,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Runs a function to completion, cancelling it when the caller leaves or
+/// the time limit passes. `None` means the caller is gone.
+async fn supervise(
+    run: impl Future<Output = Result<super::Outputs, PrefabError>>,
+    tx: &mpsc::Sender<Result<proto::InvokeEvent, Status>>,
+    cancel: &CancellationToken,
+    timeout: Option<Duration>,
+) -> Option<Result<super::Outputs, PrefabError>> {
+    let mut run = std::pin::pin!(run);
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        out = &mut run => return Some(out),
+        () = tx.closed() => tracing::info!("caller went away; cancelling the function"),
+        () = deadline => tracing::info!("time limit passed; cancelling the function"),
+    }
+    cancel.cancel();
+    let stopped = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
+    if stopped.is_err() {
+        tracing::warn!("function ignored cancellation for {CANCEL_GRACE:?}; dropping it");
+    }
+    if tx.is_closed() {
+        return None;
+    }
+    Some(Err(PrefabError::TimedOut(timeout.unwrap_or_default())))
+}
+
+struct DecrementOnDrop(Arc<AtomicUsize>);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,342 @@
+//! Uploading a local file: one PUT for small files, a multipart upload with
+//! several parts in flight for large ones. The multipart upload is owned by a
+//! guard that aborts it on every exit but completion, so a failure or a
+//! cancelled run never leaves an open upload behind.
+
+use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+
+use aws_sdk_s3::{
+    primitives::ByteStream,
+    types::{CompletedMultipartUpload, CompletedPart},
+};
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+
+use super::{S3Url, StorageError, Transfer, download::backoff};
+
+/// Files up to this size go up in a single PUT.
+pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
+/// Smallest multipart part.
+const MIN_PART: u64 = 8 << 20;
+/// S3's limit on parts per upload.
+const MAX_PARTS: u64 = 10_000;
+/// Parts uploading at once per file.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Attempts per part, counting the first.
+const PART_ATTEMPTS: u32 = 4;
+
+/// The part size for a file of `size` bytes: max(8 MiB, size / 10 000).
+pub fn part_size(size: u64) -> u64 {
+    MIN_PART.max(size.div_ceil(MAX_PARTS))
+}
+
+/// A sequence of upload parts: a local file or a stream of chunks.
+pub trait PartSource: Send {
+    /// The next part of at most `max` bytes (exactly `max` unless it is the
+    /// last); `None` at the end.
+    fn next_part(&mut self, max: usize) -> impl Future<Output = Result<Option<Bytes>, StorageError>> + Send;
+}
+
+/// Parts read from a local file on blocking threads.
+#[derive(Debug)]
+pub struct FileSource {
+    file: Arc<File>,
+    offset: u64,
+    size: u64,
+}
+
+impl FileSource {
+    /// Reads the first `size` bytes of `file`.
+    pub fn new(file: File, size: u64) -> Self {
+        Self {
+            file: Arc::new(file),
+            offset: 0,
+            size,
+        }
+    }
+}
+
+impl PartSource for FileSource {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+        let len = (max as u64).min(self.size - self.offset);
+        if len == 0 {
+            return Ok(None);
+        }
+        let (file, offset) = (Arc::clone(&self.file), self.offset);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(len as usize);
+            file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| StorageError::io("the file being uploaded", e))?;
+        self.offset += len;
+        Ok(Some(read))
+    }
+}
+
+/// Uploads `size` bytes of `file` to `dest`, reporting the cumulative byte
+/// count to `progress` as parts complete.
+pub async fn upload(
+    client: &aws_sdk_s3::Client,
+    file: File,
+    size: u64,
+    dest: &S3Url,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Transfer, StorageError> {
+    let done = upload_from(client, FileSource::new(file, size), Some(size), dest, progress).await?;
+    if done.size != size {
+        return Err(StorageError::Integrity {
+            url: dest.to_string(),
+            detail: format!("expected to upload {size} bytes, read {}", done.size),
+        });
+    }
+    Ok(done)
+}
+
+/// Uploads everything `source` yields to `dest`: one PUT if it fits in a
+/// single part, else a multipart upload that is aborted unless it
+/// completes. `size_hint` picks the part size.
+pub async fn upload_from(
+    client: &aws_sdk_s3::Client,
+    mut source: impl PartSource,
+    size_hint: Option<u64>,
+    dest: &S3Url,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Transfer, StorageError> {
+    let part = match size_hint {
+        Some(size) if size <= MULTIPART_THRESHOLD => MULTIPART_THRESHOLD,
+        Some(size) => part_size(size),
+        None => 2 * MIN_PART,
+    } as usize;
+    let mut hasher = Sha256::new();
+    let first = source.next_part(part).await?.unwrap_or_default();
+    hasher.update(&first);
+    let second = if first.len() == part {
+        source.next_part(part).await?
+    } else {
+        None
+    };
+    let Some(second) = second else {
+        let size = first.len() as u64;
+        client
+            .put_object()
+            .bucket(dest.bucket())
+            .key(dest.key())
+            .content_length(size as i64)
+            .body(ByteStream::from(first))
+            .send()
+            .await
+            .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
+        progress(size);
+        return Ok(Transfer {
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        });
+    };
+    let mut upload = Multipart::create(client, dest).await?;
+    match upload_parts(&mut upload, [first, second], source, hasher, part, progress).await {
+        Ok((parts, transfer)) => {
+            upload.complete(parts).await?;
+            Ok(transfer)
+        }
+        Err(e) => {
+            upload.abort().await;
+            Err(e)
+        }
+    }
+}
+
+async fn upload_parts(
+    upload: &mut Multipart,
+    read_ahead: [Bytes; 2],
+    mut source: impl PartSource,
+    mut hasher: Sha256,
+    part: usize,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<(Vec<CompletedPart>, Transfer), StorageError> {
+    let mut in_flight = JoinSet::new();
+    let mut done = Vec::new();
+    let (mut sent, mut size) = (0u64, 0u64);
+    let mut number = 1i32;
+    let [first, second] = read_ahead;
+    hasher.update(&second);
+    for body in [first, second] {
+        size += body.len() as u64;
+        in_flight.spawn(upload.part(number, body));
+        number += 1;
+    }
+    let mut exhausted = false;
+    while !exhausted || !in_flight.is_empty() {
+        if !exhausted && in_flight.len() < PARTS_IN_FLIGHT {
+            match source.next_part(part).await? {
+                Some(body) => {
+                    if number > MAX_PARTS as i32 {
+                        return Err(StorageError::Rejected {
+                            url: upload.url.to_string(),
+                            op: "UploadPart",
+                            detail: format!("more than {MAX_PARTS} parts; the object is too large"),
+                        });
+                    }
+                    hasher.update(&body);
+                    size += body.len() as u64;
+                    in_flight.spawn(upload.part(number, body));
+                    number += 1;
+                }
+                None => exhausted = true,
+            }
+            continue;
+        }
+        let finished = in_flight
+            .join_next()
+            .await
+            .expect("loop runs only while parts are in flight or unread");
+        let (completed, len) =
+            finished.map_err(|e| StorageError::io(&upload.url, std::io::Error::other(e)))??;
+        done.push(completed);
+        sent += len;
+        progress(sent);
+    }
+    done.sort_by_key(|p| p.part_number);
+    let sha256 = hex::encode(hasher.finalize());
+    Ok((done, Transfer { size, sha256 }))
+}
+
+/// An open multipart upload. Dropping it without [`Multipart::complete`]
+/// aborts it in the background; [`Multipart::abort`] does so and waits.
+struct Multipart {
+    client: aws_sdk_s3::Client,
+    url: S3Url,
+    upload_id: String,
+    open: bool,
+}
+
+impl Multipart {
+    async fn create(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Self, StorageError> {
+        let out = client
+            .create_multipart_upload()
+            .bucket(url.bucket())
+            .key(url.key())
+            .send()
+            .await
+            .map_err(|e| StorageError::from_sdk(url, "CreateMultipartUpload", e))?;
+        let upload_id = out.upload_id.ok_or_else(|| StorageError::Rejected {
+            url: url.to_string(),
+            op: "CreateMultipartUpload",
+            detail: "the store returned no upload id".into(),
+        })?;
+        Ok(Self {
+            client: client.clone(),
+            url: url.clone(),
+            upload_id,
+            open: true,
+        })
+    }
+
+    /// A task uploading one part, retrying transient failures.
+    fn part(
+        &self,
+        number: i32,
+        body: Bytes,
+    ) -> impl Future<Output = Result<(CompletedPart, u64), StorageError>> + Send + 'static {
+        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
+        async move {
+            let len = body.len() as u64;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let sent = client
+                    .upload_part()
+                    .bucket(url.bucket())
+                    .key(url.key())
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .content_length(len as i64)
+                    .body(ByteStream::from(body.clone()))
+                    .send()
+                    .await
+                    .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));
+                match sent {
+                    Ok(out) => {
+                        let part = CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(out.e_tag)
+                            .build();
+                        return Ok((part, len));
+                    }
+                    Err(e) if e.is_transient() && attempt < PART_ATTEMPTS => {
+                        tracing::warn!(%url, part = number, attempt, error = %e, "part upload failed, retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    async fn complete(mut self, parts: Vec<CompletedPart>) -> Result<(), StorageError> {
+        let done = self
+            .client
+            .complete_multipart_upload()
+            .bucket(self.url.bucket())
+            .key(self.url.key())
+            .upload_id(&self.upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await;
+        match done {
+            Ok(_) => {
+                self.open = false;
+                Ok(())
+            }
+            Err(e) => {
+                let err = StorageError::from_sdk(&self.url, "CompleteMultipartUpload", e);
+                self.abort().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn abort(&mut self) {
+        if !std::mem::replace(&mut self.open, false) {
+            return;
+        }
+        abort_upload(self.client.clone(), self.url.clone(), self.upload_id.clone()).await;
+    }
+}
+
+impl Drop for Multipart {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(abort_upload(client, url, upload_id));
+            }
+            Err(_) => {
+                tracing::error!(%url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
+            }
+        }
+    }
+}
+
+async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String) {
+    let res = client
+        .abort_multipart_upload()
+        .bucket(url.bucket())
+        .key(url.key())
+        .upload_id(&upload_id)
+        .send()
+        .await;
+    match res {
+        Ok(_) => tracing::debug!(%url, "multipart upload aborted"),
+        Err(e) => {
+            let e = StorageError::from_sdk(&url, "AbortMultipartUpload", e);
+            tracing::error!(%url, error = %e, "could not abort multipart upload");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Per-request workspaces on the shared volume: `<root>/<request_id>/` with
+//! `inputs/` and `outputs/`. A workspace is named by a [`RequestId`] handle,
+//! never by a path, and everything resolved inside it goes through
+//! [`RelPath`] and descriptor-based, no-follow opens.
+
+mod confine;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+pub use confine::{RelPath, RelPathError, open_regular};
+use uuid::Uuid;
+
+/// Name of the folder staged inputs go to.
+pub const INPUTS: &str = "inputs";
+/// Name of the folder functions write outputs to.
+pub const OUTPUTS: &str = "outputs";
+
+/// A request id: a random UUID in canonical lower-case hyphenated form. It is
+/// the workspace handle, the folder name and the output prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(Uuid);
+
+/// Why a workspace handle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Not a canonical UUID.
+    #[error("workspace handle {0:?} is not a request id (a lower-case UUID)")]
+    Malformed(String),
+    /// No such workspace under the root.
+    #[error(
+        "workspace {0} does not exist on this volume; is the workspace volume mounted at the same path as the gateway's?"
+    )]
+    Missing(RequestId),
+    /// The handle names something that is not a plain folder.
+    #[error("workspace {0} is not a directory")]
+    NotADirectory(RequestId),
+    /// Checking the workspace failed.
+    #[error("workspace {id}: {source}")]
+    Io {
+        /// The workspace.
+        id: RequestId,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RequestId {
+    /// A fresh random request id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    /// Parses a handle; only the canonical form is accepted, so that one
+    /// request has exactly one spelling.
+    pub fn parse(s: &str) -> Result<Self, HandleError> {
+        let malformed = || HandleError::Malformed(s.chars().take(64).collect());
+        let id = Uuid::try_parse(s).map_err(|_| malformed())?;
+        if id.hyphenated().to_string() != s {
+            return Err(malformed());
+        }
+        Ok(Self(id))
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// The folder holding every workspace.
+#[derive(Debug, Clone)]
+pub struct WorkspaceRoot {
+    path: PathBuf,
+}
+
+impl WorkspaceRoot {
+    /// Opens (creating if needed) the root folder.
+    pub fn new(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(path.as_ref())?;
+        Ok(Self {
+            path: std::fs::canonicalize(path)?,
+        })
+    }
+
+    /// The root folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the workspace of `id`; fails if it already exists.
+    pub async fn create(&self, id: RequestId) -> std::io::Result<Workspace> {
+        let dir = self.path.join(id.to_string());
+        tokio::fs::create_dir(&dir).await?;
+        // From here on the guard removes the folder, whatever happens next.
+        let ws = Workspace {
+            id,
+            dir,
+            removed: false,
+        };
+        tokio::fs::create_dir(ws.dir.join(INPUTS)).await?;
+        tokio::fs::create_dir(ws.dir.join(OUTPUTS)).await?;
+        Ok(ws)
+    }
+
+    /// Resolves a handle received over the network to its folder, which
+    /// must exist and be a real directory (not a symlink).
+    pub async fn resolve(&self, handle: &str) -> Result<PathBuf, HandleError> {
+        let id = RequestId::parse(handle)?;
+        let dir = self.path.join(id.to_string());
+        match tokio::fs::symlink_metadata(&dir).await {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(_) => Err(HandleError::NotADirectory(id)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(HandleError::Missing(id)),
+            Err(source) => Err(HandleError::Io { id, source }),
+        }
+    }
+}
+
+/// A live workspace. Dropping it removes its folder in the background;
+/// [`Workspace::remove`] removes it and waits.
+#[derive(Debug)]
+pub struct Workspace {
+    id: RequestId,
+    dir: PathBuf,
+    removed: bool,
+}
+
+impl Workspace {
+    /// The request id naming this workspace.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The workspace folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes the folder and everything in it.
+    pub async fn remove(mut self) -> std::io::Result<()> {
+        self.removed = true;
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        let dir = std::mem::take(&mut self.dir);
+        let remove = move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::error!(dir = %dir.display(), error = %e, "could not remove workspace");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_ids_are_handles() {
+        let id = RequestId::new();
+        assert_eq!(RequestId::parse(&id.to_string()).unwrap(), id);
+        for bad in [
+            "..",
+            "/etc",
+            "",
+            "../../x",
+            &id.to_string().to_uppercase(),
+            &format!("{{{id}}}"),
+            &id.0.simple().to_string(),
+            &format!("{id}/.."),
+        ] {
+            assert!(RequestId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn workspace_is_removed_on_drop_and_on_remove() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = WorkspaceRoot::new(tmp.path()).unwrap();
+        let ws = root.create(RequestId::new()).await.unwrap();
+        let dir = ws.dir().to_owned();
+        assert!(dir.join(INPUTS).is_dir() && dir.join(OUTPUTS).is_dir());
+        ws.remove().await.unwrap();
+        assert!(!dir.exists());
+
+        let ws = root.create(RequestId::new()).await.unwrap();
+        let dir = ws.dir().to_owned();
+        drop(ws);
+        for _ in 0..100 {
+            if !dir.exists() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("workspace survived its guard");
+    }
+
+    #[tokio::test]
+    async fn resolve_refuses_symlinks_and_strangers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = WorkspaceRoot::new(tmp.path().join("ws")).unwrap();
+        let id = RequestId::new();
+        std::os::unix::fs::symlink(tmp.path(), root.path().join(id.to_string())).unwrap();
+        assert!(matches!(
+            root.resolve(&id.to_string()).await,
+            Err(HandleError::NotADirectory(_))
+        ));
+        assert!(matches!(root.resolve("..").await, Err(HandleError::Malformed(_))));
+        let other = RequestId::new().to_string();
+        assert!(matches!(root.resolve(&other).await, Err(HandleError::Missing(_))));
+    }
+}

@@ -1,0 +1,262 @@
+//! A test harness that starts the real parts on ephemeral loopback ports in
+//! a temporary folder: the embedded S3 store, the example prefab runtime
+//! and the gateway, talking to each other over real sockets.
+
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use clap::Parser;
+use prefab::{
+    config::{GatewayArgs, S3Args, Secret},
+    dev,
+    prefabs::hello::Hello,
+    proto::{self, gateway_client::GatewayClient, run_event::Event},
+    runtime::RuntimeService,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status, transport::Channel};
+
+pub const BUCKET: &str = "prefab-outputs";
+pub const INPUT_BUCKET: &str = "inputs";
+pub const TOKEN: &str = "test-token-5f2c9e";
+
+/// The S3 settings of the embedded store at `endpoint`.
+pub fn s3_args(endpoint: &str) -> S3Args {
+    S3Args {
+        endpoint_url: Some(endpoint.to_owned()),
+        region: Some("us-east-1".into()),
+        default_region: None,
+        bucket: BUCKET.into(),
+        force_path_style: Some(true),
+        access_key_id: Some(Secret::new(dev::s3::ACCESS_KEY)),
+        secret_access_key: Some(Secret::new(dev::s3::SECRET_KEY)),
+    }
+}
+
+/// Everything a test talks to.
+pub struct Stack {
+    pub tmp: tempfile::TempDir,
+    pub s3_endpoint: String,
+    pub s3: aws_sdk_s3::Client,
+    pub workspace_root: PathBuf,
+    pub runtime_addr: SocketAddr,
+    pub runtime_active: Arc<AtomicUsize>,
+    pub gateway_addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+#[derive(Parser)]
+struct GatewayCli {
+    #[command(flatten)]
+    args: GatewayArgs,
+}
+
+impl Stack {
+    /// Starts everything with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts everything; `extra` are additional `prefab gateway` flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let shutdown = CancellationToken::new();
+        let (s3_addr, _) = dev::s3::spawn(
+            &tmp.path().join("s3"),
+            &[BUCKET, INPUT_BUCKET],
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("embedded S3 starts");
+        let s3_endpoint = format!("http://{s3_addr}");
+        let workspace_root = tmp.path().join("workspaces");
+        std::fs::create_dir_all(&workspace_root).unwrap();
+
+        let runtime = RuntimeService::new(Arc::new(Hello), workspace_root.clone()).expect("runtime");
+        let runtime_active = runtime.active();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let runtime_addr = listener.local_addr().unwrap();
+        tokio::spawn(runtime.serve(listener, shutdown.clone()));
+
+        let tokens = tmp.path().join("tokens");
+        std::fs::write(&tokens, format!("# test tokens\n{TOKEN}\n")).unwrap();
+        let endpoints = format!("hello-world-prefab@1.0.0=http://{runtime_addr}");
+        let mut argv = vec![
+            "gateway".to_owned(),
+            "--addr=127.0.0.1:0".into(),
+            format!("--workspace-root={}", workspace_root.display()),
+            format!("--auth-tokens-file={}", tokens.display()),
+            format!("--endpoints={endpoints}"),
+            "--endpoint-template=".into(),
+            format!("--allowed-buckets={INPUT_BUCKET},{BUCKET}"),
+            format!("--s3-endpoint-url={s3_endpoint}"),
+            "--s3-region=us-east-1".into(),
+            format!("--s3-bucket={BUCKET}"),
+            format!("--aws-access-key-id={}", dev::s3::ACCESS_KEY),
+            format!("--aws-secret-access-key={}", dev::s3::SECRET_KEY),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let args = GatewayCli::parse_from(argv).args;
+        let listener = TcpListener::bind(args.addr).await.unwrap();
+        let gateway_addr = listener.local_addr().unwrap();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = prefab::gateway::serve(&args, listener, stop).await {
+                panic!("gateway failed: {e}");
+            }
+        });
+        let s3 = prefab::storage::connect(&s3_args(&s3_endpoint)).unwrap();
+        Self {
+            tmp,
+            s3_endpoint,
+            s3,
+            workspace_root,
+            runtime_addr,
+            runtime_active,
+            gateway_addr,
+            shutdown,
+        }
+    }
+
+    /// A client of the gateway (requests need [`authed`]).
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        connect(self.gateway_addr).await
+    }
+
+    /// Stores `data` at `s3://inputs/<key>` and returns the URL.
+    pub async fn put_input(&self, key: &str, data: Vec<u8>) -> String {
+        self.s3
+            .put_object()
+            .bucket(INPUT_BUCKET)
+            .key(key)
+            .body(data.into())
+            .send()
+            .await
+            .expect("put input");
+        format!("s3://{INPUT_BUCKET}/{key}")
+    }
+
+    /// Reads an object back by URL.
+    pub async fn get(&self, url: &str) -> Vec<u8> {
+        let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
+        let out = self
+            .s3
+            .get_object()
+            .bucket(url.bucket())
+            .key(url.key())
+            .send()
+            .await
+            .expect("get object");
+        out.body.collect().await.expect("read body").into_bytes().to_vec()
+    }
+
+    /// The folders currently under the workspace root.
+    pub fn workspaces(&self) -> Vec<PathBuf> {
+        list(&self.workspace_root)
+    }
+
+    /// Waits (up to 10 s) until no workspace is left and no function runs.
+    pub async fn wait_idle(&self) {
+        let active = Arc::clone(&self.runtime_active);
+        let root = self.workspace_root.clone();
+        wait_for("no workspace and no running function", || {
+            list(&root).is_empty() && active.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub async fn connect(addr: SocketAddr) -> GatewayClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to gateway");
+    GatewayClient::new(channel).max_decoding_message_size(8 << 20)
+}
+
+/// Wraps a message with the test token.
+pub fn authed<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    req
+}
+
+/// A one-call run request.
+pub fn run_request(function: &str, inputs: serde_json::Value) -> proto::RunRequest {
+    let serde_json::Value::Object(map) = inputs else {
+        panic!("inputs must be an object")
+    };
+    proto::RunRequest {
+        calls: vec![proto::Call {
+            prefab_id: "hello-world-prefab".into(),
+            version: "1.0.0".into(),
+            function_name: function.into(),
+            inputs: Some(proto::json_to_struct(map)),
+        }],
+    }
+}
+
+/// Runs to the end and returns every event, or the status that ended it.
+pub async fn run_to_end(
+    client: &mut GatewayClient<Channel>,
+    req: proto::RunRequest,
+) -> Result<Vec<Event>, Status> {
+    let mut stream = client.run(authed(req)).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        events.push(msg.event.expect("every event has a body"));
+    }
+    Ok(events)
+}
+
+/// Pseudo-random printable text of `len` bytes, with words and lines.
+pub fn text(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            match (state >> 33) % 16 {
+                0 => b' ',
+                1 => b'\n',
+                n => b'a' + ((n * 7 + (state >> 50)) % 26) as u8,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,241 @@
+//! Every way a run can be refused or fail, each with the status code and a
+//! message that names the thing at fault.
+
+mod common;
+
+use common::*;
+use prefab::proto;
+use tonic::Code;
+
+async fn run_status(stack: &Stack, req: proto::RunRequest) -> tonic::Status {
+    let mut client = stack.client().await;
+    run_to_end(&mut client, req).await.expect_err("run must fail")
+}
+
+fn assert_status(status: &tonic::Status, code: Code, needles: &[&str]) {
+    assert_eq!(status.code(), code, "{status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "{:?} does not mention {needle:?}",
+            status.message()
+        );
+    }
+}
+
+fn call(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::RunRequest {
+    let mut req = run_request(function, inputs);
+    req.calls[0].prefab_id = prefab.into();
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_what_is_wrong() {
+    let stack = Stack::start().await;
+    let mut client = stack.client().await;
+    let word_count = run_request("word_count", serde_json::json!({ "text": "s3://inputs/a.txt" }));
+
+    // No token, and a wrong token.
+    let status = client
+        .run(tonic::Request::new(word_count.clone()))
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::Unauthenticated, &["authorization"]);
+    let mut req = tonic::Request::new(word_count.clone());
+    req.metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_status(
+        &client.run(req).await.unwrap_err(),
+        Code::Unauthenticated,
+        &["not valid"],
+    );
+    assert_eq!(
+        client.put_file(tokio_stream::empty()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_the_right_codes() {
+    let stack = Stack::start().await;
+    let url = stack.put_input("ok.txt", b"hello".to_vec()).await;
+
+    let status = run_status(&stack, call("no-such-prefab", "x", serde_json::json!({}))).await;
+    assert_status(
+        &status,
+        Code::NotFound,
+        &["no-such-prefab@1.0.0", "not registered"],
+    );
+
+    let status = run_status(&stack, run_request("nope", serde_json::json!({}))).await;
+    assert_status(&status, Code::NotFound, &["no function \"nope\"", "word_count"]);
+
+    let missing = "s3://inputs/missing/file.txt";
+    let status = run_status(
+        &stack,
+        run_request("word_count", serde_json::json!({ "text": missing })),
+    )
+    .await;
+    assert_status(&status, Code::NotFound, &[missing]);
+
+    let status = run_status(
+        &stack,
+        run_request("word_count", serde_json::json!({ "text": "http://x/y" })),
+    )
+    .await;
+    assert_status(
+        &status,
+        Code::InvalidArgument,
+        &["\"text\"", "http://x/y", "s3://"],
+    );
+
+    let status = run_status(&stack, run_request("word_count", serde_json::json!({}))).await;
+    assert_status(&status, Code::InvalidArgument, &["required input \"text\""]);
+
+    let status = run_status(
+        &stack,
+        run_request("word_count", serde_json::json!({ "text": 42 })),
+    )
+    .await;
+    assert_status(&status, Code::InvalidArgument, &["\"text\"", "s3://bucket/key"]);
+
+    let status = run_status(
+        &stack,
+        run_request("sleep", serde_json::json!({ "seconds": "ten" })),
+    )
+    .await;
+    assert_status(&status, Code::InvalidArgument, &["\"seconds\"", "a number"]);
+
+    let status = run_status(
+        &stack,
+        run_request("word_count", serde_json::json!({ "text": url, "extra": 1 })),
+    )
+    .await;
+    assert_status(&status, Code::InvalidArgument, &["unknown input \"extra\""]);
+
+    let status = run_status(
+        &stack,
+        run_request(
+            "uppercase",
+            serde_json::json!({ "text": url, "output": "s3://inputs/x" }),
+        ),
+    )
+    .await;
+    assert_status(&status, Code::InvalidArgument, &["\"output\" is an output file"]);
+
+    let status = run_status(
+        &stack,
+        run_request(
+            "word_count",
+            serde_json::json!({ "text": "s3://secret-bucket/passwords.txt" }),
+        ),
+    )
+    .await;
+    assert_status(
+        &status,
+        Code::PermissionDenied,
+        &["s3://secret-bucket/passwords.txt", "PREFAB_ALLOWED_BUCKETS"],
+    );
+
+    let status = run_status(&stack, proto::RunRequest { calls: vec![] }).await;
+    assert_status(&status, Code::InvalidArgument, &["at least one call"]);
+
+    assert!(stack.workspaces().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_runtime_is_unavailable() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stack = Stack::start_with(&[&format!("--endpoints=dead-prefab@2.0.0=http://127.0.0.1:{port}")]).await;
+    let mut req = call("dead-prefab", "x", serde_json::json!({}));
+    req.calls[0].version = "2.0.0".into();
+    let status = run_status(&stack, req).await;
+    assert_status(
+        &status,
+        Code::Unavailable,
+        &["dead-prefab@2.0.0", &format!("127.0.0.1:{port}")],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_dies_mid_call_is_unavailable_and_cleaned_up() {
+    // The prefab runs as a real child process that is killed mid-call.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://127.0.0.1:{port}");
+    let stack = Stack::start_with(&[&endpoint]).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
+        .args(["runtime", "hello", "--addr", &format!("127.0.0.1:{port}")])
+        .env("WORKSPACE_ROOT", &stack.workspace_root)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(port).await;
+
+    let mut client = stack.client().await;
+    let mut stream = client
+        .run(authed(run_request("sleep", serde_json::json!({ "seconds": 60 }))))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = stream.message().await.unwrap().expect("stream open");
+        if matches!(msg.event, Some(proto::run_event::Event::RuntimeProgress(_))) {
+            break;
+        }
+    }
+    child.kill().await.unwrap();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the run must not succeed"),
+            Err(status) => break status,
+        }
+    };
+    assert_status(
+        &status,
+        Code::Unavailable,
+        &["hello-world-prefab@1.0.0", &format!("127.0.0.1:{port}")],
+    );
+    stack.wait_idle().await;
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("nothing listens on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_need_no_token() {
+    let stack = Stack::start().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", stack.gateway_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "prefab.v1.Gateway".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
