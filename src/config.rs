@@ -109,6 +109,10 @@ pub struct GatewayArgs {
     /// How long a prefab's manifest is cached, in seconds.
     #[arg(long, env = "PREFAB_DESCRIBE_TTL_SECONDS", default_value_t = 60)]
     pub describe_ttl_seconds: u64,
+    /// How long in-flight runs may finish after SIGTERM before they are
+    /// cancelled and cleaned up, in seconds.
+    #[arg(long, env = "PREFAB_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
     /// Object storage.
     #[command(flatten)]
     pub s3: S3Args,

@@ -6,12 +6,5 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = prefab::cli::Cli::parse();
     prefab::cli::init_tracing(cli.log_json);
-    match prefab::cli::run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    std::process::ExitCode::from(prefab::cli::run(cli).await)
 }

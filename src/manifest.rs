@@ -66,6 +66,28 @@ pub struct FunctionSpec {
     /// Values the function returns.
     #[serde(default)]
     pub outputs: Vec<Param>,
+    /// How the exec runtime runs it; unused by Rust prefabs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecSpec>,
+}
+
+/// How `prefab runtime exec` runs a function: a program and its arguments,
+/// never through a shell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// Program and arguments. `{name}` is replaced by the value of
+    /// parameter `name` (file parameters by absolute paths); `{{` and `}}`
+    /// stand for braces. An argument naming an absent optional parameter is
+    /// left out.
+    pub command: Vec<String>,
+    /// An `OutputFile` parameter that receives the program's standard
+    /// output; without it, standard output lines become log events.
+    #[serde(default)]
+    pub stdout: Option<String>,
+    /// Time limit in seconds.
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
 }
 
 /// A prefab's manifest.
@@ -128,6 +150,7 @@ impl FunctionSpec {
             description: description.into(),
             parameters: Vec::new(),
             outputs: Vec::new(),
+            exec: None,
         }
     }
 
@@ -319,6 +342,7 @@ impl TryFrom<proto::Manifest> for Manifest {
                         description: f.description,
                         parameters: f.parameters.into_iter().map(param).collect::<Result<_, _>>()?,
                         outputs: f.outputs.into_iter().map(param).collect::<Result<_, _>>()?,
+                        exec: None,
                     })
                 })
                 .collect::<Result<_, ManifestError>>()?,

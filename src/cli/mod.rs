@@ -1,12 +1,23 @@
 //! The `prefab` command line: one binary for the gateway, the runtimes and
 //! the tools around them.
 
+pub mod client;
+mod render;
+
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use self::{
+    client::{Connection, RunArgs},
+    render::Render,
+};
 use crate::{
     config::GatewayArgs,
+    dev::DevArgs,
     prefabs::hello::Hello,
+    runtime::exec::{ExecArgs, ExecPrefab},
     runtime::{self, RuntimeArgs},
     server::{BoxError, cancel_on_signal},
 };
@@ -31,6 +42,45 @@ pub enum Command {
     /// Serve a prefab runtime.
     #[command(subcommand)]
     Runtime(RuntimeCommand),
+    /// Everything on this machine: embedded S3, gateway and example prefab.
+    Dev(DevArgs),
+    /// Upload a local file through the gateway; prints its s3:// URL.
+    Put {
+        /// The file.
+        file: PathBuf,
+        /// Gateway connection.
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Download an object through the gateway.
+    Get {
+        /// The object, s3://bucket/key.
+        url: String,
+        /// Destination file, or - for standard output (default: the key's
+        /// last component in the current folder).
+        dest: Option<PathBuf>,
+        /// Gateway connection.
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Run a prefab function and print its outputs.
+    Run {
+        /// What to run.
+        #[command(flatten)]
+        args: RunArgs,
+        /// Gateway connection.
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Check the gateway's gRPC health.
+    Health {
+        /// Service to ask about ("" for the whole server).
+        #[arg(long, default_value = crate::gateway::GATEWAY_SERVICE)]
+        service: String,
+        /// Gateway connection.
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 /// Runtimes this binary can serve.
@@ -38,13 +88,62 @@ pub enum Command {
 pub enum RuntimeCommand {
     /// The example prefab hello-world-prefab 1.0.0.
     Hello(RuntimeArgs),
+    /// Any command-line program as a prefab, described by a TOML manifest.
+    Exec(ExecArgs),
 }
 
-/// Runs the parsed command line.
-pub async fn run(cli: Cli) -> Result<(), BoxError> {
+/// Runs the parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    let client = |conn: &Connection| Render::new(conn.json);
+    let outcome = match cli.command {
+        Command::Put { file, conn } => {
+            let mut render = client(&conn);
+            client::put(&conn, &file, &mut render).await.map(|r| {
+                render.finish();
+                if render.is_json() {
+                    render.json_line(&serde_json::json!({"url": r.url, "size": r.size, "sha256": r.sha256}));
+                } else {
+                    println!("{}", r.url);
+                }
+            })
+        }
+        Command::Get { url, dest, conn } => {
+            let mut render = client(&conn);
+            let dest = dest.unwrap_or_else(|| PathBuf::from(url.rsplit('/').next().unwrap_or("download")));
+            client::get(&conn, &url, &dest, &mut render).await.map(|n| {
+                render.finish();
+                if render.is_json() {
+                    render.json_line(&serde_json::json!({"url": url, "path": dest, "size": n}));
+                }
+            })
+        }
+        Command::Run { args, conn } => client::run(&conn, &args, &mut client(&conn)).await,
+        Command::Health { service, conn } => client::health(&conn, &service, &client(&conn)).await,
+        command => {
+            return match serve(command).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    1
+                }
+            };
+        }
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            e.exit
+        }
+    }
+}
+
+/// Runs a serving subcommand until SIGINT or SIGTERM.
+async fn serve(command: Command) -> Result<(), BoxError> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
-    match cli.command {
+    match command {
         Command::Gateway(args) => {
             let listener = tokio::net::TcpListener::bind(args.addr)
                 .await
@@ -58,6 +157,19 @@ pub async fn run(cli: Cli) -> Result<(), BoxError> {
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             tracing::info!(%addr, prefab = crate::prefabs::hello::ID, "runtime serving");
             runtime::serve(Hello, args.workspace_root, listener, shutdown).await
+        }
+        Command::Runtime(RuntimeCommand::Exec(args)) => {
+            let prefab = ExecPrefab::load(&args.manifest).await?;
+            let addr = args.runtime.listen_addr();
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(%addr, prefab = prefab.id(), version = prefab.version(), "runtime serving");
+            runtime::serve(prefab, args.runtime.workspace_root, listener, shutdown).await
+        }
+        Command::Dev(args) => crate::dev::run(args, shutdown).await,
+        Command::Put { .. } | Command::Get { .. } | Command::Run { .. } | Command::Health { .. } => {
+            unreachable!("client commands are handled by run")
         }
     }
 }

@@ -13,7 +13,7 @@ mod registry;
 mod run;
 mod stage;
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 pub use auth::Tokens;
 pub use error::GatewayError;
@@ -46,6 +46,9 @@ pub struct State {
     root: WorkspaceRoot,
     registry: Registry,
     buckets: BucketPolicy,
+    /// Cancelled when the shutdown grace period is over: runs still going
+    /// are cancelled and cleaned up.
+    stop: CancellationToken,
 }
 
 impl State {
@@ -62,6 +65,7 @@ impl State {
                 args.describe_ttl(),
             )?,
             buckets: BucketPolicy::new(&args.allowed_buckets, &args.s3.bucket),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -171,6 +175,21 @@ pub async fn serve(
         auth = tokens.is_some(),
         "gateway serving"
     );
+    // After the grace period, runs still in flight are cancelled and cleaned.
+    let (stop, grace) = (
+        state.stop.clone(),
+        Duration::from_secs(args.shutdown_grace_seconds),
+    );
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        signal.cancelled().await;
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "no new runs; waiting for in-flight runs"
+        );
+        tokio::time::sleep(grace).await;
+        stop.cancel();
+    });
     let service = GatewayServer::with_interceptor(Gateway::new(state), auth::interceptor(tokens));
     let router = crate::server::base_router(GATEWAY_SERVICE)
         .await?

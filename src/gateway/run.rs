@@ -39,6 +39,9 @@ pub async fn run(state: Arc<State>, id: RequestId, plans: Vec<CallPlan>, events:
         let outcome = tokio::select! {
             outcome = execute(&state, &workspace, &plans, &events) => outcome,
             () = events.closed() => Err(GatewayError::Cancelled),
+            () = state.stop.cancelled() => Err(GatewayError::Unavailable(
+                "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
+            )),
         };
         if let Err(e) = workspace.remove().await {
             tracing::error!(error = %e, "could not remove the workspace");

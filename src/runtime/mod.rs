@@ -29,6 +29,7 @@
 //! }
 //! ```
 
+pub mod exec;
 mod invocation;
 mod service;
 

@@ -17,7 +17,7 @@ use prefab::{
     dev,
     prefabs::hello::Hello,
     proto::{self, gateway_client::GatewayClient, run_event::Event},
-    runtime::RuntimeService,
+    runtime::{RuntimeService, exec::ExecPrefab},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,11 @@ impl Stack {
 
     /// Starts everything; `extra` are additional `prefab gateway` flags.
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::start_full(extra, &[]).await
+    }
+
+    /// Starts everything plus one exec runtime per manifest text.
+    pub async fn start_full(extra: &[&str], exec_manifests: &[&str]) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         let shutdown = CancellationToken::new();
         let (s3_addr, _) = dev::s3::spawn(
@@ -88,7 +93,16 @@ impl Stack {
 
         let tokens = tmp.path().join("tokens");
         std::fs::write(&tokens, format!("# test tokens\n{TOKEN}\n")).unwrap();
-        let endpoints = format!("hello-world-prefab@1.0.0=http://{runtime_addr}");
+        let mut endpoints = format!("hello-world-prefab@1.0.0=http://{runtime_addr}");
+        for text in exec_manifests {
+            let prefab = ExecPrefab::parse(text).expect("test manifest is valid");
+            let name = format!("{}@{}", prefab.id(), prefab.version());
+            let service =
+                RuntimeService::new(Arc::new(prefab), workspace_root.clone()).expect("exec runtime");
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            endpoints.push_str(&format!(",{name}=http://{}", listener.local_addr().unwrap()));
+            tokio::spawn(service.serve(listener, shutdown.clone()));
+        }
         let mut argv = vec![
             "gateway".to_owned(),
             "--addr=127.0.0.1:0".into(),
@@ -214,19 +228,35 @@ pub fn authed<T>(msg: T) -> Request<T> {
     req
 }
 
-/// A one-call run request.
+/// A one-call run request of the example prefab.
 pub fn run_request(function: &str, inputs: serde_json::Value) -> proto::RunRequest {
+    call_request("hello-world-prefab", function, inputs)
+}
+
+/// A one-call run request of `prefab@1.0.0`.
+pub fn call_request(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::RunRequest {
     let serde_json::Value::Object(map) = inputs else {
         panic!("inputs must be an object")
     };
     proto::RunRequest {
         calls: vec![proto::Call {
-            prefab_id: "hello-world-prefab".into(),
+            prefab_id: prefab.into(),
             version: "1.0.0".into(),
             function_name: function.into(),
             inputs: Some(proto::json_to_struct(map)),
         }],
     }
+}
+
+/// The outputs of the first completed call.
+pub fn call_outputs(events: &[Event]) -> serde_json::Map<String, serde_json::Value> {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::CallCompleted(c) => Some(proto::struct_to_json(c.outputs.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .expect("a call completed")
 }
 
 /// Runs to the end and returns every event, or the status that ended it.

@@ -1,0 +1,409 @@
+//! `prefab runtime exec`: any command-line program as a prefab. A TOML
+//! manifest declares the functions, their typed parameters and the command
+//! line of each; parameters are templated into the arguments (never through
+//! a shell), secrets become environment variables, output lines become log
+//! and progress events, and cancellation sends SIGTERM to the program's
+//! process group, then SIGKILL after a grace period.
+//!
+//! Lines a program prints on standard output that start with
+//! `::progress <fraction> [message]` become progress events, and
+//! `::output <name> <value>` sets a returned value (JSON, or else a string).
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use super::{Invocation, Outputs, Prefab, PrefabError};
+use crate::{
+    manifest::{ExecSpec, FunctionSpec, Manifest, ParamKind},
+    proto::LogStream,
+    server::BoxError,
+};
+
+/// Time between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Longest output line kept; the rest of a longer line is dropped.
+const MAX_LINE: usize = 16 << 10;
+/// Standard error lines quoted when a program fails.
+const STDERR_TAIL: usize = 20;
+
+/// A prefab defined by an exec manifest.
+#[derive(Debug, Clone)]
+pub struct ExecPrefab {
+    manifest: Manifest,
+}
+
+impl ExecPrefab {
+    /// Reads and checks a manifest file.
+    pub async fn load(path: &Path) -> Result<Self, BoxError> {
+        let text = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("manifest {}: {e}", path.display()).into())
+    }
+
+    /// Parses and checks a manifest.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| e.to_string())?;
+        manifest.validate().map_err(|e| e.to_string())?;
+        for f in &manifest.functions {
+            check_function(f)?;
+        }
+        Ok(Self { manifest })
+    }
+
+    /// The prefab id.
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// The prefab version.
+    pub fn version(&self) -> &str {
+        &self.manifest.version
+    }
+}
+
+fn check_function(f: &FunctionSpec) -> Result<(), String> {
+    let exec = f
+        .exec
+        .as_ref()
+        .ok_or_else(|| format!("function {} has no [function.exec] table", f.name))?;
+    if exec.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(format!("function {}: exec.command needs a program", f.name));
+    }
+    for arg in &exec.command {
+        for name in placeholders(arg)? {
+            if f.parameter(&name).is_none() {
+                return Err(format!(
+                    "function {}: {{{name}}} in {arg:?} is not a parameter",
+                    f.name
+                ));
+            }
+        }
+    }
+    if let Some(out) = &exec.stdout
+        && f.parameter(out).is_none_or(|p| p.kind != ParamKind::OutputFile)
+    {
+        return Err(format!(
+            "function {}: exec.stdout {out:?} is not an OutputFile parameter",
+            f.name
+        ));
+    }
+    Ok(())
+}
+
+/// The parameter names a template argument refers to.
+fn placeholders(arg: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    render(arg, &mut |name| {
+        names.push(name.to_owned());
+        Ok(Some(String::new()))
+    })?;
+    Ok(names)
+}
+
+/// Expands `{name}` in `arg` through `value`; `None` from `value` (an absent
+/// optional parameter) drops the whole argument.
+fn render(
+    arg: &str,
+    value: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
+) -> Result<Option<String>, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+        } else if tail.starts_with('}') {
+            return Err(format!("unmatched '}}' in {arg:?}; write '}}}}' for a brace"));
+        } else {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in {arg:?}"))?;
+            match value(&tail[1..end])? {
+                Some(v) => out.push_str(&v),
+                None => return Ok(None),
+            }
+            rest = &tail[end + 1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(Some(out))
+}
+
+/// The text a parameter's value takes on a command line.
+fn arg_text(call: &Invocation, spec: &FunctionSpec, name: &str) -> Result<Option<String>, String> {
+    if let Some(path) = call.files().get(name) {
+        return Ok(Some(path.to_string_lossy().into_owned()));
+    }
+    let is_file = spec
+        .parameter(name)
+        .is_some_and(|p| matches!(p.kind, ParamKind::InputFile | ParamKind::OutputFile));
+    Ok(match call.arg(name) {
+        None | Some(Value::Null) => None,
+        Some(_) if is_file => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        }),
+        Some(v) => Some(v.to_string()),
+    })
+}
+
+impl Prefab for ExecPrefab {
+    fn manifest(&self) -> Manifest {
+        self.manifest.clone()
+    }
+
+    async fn invoke(&self, call: Invocation) -> Result<Outputs, PrefabError> {
+        let spec = self
+            .manifest
+            .function(call.function())
+            .ok_or_else(|| PrefabError::InvalidArgument(format!("no function {}", call.function())))?;
+        let exec = spec.exec.as_ref().expect("load checked every function has exec");
+        let mut argv = Vec::with_capacity(exec.command.len());
+        for arg in &exec.command {
+            let rendered =
+                render(arg, &mut |name| arg_text(&call, spec, name)).map_err(PrefabError::InvalidArgument)?;
+            argv.extend(rendered);
+        }
+        run(&call, exec, argv).await
+    }
+}
+
+async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Outputs, PrefabError> {
+    let program = argv[0].clone();
+    let mut cmd = Command::new(&program);
+    cmd.args(&argv[1..])
+        .current_dir(call.workspace())
+        .env("PREFAB_WORKSPACE", call.workspace())
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    for (name, value) in call.secrets() {
+        cmd.env(name, value);
+    }
+    let capture = match &exec.stdout {
+        Some(param) => Some(call.output(param)?.to_owned()),
+        None => None,
+    };
+    match &capture {
+        Some(path) => cmd.stdout(std::fs::File::create(path)?),
+        None => cmd.stdout(Stdio::piped()),
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| PrefabError::Failed(format!("cannot start {program}: {e}")))?;
+    tracing::info!(program, pid = child.id(), "started");
+    let group = ProcessGroup(child.id());
+    let stdout = child.stdout.take().map(BufReader::new);
+    let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let timeout = exec.timeout_seconds.map(Duration::from_secs);
+
+    let mut outputs = Outputs::new();
+    let mut tail = VecDeque::with_capacity(STDERR_TAIL);
+    let status = {
+        let io = async {
+            tokio::join!(
+                async {
+                    if let Some(mut out) = stdout {
+                        let mut buf = Vec::new();
+                        while let Some(line) = read_line(&mut out, &mut buf).await {
+                            handle_stdout(call, line, &mut outputs).await;
+                        }
+                    }
+                },
+                async {
+                    let (mut err, mut buf) = (stderr, Vec::new());
+                    while let Some(line) = read_line(&mut err, &mut buf).await {
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line.clone());
+                        call.log(LogStream::Stderr, line).await;
+                    }
+                },
+            );
+        };
+        let mut io = std::pin::pin!(io);
+        let mut drained = false;
+        let exited = loop {
+            tokio::select! {
+                () = &mut io, if !drained => drained = true,
+                status = child.wait() => break Ok(status?),
+                () = call.cancellation().cancelled() => break Err(PrefabError::Cancelled),
+                () = sleep_opt(timeout) => break Err(PrefabError::TimedOut(timeout.unwrap_or_default())),
+            }
+        };
+        if exited.is_err() {
+            terminate(&mut child, &group).await;
+        }
+        // Leave nothing behind, even processes the program started; then
+        // the pipes close and the last lines drain.
+        group.signal(rustix::process::Signal::KILL);
+        if !drained {
+            io.await;
+        }
+        exited?
+    };
+    if !status.success() {
+        let lines: Vec<_> = tail.into_iter().collect();
+        return Err(PrefabError::Failed(format!(
+            "{program} exited with {status}; last lines of its standard error:\n{}",
+            lines.join("\n")
+        )));
+    }
+    Ok(outputs)
+}
+
+async fn handle_stdout(call: &Invocation, line: String, outputs: &mut Outputs) {
+    if let Some(rest) = line.strip_prefix("::progress ") {
+        let (fraction, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Ok(f) = fraction.parse::<f64>() {
+            return call.progress(f, message).await;
+        }
+    }
+    if let Some(rest) = line.strip_prefix("::output ") {
+        let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+        outputs.insert(name.to_owned(), value);
+        return;
+    }
+    call.log(LogStream::Stdout, line).await;
+}
+
+/// The next line of `reader`, lossily decoded and capped at [`MAX_LINE`]
+/// bytes (the rest of a longer line is dropped); `None` at end of file.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Vec<u8>) -> Option<String> {
+    line.clear();
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) if line.is_empty() => return None,
+            Ok([]) | Err(_) => break,
+            Ok(buf) => buf,
+        };
+        let (take, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&buf[..take.min(room)]);
+        reader.consume(take);
+        if end {
+            break;
+        }
+    }
+    Some(
+        String::from_utf8_lossy(line)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+    )
+}
+
+async fn sleep_opt(limit: Option<Duration>) {
+    match limit {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM to the whole process group, SIGKILL after [`KILL_GRACE`].
+async fn terminate(child: &mut Child, group: &ProcessGroup) {
+    group.signal(rustix::process::Signal::TERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        tracing::warn!("program ignored SIGTERM; killing it");
+    }
+    group.signal(rustix::process::Signal::KILL);
+    let _ = child.wait().await;
+}
+
+/// The process group of a spawned program (its own, by `process_group(0)`).
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    fn signal(&self, signal: rustix::process::Signal) {
+        let Some(pid) = self.0.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else {
+            return;
+        };
+        // ESRCH means the group is already gone.
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.signal(rustix::process::Signal::KILL);
+    }
+}
+
+/// Settings of `prefab runtime exec`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecArgs {
+    /// The prefab's manifest (TOML).
+    #[arg(long, env = "PREFAB_MANIFEST")]
+    pub manifest: PathBuf,
+    /// Where to listen and the workspace root.
+    #[command(flatten)]
+    pub runtime: super::RuntimeArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(arg: &str) -> Result<Option<String>, String> {
+        render(arg, &mut |name| {
+            Ok(match name {
+                "a" => Some("x y; z".into()),
+                "absent" => None,
+                other => Some(format!("<{other}>")),
+            })
+        })
+    }
+
+    #[test]
+    fn templates_expand_whole_and_embedded_placeholders() {
+        assert_eq!(expand("{a}").unwrap().unwrap(), "x y; z");
+        assert_eq!(expand("--level={b}").unwrap().unwrap(), "--level=<b>");
+        assert_eq!(expand("{{literal}}").unwrap().unwrap(), "{literal}");
+        assert_eq!(expand("--opt={absent}").unwrap(), None);
+        assert!(expand("{open").is_err());
+        assert!(expand("close}").is_err());
+    }
+
+    #[test]
+    fn manifests_are_checked() {
+        let ok = r#"
+id = "sorter"
+version = "1.0.0"
+[[function]]
+name = "sort"
+parameters = [
+  { name = "text", type = "InputFile" },
+  { name = "output", type = "OutputFile", extension = "txt" },
+]
+exec = { command = ["sort", "-o", "{output}", "{text}"] }
+"#;
+        assert!(ExecPrefab::parse(ok).is_ok());
+        assert!(
+            ExecPrefab::parse(&ok.replace("{text}\"]", "{nope}\"]"))
+                .unwrap_err()
+                .contains("{nope}")
+        );
+        assert!(ExecPrefab::parse(&ok.replace("exec = ", "bogus = ")).is_err());
+        assert!(ExecPrefab::parse(&ok.replace("sorter", "Sorter")).is_err());
+    }
+}

@@ -1,0 +1,167 @@
+//! The exec runtime: real programs as prefabs, through the real gateway.
+
+mod common;
+
+use common::*;
+use prefab::proto::run_event::Event;
+use tonic::Code;
+
+const GZIP: &str = include_str!("../examples/prefabs/gzip.toml");
+
+const TOOLS: &str = r#"
+id = "tools"
+version = "1.0.0"
+
+[[function]]
+name = "echo"
+parameters = [
+  { name = "text", type = "string" },
+  { name = "output", type = "OutputFile", extension = "txt" },
+]
+exec = { command = ["printf", "%s", "{text}"], stdout = "output" }
+
+[[function]]
+name = "broken"
+parameters = []
+exec = { command = ["sh", "-c", "echo starting; echo 'cannot open the frobnicator' >&2; exit 3"] }
+
+[[function]]
+name = "hang"
+parameters = [{ name = "pidfile", type = "string" }]
+exec = { command = ["sh", "-c", "echo $$ > \"$0\"; echo '::progress 0.1 sleeping'; exec sleep 600", "{pidfile}"] }
+
+[[function]]
+name = "report"
+parameters = []
+outputs = [{ name = "answer", type = "number" }, { name = "note", type = "string" }]
+exec = { command = ["sh", "-c", "echo '::progress 0.5 half way'; echo '::output answer 42'; echo '::output note all good'"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gzip_manifest_wraps_the_real_tool() {
+    let stack = Stack::start_full(&[], &[GZIP]).await;
+    let input = text(3 << 20, 11);
+    let url = stack.put_input("gz/in.txt", input.clone()).await;
+    let mut client = stack.client().await;
+    let events = run_to_end(
+        &mut client,
+        call_request("gzip", "compress", serde_json::json!({ "file": url, "level": 9 })),
+    )
+    .await
+    .expect("gzip runs");
+    let out_url = call_outputs(&events)["output"].as_str().unwrap().to_owned();
+    assert!(out_url.ends_with(".gz"), "{out_url}");
+    let compressed = stack.get(&out_url).await;
+    assert!(compressed.len() < input.len() && compressed.starts_with(&[0x1f, 0x8b]));
+    let path = stack.tmp.path().join("check.gz");
+    std::fs::write(&path, &compressed).unwrap();
+    let unzipped = std::process::Command::new("gzip")
+        .arg("-dc")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(unzipped.status.success() && unzipped.stdout == input);
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn arguments_reach_the_program_as_one_argument_each() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let tricky = r#"two words; "quoted" 'single' $(rm -rf /) `id` | & > x {}"#;
+    let mut client = stack.client().await;
+    let events = run_to_end(
+        &mut client,
+        call_request("tools", "echo", serde_json::json!({ "text": tricky })),
+    )
+    .await
+    .unwrap();
+    let out = stack.get(call_outputs(&events)["output"].as_str().unwrap()).await;
+    assert_eq!(String::from_utf8(out).unwrap(), tricky);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_program_reports_its_exit_status_and_stderr() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let mut client = stack.client().await;
+    let mut stream = client
+        .run(authed(call_request("tools", "broken", serde_json::json!({}))))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut logs = Vec::new();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(msg)) => {
+                if let Some(Event::RuntimeLog(l)) = msg.event {
+                    logs.push(l.line);
+                }
+            }
+            Ok(None) => panic!("must fail"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::Unknown);
+    assert!(
+        status.message().contains("exit status: 3"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("cannot open the frobnicator"),
+        "{}",
+        status.message()
+    );
+    assert!(logs.contains(&"starting".to_owned()), "{logs:?}");
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_and_values_come_from_the_line_protocol() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let mut client = stack.client().await;
+    let events = run_to_end(
+        &mut client,
+        call_request("tools", "report", serde_json::json!({})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::RuntimeProgress(p) if p.fraction == 0.5 && p.message == "half way"))
+    );
+    let outputs = call_outputs(&events);
+    assert_eq!(outputs["answer"], serde_json::json!(42.0));
+    assert_eq!(outputs["note"], serde_json::json!("all good"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disconnect_terminates_the_program_and_leaves_no_process() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let pidfile = stack.tmp.path().join("hang.pid");
+    let mut client = stack.client().await;
+    let mut stream = client
+        .run(authed(call_request(
+            "tools",
+            "hang",
+            serde_json::json!({ "pidfile": pidfile }),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = stream.message().await.unwrap().expect("open");
+        if matches!(msg.event, Some(Event::RuntimeProgress(_))) {
+            break;
+        }
+    }
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(stream);
+    drop(client);
+    wait_for("the program to be gone", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+    stack.wait_idle().await;
+}
