@@ -211,14 +211,6 @@ async fn dropping_the_stream_cancels_the_function_and_removes_the_workspace() {
     stack.wait_idle().await;
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sha256_of_256_mib_streams_through_a_gateway_of_bounded_memory() {
     const SIZE: usize = 256 << 20;
@@ -235,43 +227,7 @@ async fn sha256_of_256_mib_streams_through_a_gateway_of_bounded_memory() {
 
     // The gateway under test is the real binary in its own process, so its
     // memory can be measured alone.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut gateway = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
-        .arg("gateway")
-        .arg(format!("--addr=127.0.0.1:{port}"))
-        .arg("--no-auth")
-        .arg(format!("--workspace-root={}", stack.workspace_root.display()))
-        .arg(format!(
-            "--endpoints=hello-world-prefab@1.0.0=http://{}",
-            stack.runtime_addr
-        ))
-        .arg("--endpoint-template=")
-        .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
-        .arg(format!("--s3-endpoint-url={}", stack.s3_endpoint))
-        .env("AWS_ACCESS_KEY_ID", prefab::dev::s3::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", prefab::dev::s3::SECRET_KEY)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut client = None;
-    for _ in 0..250 {
-        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            client = Some(proto::gateway_client::GatewayClient::new(ch));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let mut client = client.expect("gateway child listens");
+    let (mut gateway, mut client) = stack.gateway_process().await;
 
     let events = run_to_end(
         &mut client,

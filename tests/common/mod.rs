@@ -188,6 +188,72 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// Starts the real `prefab gateway` binary as a child process (no auth)
+    /// against this stack's store, runtime and workspace root.
+    pub async fn gateway_process(&self) -> (tokio::process::Child, GatewayClient<Channel>) {
+        let port = free_port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
+            .arg("gateway")
+            .arg(format!("--addr=127.0.0.1:{port}"))
+            .arg("--no-auth")
+            .arg(format!("--workspace-root={}", self.workspace_root.display()))
+            .arg(format!(
+                "--endpoints=hello-world-prefab@1.0.0=http://{}",
+                self.runtime_addr
+            ))
+            .arg("--endpoint-template=")
+            .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
+            .arg(format!("--s3-endpoint-url={}", self.s3_endpoint))
+            .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gateway binary");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..500 {
+            if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                return (child, GatewayClient::new(ch).max_decoding_message_size(8 << 20));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the gateway child never listened on {addr}");
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Peak resident memory of a process, from /proc.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// Files in the store's folder that hold multipart upload state.
+pub fn open_multipart_uploads(stack: &Stack) -> Vec<PathBuf> {
+    list(&stack.tmp.path().join("s3"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("upload"))
+        })
+        .collect()
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();

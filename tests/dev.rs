@@ -1,0 +1,147 @@
+//! `prefab dev` as a newcomer uses it: started as a child process, driven
+//! with the `prefab` client binary, restarted on the same folder.
+
+mod common;
+
+use std::{path::Path, process::Output, time::Duration};
+
+use common::{free_port, wait_for};
+
+struct Dev {
+    child: std::process::Child,
+    gateway: String,
+}
+
+impl Dev {
+    fn start(data_dir: &Path) -> Self {
+        let (g, s, p) = (free_port(), free_port(), free_port());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .arg(format!("--gateway-addr=127.0.0.1:{g}"))
+            .arg(format!("--s3-addr=127.0.0.1:{s}"))
+            .arg(format!("--prefab-addr=127.0.0.1:{p}"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start prefab dev");
+        Self {
+            child,
+            gateway: format!("http://127.0.0.1:{g}"),
+        }
+    }
+
+    fn prefab(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
+            .args(args)
+            .env("PREFAB_GATEWAY", &self.gateway)
+            .output()
+            .expect("run the client")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.prefab(args);
+        assert!(
+            out.status.success(),
+            "prefab {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    async fn wait_healthy(&self) {
+        for _ in 0..500 {
+            if self.prefab(&["health"]).status.success() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("prefab dev never became healthy");
+    }
+
+    fn stop(mut self) {
+        // SIGTERM, as Ctrl-C or Kubernetes would.
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "prefab dev exited with {status}");
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let input = tmp.path().join("poem.txt");
+    let text = "the quick brown fox\njumps over the lazy dog\n".repeat(5000);
+    std::fs::write(&input, &text).unwrap();
+
+    let dev = Dev::start(&data);
+    dev.wait_healthy().await;
+    let url = dev.ok(&["put", input.to_str().unwrap()]).trim().to_owned();
+    assert!(
+        url.starts_with("s3://prefab-outputs/uploads/") && url.ends_with("/poem.txt"),
+        "{url}"
+    );
+
+    let out_dir = tmp.path().join("out");
+    let json = dev.ok(&[
+        "run",
+        "hello-world-prefab",
+        "uppercase",
+        "--input",
+        &format!("text={url}"),
+        "--download",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let events: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.first().unwrap()["accepted"]["requestId"].is_string());
+    assert!(events.last().unwrap()["runCompleted"].is_object());
+    let completed = events.iter().find(|e| e["callCompleted"].is_object()).unwrap();
+    let output_url = completed["callCompleted"]["outputs"]["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let downloaded = std::fs::read_to_string(out_dir.join("output.txt")).unwrap();
+    assert_eq!(downloaded, text.to_uppercase());
+
+    // A local file as input is uploaded first.
+    let counted = dev.ok(&[
+        "run",
+        "hello-world-prefab",
+        "word_count",
+        "-i",
+        &format!("text={}", input.display()),
+    ]);
+    let counted: serde_json::Value = serde_json::from_str(&counted).unwrap();
+    assert_eq!(counted["words"], serde_json::json!(45000.0));
+    assert_eq!(counted["lines"], serde_json::json!(10000.0));
+
+    // Exit codes a script can use.
+    assert_eq!(
+        dev.prefab(&["run", "hello-world-prefab", "fail", "-i", "message=boom"])
+            .status
+            .code(),
+        Some(4)
+    );
+    assert_eq!(dev.prefab(&["run", "no-such-prefab", "x"]).status.code(), Some(3));
+    dev.stop();
+
+    // Same folder, new process: the object is still there.
+    let dev = Dev::start(&data);
+    dev.wait_healthy().await;
+    let again = tmp.path().join("again.txt");
+    dev.ok(&["get", &output_url, again.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text.to_uppercase());
+    let workspaces = data.join("workspaces");
+    wait_for("no workspace left", || common::list(&workspaces).is_empty()).await;
+    dev.stop();
+}

@@ -1,0 +1,177 @@
+//! `PutFile` and `GetFile` through a real gateway process.
+
+mod common;
+
+use common::*;
+use prefab::proto::{self, put_file_request::Msg};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+fn header(name: &str, size: Option<u64>) -> proto::PutFileRequest {
+    proto::PutFileRequest {
+        msg: Some(Msg::Header(proto::PutFileHeader {
+            file_name: name.into(),
+            size,
+        })),
+    }
+}
+
+fn chunk(data: Vec<u8>) -> proto::PutFileRequest {
+    proto::PutFileRequest {
+        msg: Some(Msg::Chunk(data.into())),
+    }
+}
+
+/// 1 MiB blocks, each different.
+fn block(i: u64) -> Vec<u8> {
+    let mut b = text(1 << 20, i);
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_200_mib_file_round_trips_with_bounded_gateway_memory() {
+    const MIB: u64 = 200;
+    let stack = Stack::start().await;
+    let (mut gateway, mut client) = stack.gateway_process().await;
+
+    let (tx, rx) = mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        tx.send(header("../../etc/big file.bin", Some(MIB << 20)))
+            .await
+            .unwrap();
+        for i in 0..MIB {
+            let b = block(i);
+            hasher.update(&b);
+            tx.send(chunk(b)).await.unwrap();
+        }
+        hex::encode(hasher.finalize())
+    });
+    let stored = client
+        .put_file(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let sent_sha = sender.await.unwrap();
+    assert_eq!(stored.size, MIB << 20);
+    assert_eq!(stored.sha256, sent_sha);
+    assert!(
+        stored.url.starts_with(&format!("s3://{BUCKET}/uploads/")),
+        "{}",
+        stored.url
+    );
+    assert!(stored.url.ends_with("/big_file.bin"), "{}", stored.url);
+
+    let mut stream = client
+        .get_file(proto::GetFileRequest {
+            url: stored.url.clone(),
+            offset: 0,
+            length: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut hasher, mut received, mut chunks) = (Sha256::new(), 0u64, 0);
+    while let Some(c) = stream.message().await.unwrap() {
+        assert_eq!(c.offset, received);
+        assert!(c.data.len() <= 1 << 20);
+        hasher.update(&c.data);
+        received += c.data.len() as u64;
+        chunks += 1;
+    }
+    assert_eq!(received, MIB << 20);
+    assert!(chunks >= MIB, "{chunks} chunks");
+    assert_eq!(hex::encode(hasher.finalize()), sent_sha);
+
+    // A byte range.
+    let mut stream = client
+        .get_file(proto::GetFileRequest {
+            url: stored.url.clone(),
+            offset: (5 << 20) + 3,
+            length: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = stream.message().await.unwrap().unwrap();
+    assert_eq!(&c.data[..], &block(5)[3..13]);
+    assert!(stream.message().await.unwrap().is_none());
+
+    let peak = peak_rss_bytes(gateway.id().unwrap());
+    eprintln!("gateway peak RSS: {} MiB", peak >> 20);
+    assert!(
+        peak < 96 << 20,
+        "gateway peak RSS {} MiB moving 200 MiB",
+        peak >> 20
+    );
+    gateway.kill().await.unwrap();
+    assert!(open_multipart_uploads(&stack).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_mid_upload_leaves_nothing_behind() {
+    let stack = Stack::start().await;
+    let mut client = stack.client().await;
+    let (tx, rx) = mpsc::channel(4);
+    let call = tokio::spawn(async move { client.put_file(authed(ReceiverStream::new(rx))).await });
+    tx.send(header("partial.bin", Some(100 << 20))).await.unwrap();
+    // Enough for several multipart parts to be in flight.
+    for i in 0..40 {
+        tx.send(chunk(block(i))).await.unwrap();
+    }
+    wait_for("a multipart upload to be open", || {
+        !open_multipart_uploads(&stack).is_empty()
+    })
+    .await;
+    call.abort();
+    let _ = call.await;
+    drop(tx);
+    wait_for("the multipart upload to be aborted", || {
+        open_multipart_uploads(&stack).is_empty()
+    })
+    .await;
+    assert!(list(&stack.tmp.path().join("s3").join(BUCKET).join("uploads")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_upload_is_refused_and_removed() {
+    let stack = Stack::start().await;
+    let mut client = stack.client().await;
+    let msgs = vec![header("short.bin", Some(10 << 20)), chunk(block(1))];
+    let status = client
+        .put_file(authed(tokio_stream::iter(msgs)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("promised 10485760 bytes but 1048576 arrived"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        list(&stack.tmp.path().join("s3").join(BUCKET).join("uploads"))
+            .iter()
+            .all(|d| list(d).is_empty())
+    );
+
+    let status = client
+        .put_file(authed(tokio_stream::iter(vec![chunk(vec![1, 2, 3])])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let status = client
+        .get_file(authed(proto::GetFileRequest {
+            url: "s3://not-allowed/x".into(),
+            offset: 0,
+            length: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
