@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod dev;
 pub mod gateway;
 pub mod manifest;

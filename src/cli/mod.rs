@@ -15,6 +15,7 @@ use self::{
 };
 use crate::{
     config::GatewayArgs,
+    deploy::{self, RenderArgs},
     dev::DevArgs,
     prefabs::hello::Hello,
     runtime::exec::{ExecArgs, ExecPrefab},
@@ -72,6 +73,9 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Render (or apply) Kubernetes resources.
+    #[command(subcommand)]
+    Deploy(DeployCommand),
     /// Check the gateway's gRPC health.
     Health {
         /// Service to ask about ("" for the whole server).
@@ -81,6 +85,13 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+}
+
+/// Deployment helpers.
+#[derive(Debug, Subcommand)]
+pub enum DeployCommand {
+    /// Print the Knative Service of a prefab (or apply it with --apply).
+    Render(RenderArgs),
 }
 
 /// Runtimes this binary can serve.
@@ -119,6 +130,7 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::Run { args, conn } => client::run(&conn, &args, &mut client(&conn)).await,
         Command::Health { service, conn } => client::health(&conn, &service, &client(&conn)).await,
+        Command::Deploy(DeployCommand::Render(args)) => render_deployment(&args),
         command => {
             return match serve(command).await {
                 Ok(()) => 0,
@@ -136,6 +148,33 @@ pub async fn run(cli: Cli) -> u8 {
             eprintln!("error: {}", e.message);
             e.exit
         }
+    }
+}
+
+fn render_deployment(args: &RenderArgs) -> Result<(), client::ClientError> {
+    let fail = |message: String| client::ClientError { exit: 1, message };
+    let service = deploy::knative_service(args).map_err(|e| client::ClientError {
+        exit: 2,
+        message: e.to_string(),
+    })?;
+    let yaml = deploy::to_yaml(&service);
+    if !args.apply {
+        print!("{yaml}");
+        return Ok(());
+    }
+    let mut kubectl = std::process::Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run kubectl: {e}")))?;
+    let mut stdin = kubectl.stdin.take().expect("stdin is piped");
+    std::io::Write::write_all(&mut stdin, yaml.as_bytes()).map_err(|e| fail(format!("kubectl: {e}")))?;
+    drop(stdin);
+    let status = kubectl.wait().map_err(|e| fail(format!("kubectl: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(fail(format!("kubectl apply exited with {status}")))
     }
 }
 
@@ -168,7 +207,11 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             runtime::serve(prefab, args.runtime.workspace_root, listener, shutdown).await
         }
         Command::Dev(args) => crate::dev::run(args, shutdown).await,
-        Command::Put { .. } | Command::Get { .. } | Command::Run { .. } | Command::Health { .. } => {
+        Command::Put { .. }
+        | Command::Get { .. }
+        | Command::Run { .. }
+        | Command::Health { .. }
+        | Command::Deploy(_) => {
             unreachable!("client commands are handled by run")
         }
     }
