@@ -113,12 +113,65 @@ pub struct GatewayArgs {
     /// cancelled and cleaned up, in seconds.
     #[arg(long, env = "PREFAB_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// This replica's name in workspace leases (default: host name and a
+    /// random suffix).
+    #[arg(long, env = "PREFAB_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds between janitor sweeps.
+    #[arg(long, env = "PREFAB_JANITOR_INTERVAL_SECONDS", default_value_t = 300)]
+    pub janitor_interval_seconds: u64,
+    /// Seconds after which a workspace without a lease counts as abandoned.
+    #[arg(long, env = "PREFAB_WORKSPACE_MAX_AGE_SECONDS", default_value_t = 3600)]
+    pub workspace_max_age_seconds: u64,
+    /// Seconds a workspace lease lasts; the owner renews it every third of that.
+    #[arg(long, env = "PREFAB_LEASE_TTL_SECONDS", default_value_t = 600)]
+    pub lease_ttl_seconds: u64,
+    /// Most runs in flight on this replica.
+    #[arg(long, env = "PREFAB_MAX_CONCURRENT_RUNS", default_value_t = 64)]
+    pub max_concurrent_runs: usize,
+    /// Largest single input in bytes.
+    #[arg(long, env = "PREFAB_MAX_INPUT_BYTES", default_value_t = 100 << 30)]
+    pub max_input_bytes: u64,
+    /// Workspace reserved per input byte (inputs plus outputs).
+    #[arg(long, env = "PREFAB_RESERVE_FACTOR", default_value_t = 2.0)]
+    pub reserve_factor: f64,
+    /// Fraction of the workspace volume runs may fill.
+    #[arg(long, env = "PREFAB_HIGH_WATER", default_value_t = 0.9)]
+    pub high_water: f64,
+    /// Workspace budget in bytes, instead of the volume's size (for volumes
+    /// that report a misleading size, such as some NAS).
+    #[arg(long, env = "PREFAB_WORKSPACE_CAPACITY_BYTES")]
+    pub workspace_capacity_bytes: Option<u64>,
+    /// Address of the Prometheus `/metrics` endpoint; unset: not served.
+    #[arg(long, env = "PREFAB_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Seconds a finished run's events stay available to `Watch`.
+    #[arg(long, env = "PREFAB_RUN_RETENTION_SECONDS", default_value_t = 300)]
+    pub run_retention_seconds: u64,
     /// Object storage.
     #[command(flatten)]
     pub s3: S3Args,
 }
 
+#[derive(clap::Parser)]
+struct GatewayFlags {
+    #[command(flatten)]
+    args: GatewayArgs,
+}
+
 impl GatewayArgs {
+    /// Settings from `prefab gateway` flags (and the environment), for
+    /// embedding the gateway.
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv =
+            std::iter::once(std::ffi::OsString::from("gateway")).chain(flags.into_iter().map(Into::into));
+        <GatewayFlags as clap::Parser>::try_parse_from(argv).map(|f| f.args)
+    }
+
     /// How long a cached manifest stays fresh.
     pub fn describe_ttl(&self) -> Duration {
         Duration::from_secs(self.describe_ttl_seconds)

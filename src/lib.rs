@@ -13,6 +13,7 @@ pub mod deploy;
 pub mod dev;
 pub mod gateway;
 pub mod manifest;
+pub mod metrics;
 pub mod prefabs;
 pub mod proto;
 pub mod runtime;

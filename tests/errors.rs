@@ -137,7 +137,7 @@ async fn errors_have_the_right_codes() {
         &["s3://secret-bucket/passwords.txt", "PREFAB_ALLOWED_BUCKETS"],
     );
 
-    let status = run_status(&stack, proto::RunRequest { calls: vec![] }).await;
+    let status = run_status(&stack, proto::RunRequest::default()).await;
     assert_status(&status, Code::InvalidArgument, &["at least one call"]);
 
     assert!(stack.workspaces().is_empty());

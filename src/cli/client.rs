@@ -266,6 +266,10 @@ pub struct RunArgs {
     /// Download the output files into this folder afterwards.
     #[arg(long, value_name = "DIR")]
     pub download: Option<PathBuf>,
+    /// Keep the run going if this client disconnects (follow it again with
+    /// the request id); default: a disconnect cancels the run.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Runs a prefab function; prints its outputs.
@@ -291,6 +295,11 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
             function_name: args.function.clone(),
             inputs: Some(proto::json_to_struct(inputs)),
         }],
+        on_disconnect: if args.detach {
+            proto::OnDisconnect::Detach
+        } else {
+            proto::OnDisconnect::Cancel
+        } as i32,
     };
     let mut stream = client.run(conn.request(req)?).await?.into_inner();
     let mut outputs = Value::Null;

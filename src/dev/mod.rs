@@ -91,18 +91,17 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), BoxEr
         tasks.spawn(service.serve(listener, shutdown.clone()));
     }
 
-    let gateway = GatewayArgs {
-        addr: args.gateway_addr,
-        workspace_root: workspace_root.clone(),
-        auth_tokens_file: None,
-        no_auth: true,
-        allowed_buckets: vec!["*".into()],
-        endpoints,
-        endpoint_template: String::new(),
-        describe_ttl_seconds: 5,
-        shutdown_grace_seconds: 10,
-        s3: s3_args,
-    };
+    let mut gateway = GatewayArgs::from_flags([
+        "--no-auth",
+        "--allowed-buckets=*",
+        "--endpoint-template=",
+        "--describe-ttl-seconds=5",
+        "--shutdown-grace-seconds=10",
+    ])?;
+    gateway.addr = args.gateway_addr;
+    gateway.workspace_root = workspace_root.clone();
+    gateway.endpoints = endpoints;
+    gateway.s3 = s3_args;
     let listener = bind(gateway.addr, "the gateway").await?;
     let gateway_addr = listener.local_addr()?;
     let stop = shutdown.clone();

@@ -26,6 +26,9 @@ pub enum GatewayError {
     /// The caller went away.
     #[error("the run was cancelled")]
     Cancelled,
+    /// The caller's deadline passed.
+    #[error("the run passed its deadline of {0:?}; it was cancelled and cleaned up")]
+    DeadlineExceeded(std::time::Duration),
     /// Object storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -55,15 +58,17 @@ pub enum GatewayError {
     Internal(String),
 }
 
-impl From<GatewayError> for Status {
-    fn from(e: GatewayError) -> Self {
-        let code = match &e {
+impl GatewayError {
+    /// The gRPC code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
             GatewayError::InvalidArgument(_) => Code::InvalidArgument,
             GatewayError::NotFound(_) => Code::NotFound,
             GatewayError::PermissionDenied(_) => Code::PermissionDenied,
             GatewayError::ResourceExhausted(_) => Code::ResourceExhausted,
             GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::Cancelled => Code::Cancelled,
+            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             GatewayError::Storage(s) => match s {
                 StorageError::NotFound { .. } => Code::NotFound,
                 StorageError::AccessDenied { .. } => Code::PermissionDenied,
@@ -80,7 +85,12 @@ impl From<GatewayError> for Status {
             },
             GatewayError::Contract { .. } => Code::FailedPrecondition,
             GatewayError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        }
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        Status::new(e.code(), e.to_string())
     }
 }

@@ -1,60 +1,42 @@
-//! The Run stream's sending side: typed helpers for each event, throttled
-//! progress, heartbeats, and detection of a caller that went away.
+//! The writing side of a run's events: typed helpers over its
+//! [`Journal`], with progress throttled per file.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tokio::sync::mpsc;
-use tonic::Status;
-
-use super::GatewayError;
+use super::{GatewayError, journal::Journal};
 use crate::proto::{self, run_event::Event};
 
-/// Events queued for a slow client before the run waits for it.
-pub const EVENT_QUEUE: usize = 64;
 /// Least time between two progress events of one file.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
-/// Heartbeat period of a quiet run.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 
 /// The sender of one run's events.
 #[derive(Debug, Clone)]
 pub struct Events {
-    tx: mpsc::Sender<Result<proto::RunEvent, Status>>,
+    journal: Arc<Journal>,
 }
 
 impl Events {
-    /// Wraps the stream's sender.
-    pub fn new(tx: mpsc::Sender<Result<proto::RunEvent, Status>>) -> Self {
-        Self { tx }
+    /// Writes to `journal`.
+    pub fn new(journal: Arc<Journal>) -> Self {
+        Self { journal }
     }
 
-    /// Sends an event, waiting for room; fails if the caller went away.
+    /// The journal written to.
+    pub fn journal(&self) -> Arc<Journal> {
+        Arc::clone(&self.journal)
+    }
+
+    /// Records an event; fails if the run was cancelled, so that the
+    /// caller stops promptly.
     pub async fn send(&self, call_index: u32, event: Event) -> Result<(), GatewayError> {
-        let msg = proto::RunEvent {
-            call_index,
-            event: Some(event),
-        };
-        self.tx.send(Ok(msg)).await.map_err(|_| GatewayError::Cancelled)
-    }
-
-    /// Sends an event if there is room; for progress and heartbeats, which
-    /// a lagging client may miss.
-    pub fn offer(&self, call_index: u32, event: Event) {
-        let msg = proto::RunEvent {
-            call_index,
-            event: Some(event),
-        };
-        let _ = self.tx.try_send(Ok(msg));
-    }
-
-    /// Ends the stream with an error.
-    pub async fn fail(&self, status: Status) {
-        let _ = self.tx.send(Err(status)).await;
-    }
-
-    /// Resolves when the caller has gone away.
-    pub async fn closed(&self) {
-        self.tx.closed().await;
+        if self.journal.cancellation().is_cancelled() {
+            return Err(GatewayError::Cancelled);
+        }
+        self.journal.push(call_index, event);
+        Ok(())
     }
 
     /// A progress callback for one file transfer, throttled to ten events
@@ -67,7 +49,7 @@ impl Events {
         total: u64,
         staging: bool,
     ) -> impl FnMut(u64) + Send + 'static {
-        let events = self.clone();
+        let journal = Arc::clone(&self.journal);
         let (parameter, url) = (parameter.to_owned(), url.to_owned());
         let mut last: Option<Instant> = None;
         move |done| {
@@ -81,7 +63,7 @@ impl Events {
                 bytes_done: done,
                 bytes_total: total,
             };
-            events.offer(
+            journal.push(
                 call_index,
                 if staging {
                     Event::Staging(p)
@@ -91,24 +73,18 @@ impl Events {
             );
         }
     }
-
-    /// Sends heartbeats until the returned guard is dropped.
-    pub fn heartbeat(&self) -> AbortOnDrop {
-        let events = self.clone();
-        AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                events.offer(0, Event::Heartbeat(proto::Heartbeat {}));
-            }
-        }))
-    }
 }
 
 /// Aborts a background task when dropped.
 #[derive(Debug)]
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Spawns `task`, to be aborted when the guard drops.
+    pub fn spawn(task: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(task))
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -1,20 +1,30 @@
 //! The `prefab.v1.Gateway` service: authenticates callers, checks each
-//! call against its prefab's manifest, then hands the run to the state
-//! machine in [`run`], which owns it until the end.
+//! call against its prefab's manifest, admits the run against the
+//! workspace volume, then hands it to the state machine in [`run`], which
+//! owns it until the end. Runs write to a [`journal::Journal`] that the
+//! `Run` stream and `Watch` read.
 
+mod admission;
 mod auth;
 mod collect;
 mod error;
 mod events;
 mod files;
 mod invoke;
+mod journal;
 mod plan;
 mod registry;
 mod run;
 mod stage;
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+pub use admission::{Admission, Limits};
 pub use auth::Tokens;
 pub use error::GatewayError;
 pub use plan::BucketPolicy;
@@ -26,10 +36,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     config::GatewayArgs,
+    metrics::Metrics,
     proto::{self, gateway_server::GatewayServer},
     server::BoxError,
     storage,
-    workspace::{RequestId, WorkspaceRoot},
+    workspace::{RequestId, WorkspaceRoot, janitor},
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -37,6 +48,8 @@ pub const GATEWAY_SERVICE: &str = "prefab.v1.Gateway";
 
 /// Most calls in one `Run` request.
 const MAX_CALLS: usize = 16;
+/// Events queued for one stream reader.
+const STREAM_QUEUE: usize = 64;
 
 /// What every run of this gateway shares.
 #[derive(Debug)]
@@ -46,6 +59,12 @@ pub struct State {
     root: WorkspaceRoot,
     registry: Registry,
     buckets: BucketPolicy,
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+    replica: String,
+    lease_ttl: Duration,
+    retention: Duration,
+    runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
     /// Cancelled when the shutdown grace period is over: runs still going
     /// are cancelled and cleaned up.
     stop: CancellationToken,
@@ -53,24 +72,46 @@ pub struct State {
 
 impl State {
     /// Builds the shared state from the gateway's settings.
-    pub fn from_args(args: &GatewayArgs) -> Result<Self, BoxError> {
+    pub fn from_args(args: &GatewayArgs, metrics: Arc<Metrics>) -> Result<Self, BoxError> {
+        let root = WorkspaceRoot::new(&args.workspace_root)
+            .map_err(|e| format!("cannot use WORKSPACE_ROOT {}: {e}", args.workspace_root.display()))?;
+        if !(0.0..=1.0).contains(&args.high_water) || args.reserve_factor < 0.0 || args.lease_ttl_seconds == 0
+        {
+            return Err("PREFAB_HIGH_WATER must be in [0, 1], PREFAB_RESERVE_FACTOR >= 0, PREFAB_LEASE_TTL_SECONDS > 0".into());
+        }
+        let limits = Limits {
+            max_runs: args.max_concurrent_runs,
+            max_input_bytes: args.max_input_bytes,
+            reserve_factor: args.reserve_factor,
+            high_water: args.high_water,
+            capacity_bytes: args.workspace_capacity_bytes,
+        };
+        let replica = args.replica_id.clone().unwrap_or_else(|| {
+            let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+            format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        });
         Ok(Self {
             s3: storage::connect(&args.s3)?,
             bucket: args.s3.bucket.clone(),
-            root: WorkspaceRoot::new(&args.workspace_root)
-                .map_err(|e| format!("cannot use WORKSPACE_ROOT {}: {e}", args.workspace_root.display()))?,
+            admission: Admission::new(limits, root.path().to_owned(), Arc::clone(&metrics)),
+            root,
             registry: Registry::new(
                 &args.endpoints,
                 args.endpoint_template.clone(),
                 args.describe_ttl(),
             )?,
             buckets: BucketPolicy::new(&args.allowed_buckets, &args.s3.bucket),
+            metrics,
+            replica,
+            lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
+            retention: Duration::from_secs(args.run_retention_seconds),
+            runs: Mutex::default(),
             stop: CancellationToken::new(),
         })
     }
 
     /// Resolves and checks every call of a request.
-    async fn plan(&self, req: proto::RunRequest) -> Result<Vec<plan::CallPlan>, GatewayError> {
+    async fn plan(&self, req: &proto::RunRequest) -> Result<Vec<plan::CallPlan>, GatewayError> {
         if req.calls.is_empty() {
             return Err(GatewayError::InvalidArgument(
                 "a run needs at least one call".into(),
@@ -82,9 +123,9 @@ impl State {
             )));
         }
         let mut plans = Vec::with_capacity(req.calls.len());
-        for (index, call) in req.calls.into_iter().enumerate() {
+        for (index, call) in req.calls.iter().enumerate() {
             let prefab = self.registry.resolve(&call.prefab_id, &call.version).await?;
-            let inputs = call.inputs.map(proto::struct_to_json).unwrap_or_default();
+            let inputs = call.inputs.clone().map(proto::struct_to_json).unwrap_or_default();
             plans.push(plan::plan(
                 index as u32,
                 prefab,
@@ -94,6 +135,10 @@ impl State {
             )?);
         }
         Ok(plans)
+    }
+
+    fn journals(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Arc<journal::Journal>>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -114,20 +159,53 @@ impl Gateway {
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The deadline a caller set with `grpc-timeout`, if any.
+fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
+    let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (value, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let value: u64 = value.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
 #[tonic::async_trait]
 impl proto::gateway_server::Gateway for Gateway {
     type RunStream = Boxed<proto::RunEvent>;
 
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        let plans = self.state.plan(req.into_inner()).await?;
-        let (tx, rx) = mpsc::channel(events::EVENT_QUEUE);
+        let deadline = deadline_of(&req);
+        let req = req.into_inner();
+        let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
+        let plans = self.state.plan(&req).await?;
+        let heads = stage::head_all(&self.state.s3, &plans).await?;
+        let sizes: Vec<(String, u64)> = heads
+            .iter()
+            .flatten()
+            .map(|(url, info)| (url.to_string(), info.size))
+            .collect();
+        let reservation = self.state.admission.admit(&sizes).await?;
+
         let id = RequestId::new();
-        tokio::spawn(run::run(
-            Arc::clone(&self.state),
+        let journal = journal::Journal::new();
+        self.state.journals().insert(id, Arc::clone(&journal));
+        let work = run::Run {
+            state: Arc::clone(&self.state),
             id,
             plans,
-            events::Events::new(tx),
-        ));
+            heads,
+            deadline,
+            reservation,
+        };
+        tokio::spawn(work.execute(events::Events::new(Arc::clone(&journal))));
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(journal.forward(0, tx, !detach));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -149,9 +227,26 @@ impl proto::gateway_server::Gateway for Gateway {
         let rx = files::get_file(&self.state, req.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    type WatchStream = Boxed<proto::RunEvent>;
+
+    async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        let id = RequestId::parse(&req.request_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let journal = self.state.journals().get(&id).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "run {id} is unknown to this gateway replica: it ran elsewhere, or finished more than {} s ago",
+                self.state.retention.as_secs()
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(journal.forward(req.after_sequence, tx, false));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
-/// Serves the gateway on `listener` until `shutdown` is cancelled.
+/// Serves the gateway on `listener` until `shutdown` is cancelled, with
+/// its janitor and, if configured, its metrics endpoint.
 pub async fn serve(
     args: &GatewayArgs,
     listener: TcpListener,
@@ -167,11 +262,43 @@ pub async fn serve(
             );
         }
     };
-    let state = State::from_args(args)?;
+    let metrics = Arc::new(Metrics::default());
+    let state = State::from_args(args, Arc::clone(&metrics))?;
+    if let Some(addr) = args.metrics_addr {
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics serving on /metrics");
+        tokio::spawn(crate::metrics::serve(
+            Arc::clone(&metrics),
+            listener,
+            shutdown.clone(),
+        ));
+    }
+    let report = {
+        let metrics = Arc::clone(&metrics);
+        move |sweep: janitor::Sweep, usage: Option<janitor::DiskUsage>| {
+            metrics.janitor_removed.inc_by(sweep.removed);
+            metrics.janitor_freed_bytes.inc_by(sweep.freed_bytes);
+            if let Some(u) = usage {
+                metrics
+                    .disk_usage_permille
+                    .set((u.ratio() * 1000.0).round() as i64);
+            }
+        }
+    };
+    tokio::spawn(janitor::run(
+        state.root.clone(),
+        Duration::from_secs(args.janitor_interval_seconds.max(1)),
+        Duration::from_secs(args.workspace_max_age_seconds),
+        shutdown.clone(),
+        report,
+    ));
     tracing::info!(
         addr = %listener.local_addr()?,
         workspace_root = %state.root.path().display(),
         bucket = %state.bucket,
+        replica = %state.replica,
         auth = tokens.is_some(),
         "gateway serving"
     );

@@ -1,52 +1,75 @@
-//! The run state machine: create the workspace, then for each call stage
-//! its inputs, invoke the runtime and collect its outputs; finally remove
-//! the workspace, whatever happened, and end the stream with success or a
-//! status. A caller that goes away cancels everything in flight.
+//! The run state machine: create the workspace and hold its lease, then for
+//! each call stage its inputs, invoke the runtime and collect its outputs;
+//! finally remove the workspace, whatever happened, release the
+//! reservation, and end the journal with success or a status. Cancellation
+//! (a caller that left, a deadline, shutdown) stops everything in flight.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tracing::Instrument;
 
 use super::{
-    GatewayError, State, collect::collect_outputs, events::Events, invoke::invoke, plan::CallPlan,
-    stage::stage_inputs,
+    GatewayError, State,
+    admission::Reservation,
+    collect::collect_outputs,
+    events::Events,
+    invoke::invoke,
+    plan::CallPlan,
+    stage::{Heads, stage_inputs},
 };
 use crate::{
+    metrics::{Outcome, Phase},
     proto::{self, run_event::Event},
-    workspace::{RequestId, Workspace},
+    workspace::{RequestId, Workspace, lease},
 };
 
-/// Runs `plans` to the end, reporting on `events`.
-pub async fn run(state: Arc<State>, id: RequestId, plans: Vec<CallPlan>, events: Events) {
-    let first = &plans[0];
-    let span = tracing::info_span!(
-        "run",
-        request_id = %id,
-        prefab_id = %first.prefab.manifest.id,
-        function_name = %first.function.name,
-        calls = plans.len(),
-    );
-    async move {
+/// An admitted run, ready to execute.
+pub struct Run {
+    /// Shared gateway state.
+    pub state: Arc<State>,
+    /// The request id.
+    pub id: RequestId,
+    /// The checked calls.
+    pub plans: Vec<CallPlan>,
+    /// HEAD results of every input, per call.
+    pub heads: Heads,
+    /// The caller's deadline.
+    pub deadline: Option<Duration>,
+    /// Workspace space held for the run.
+    pub reservation: Reservation,
+}
+
+impl Run {
+    /// Runs to the end, writing to `events`.
+    pub async fn execute(self, events: Events) {
+        let first = &self.plans[0];
+        let span = tracing::info_span!(
+            "run",
+            request_id = %self.id,
+            prefab_id = %first.prefab.manifest.id,
+            function_name = %first.function.name,
+            calls = self.plans.len(),
+        );
+        let state = Arc::clone(&self.state);
+        let id = self.id;
+        let journal = events.journal();
         let started = Instant::now();
-        let _heartbeat = events.heartbeat();
-        let workspace = match state.root.create(id).await {
-            Ok(ws) => ws,
-            Err(e) => {
-                let err = GatewayError::Internal(format!("cannot create the workspace for {id}: {e}"));
-                return events.fail(err.into()).await;
-            }
-        };
-        let outcome = tokio::select! {
-            outcome = execute(&state, &workspace, &plans, &events) => outcome,
-            () = events.closed() => Err(GatewayError::Cancelled),
-            () = state.stop.cancelled() => Err(GatewayError::Unavailable(
-                "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
-            )),
-        };
-        if let Err(e) = workspace.remove().await {
-            tracing::error!(error = %e, "could not remove the workspace");
-        }
+        let outcome = self.guarded(&events).instrument(span.clone()).await;
+        let _enter = span.enter();
         let elapsed = started.elapsed();
+        state.metrics.run_seconds.observe(elapsed.as_secs_f64());
+        let label = match &outcome {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        state
+            .metrics
+            .runs
+            .get_or_create(&Outcome { outcome: label })
+            .inc();
         match outcome {
             Ok(()) => {
                 tracing::info!(duration_ms = elapsed.as_millis() as u64, "run completed");
@@ -54,23 +77,81 @@ pub async fn run(state: Arc<State>, id: RequestId, plans: Vec<CallPlan>, events:
                     request_id: id.to_string(),
                     duration_ms: elapsed.as_millis() as u64,
                 };
-                let _ = events.send(0, Event::RunCompleted(done)).await;
+                journal.push(0, Event::RunCompleted(done));
+                journal.finish(Ok(()));
             }
-            Err(GatewayError::Cancelled) => tracing::info!("run cancelled by the caller"),
             Err(e) => {
                 tracing::info!(error = %e, "run failed");
-                events.fail(e.into()).await;
+                journal.finish(Err(e.into()));
             }
         }
+        // Keep the journal for late `Watch` calls, then forget it.
+        tokio::spawn(async move {
+            tokio::time::sleep(state.retention).await;
+            state.journals().remove(&id);
+        });
     }
-    .instrument(span)
-    .await
+
+    /// Creates the workspace, runs the calls, and removes the workspace.
+    async fn guarded(self, events: &Events) -> Result<(), GatewayError> {
+        let state = &self.state;
+        let workspace = state.root.create(self.id).await.map_err(|e| {
+            GatewayError::Internal(format!("cannot create the workspace for {}: {e}", self.id))
+        })?;
+        let renewing = renew_lease(&workspace, &state.replica, state.lease_ttl).await?;
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let cancelled = events.journal().cancellation().clone();
+        let outcome = tokio::select! {
+            outcome = calls(state, &workspace, &self.plans, &self.heads, events) => outcome,
+            () = cancelled.cancelled() => Err(GatewayError::Cancelled),
+            () = deadline => Err(GatewayError::DeadlineExceeded(self.deadline.unwrap_or_default())),
+            () = state.stop.cancelled() => Err(GatewayError::Unavailable(
+                "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
+            )),
+        };
+        drop(renewing);
+        if let Err(e) = workspace.remove().await {
+            tracing::error!(error = %e, "could not remove the workspace");
+        }
+        drop(self.reservation);
+        outcome
+    }
 }
 
-async fn execute(
+/// Writes the workspace's lease and renews it every third of its TTL until
+/// the returned guard is dropped.
+async fn renew_lease(
+    ws: &Workspace,
+    owner: &str,
+    ttl: Duration,
+) -> Result<super::events::AbortOnDrop, GatewayError> {
+    let dir = ws.dir().to_owned();
+    let owner = owner.to_owned();
+    lease::write(&dir, &lease::Lease::new(&owner, ttl))
+        .await
+        .map_err(|e| GatewayError::Internal(format!("cannot write the workspace lease: {e}")))?;
+    Ok(super::events::AbortOnDrop::spawn(async move {
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = lease::write(&dir, &lease::Lease::new(&owner, ttl)).await {
+                tracing::warn!(error = %e, "could not renew the workspace lease");
+            }
+        }
+    }))
+}
+
+async fn calls(
     state: &State,
     ws: &Workspace,
     plans: &[CallPlan],
+    heads: &Heads,
     events: &Events,
 ) -> Result<(), GatewayError> {
     let accepted = proto::RunAccepted {
@@ -78,8 +159,20 @@ async fn execute(
         calls: plans.len() as u32,
     };
     events.send(0, Event::Accepted(accepted)).await?;
-    for plan in plans {
-        stage_inputs(&state.s3, ws.dir(), plan.index, &plan.inputs, events).await?;
+    for (plan, heads) in plans.iter().zip(heads) {
+        let phase = |phase| {
+            state
+                .metrics
+                .phase_seconds
+                .get_or_create(&Phase { phase })
+                .clone()
+        };
+        let t = Instant::now();
+        let staged = stage_inputs(&state.s3, ws.dir(), plan.index, &plan.inputs, heads, events).await?;
+        state.metrics.bytes_staged.inc_by(staged);
+        phase("stage").observe(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
         let reported = invoke(plan, ws.id(), events).await.inspect_err(|e| {
             if matches!(e, GatewayError::Unavailable(_)) {
                 state
@@ -87,6 +180,9 @@ async fn execute(
                     .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
             }
         })?;
+        phase("invoke").observe(t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
         let (outputs, files) = collect_outputs(
             &state.s3,
             &state.bucket,
@@ -97,6 +193,12 @@ async fn execute(
             events,
         )
         .await?;
+        state
+            .metrics
+            .bytes_uploaded
+            .inc_by(files.iter().map(|f| f.size).sum());
+        phase("upload").observe(t.elapsed().as_secs_f64());
+
         let completed = proto::CallCompleted {
             outputs: Some(proto::json_to_struct(outputs)),
             files,

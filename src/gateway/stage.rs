@@ -6,32 +6,60 @@ use std::{path::Path, sync::Arc};
 
 use tokio::task::JoinSet;
 
-use super::{GatewayError, events::Events, plan::FileInput};
+use super::{
+    GatewayError,
+    events::Events,
+    plan::{CallPlan, FileInput},
+};
 use crate::{
     proto::{self, run_event::Event},
-    storage::{self, ObjectInfo},
+    storage::{self, ObjectInfo, S3Url},
 };
 
 /// Inputs of one call staged at once.
 const INPUTS_IN_FLIGHT: usize = 4;
 
-/// Stages every input of call `index` into `workspace`.
+/// HEAD results of each call's inputs, in plan order.
+pub type Heads = Vec<Vec<(S3Url, ObjectInfo)>>;
+
+/// HEADs every input of every call, a few at a time: a missing object fails
+/// the run before any byte moves, and the sizes feed admission.
+pub async fn head_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Heads, GatewayError> {
+    let mut heads = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let mut tasks = JoinSet::new();
+        for (i, input) in plan.inputs.iter().enumerate() {
+            let (s3, url) = (s3.clone(), input.url.clone());
+            tasks.spawn(async move { (i, storage::head(&s3, &url).await.map(|info| (url, info))) });
+        }
+        let mut call = vec![None; plan.inputs.len()];
+        while let Some(done) = tasks.join_next().await {
+            let (i, head) = done.map_err(|e| GatewayError::Internal(format!("HEAD task failed: {e}")))?;
+            call[i] = Some(head?);
+        }
+        heads.push(
+            call.into_iter()
+                .map(|h| h.expect("every HEAD finished"))
+                .collect(),
+        );
+    }
+    Ok(heads)
+}
+
+/// Stages every input of call `index` into `workspace`; returns the bytes
+/// staged.
 pub async fn stage_inputs(
     s3: &aws_sdk_s3::Client,
     workspace: &Path,
     index: u32,
     inputs: &[FileInput],
+    heads: &[(S3Url, ObjectInfo)],
     events: &Events,
-) -> Result<(), GatewayError> {
-    // HEAD everything first: a missing object fails the run before any
-    // byte moves.
-    let mut heads = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        heads.push(storage::head(s3, &input.url).await?);
-    }
+) -> Result<u64, GatewayError> {
+    let total = heads.iter().map(|(_, info)| info.size).sum();
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    for (input, info) in inputs.iter().cloned().zip(heads) {
+    for (input, (_, info)) in inputs.iter().cloned().zip(heads.iter().cloned()) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
         let dest = workspace.join(&input.rel);
         tasks.spawn(async move {
@@ -42,7 +70,7 @@ pub async fn stage_inputs(
     while let Some(done) = tasks.join_next().await {
         done.map_err(|e| GatewayError::Internal(format!("staging task failed: {e}")))??;
     }
-    Ok(())
+    Ok(total)
 }
 
 async fn stage_one(

@@ -4,6 +4,8 @@
 //! [`RelPath`] and descriptor-based, no-follow opens.
 
 mod confine;
+pub mod janitor;
+pub mod lease;
 
 use std::{
     fmt,

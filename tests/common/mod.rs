@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
 use prefab::{
     config::{GatewayArgs, S3Args, Secret},
     dev,
@@ -50,12 +49,6 @@ pub struct Stack {
     pub runtime_active: Arc<AtomicUsize>,
     pub gateway_addr: SocketAddr,
     shutdown: CancellationToken,
-}
-
-#[derive(Parser)]
-struct GatewayCli {
-    #[command(flatten)]
-    args: GatewayArgs,
 }
 
 impl Stack {
@@ -104,8 +97,7 @@ impl Stack {
             tokio::spawn(service.serve(listener, shutdown.clone()));
         }
         let mut argv = vec![
-            "gateway".to_owned(),
-            "--addr=127.0.0.1:0".into(),
+            "--addr=127.0.0.1:0".to_owned(),
             format!("--workspace-root={}", workspace_root.display()),
             format!("--auth-tokens-file={}", tokens.display()),
             format!("--endpoints={endpoints}"),
@@ -118,7 +110,7 @@ impl Stack {
             format!("--aws-secret-access-key={}", dev::s3::SECRET_KEY),
         ];
         argv.extend(extra.iter().map(|s| s.to_string()));
-        let args = GatewayCli::parse_from(argv).args;
+        let args = GatewayArgs::from_flags(argv).expect("valid gateway flags");
         let listener = TcpListener::bind(args.addr).await.unwrap();
         let gateway_addr = listener.local_addr().unwrap();
         let stop = shutdown.clone();
@@ -311,6 +303,7 @@ pub fn call_request(prefab: &str, function: &str, inputs: serde_json::Value) -> 
             function_name: function.into(),
             inputs: Some(proto::json_to_struct(map)),
         }],
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,219 @@
+//! The journal of a run: its events in order, buffered so that the `Run`
+//! stream and any later `Watch` can read them at their own pace, and the
+//! token that cancels the run. The run never waits for a slow reader: the
+//! buffer is bounded, and when it is full the oldest progress, log and
+//! heartbeat-like events make room first.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::proto::{self, run_event::Event};
+
+/// Events kept per run.
+const CAPACITY: usize = 2048;
+/// Heartbeat period of a quiet stream.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
+
+/// A run's events and its cancellation.
+#[derive(Debug)]
+pub struct Journal {
+    state: Mutex<State>,
+    latest: watch::Sender<u64>,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    events: VecDeque<proto::RunEvent>,
+    next: u64,
+    end: Option<Result<(), Status>>,
+}
+
+impl Journal {
+    /// An empty journal.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                next: 1,
+                ..State::default()
+            }),
+            latest: watch::Sender::new(0),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an event and wakes the readers.
+    pub fn push(&self, call_index: u32, event: Event) {
+        let seq = {
+            let mut state = self.lock();
+            if state.end.is_some() {
+                return;
+            }
+            if state.events.len() == CAPACITY {
+                let lossy = state.events.iter().position(|e| is_lossy(e.event.as_ref()));
+                state.events.remove(lossy.unwrap_or(0));
+            }
+            let sequence = state.next;
+            state.next += 1;
+            state.events.push_back(proto::RunEvent {
+                call_index,
+                sequence,
+                event: Some(event),
+            });
+            sequence
+        };
+        self.latest.send_replace(seq);
+    }
+
+    /// Records how the run ended; later pushes are ignored.
+    pub fn finish(&self, end: Result<(), Status>) {
+        let seq = {
+            let mut state = self.lock();
+            state.end.get_or_insert(end);
+            state.next
+        };
+        self.latest.send_replace(seq);
+    }
+
+    /// The token that cancels the run.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Events after `after`, and the end if the run is over.
+    fn read_after(&self, after: u64) -> (Vec<proto::RunEvent>, Option<Result<(), Status>>) {
+        let state = self.lock();
+        let events = state
+            .events
+            .iter()
+            .filter(|e| e.sequence > after)
+            .cloned()
+            .collect();
+        (events, state.end.clone())
+    }
+
+    /// Streams the events after `after` into `tx` until the run ends or the
+    /// reader leaves; with `cancel_on_leave`, a reader leaving early
+    /// cancels the run.
+    pub async fn forward(
+        self: Arc<Self>,
+        mut after: u64,
+        tx: mpsc::Sender<Result<proto::RunEvent, Status>>,
+        cancel_on_leave: bool,
+    ) {
+        let mut latest = self.latest.subscribe();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.tick().await;
+        let left = || {
+            if cancel_on_leave {
+                self.cancel.cancel();
+            }
+        };
+        loop {
+            latest.borrow_and_update();
+            let (events, end) = self.read_after(after);
+            for event in events {
+                after = event.sequence;
+                if tx.send(Ok(event)).await.is_err() {
+                    return left();
+                }
+            }
+            if let Some(end) = end {
+                if let Err(status) = end {
+                    let _ = tx.send(Err(status)).await;
+                }
+                return;
+            }
+            tokio::select! {
+                changed = latest.changed() => if changed.is_err() { return },
+                () = tx.closed() => return left(),
+                _ = heartbeat.tick() => {
+                    let beat = proto::RunEvent {
+                        call_index: 0,
+                        sequence: 0,
+                        event: Some(Event::Heartbeat(proto::Heartbeat {})),
+                    };
+                    if tx.try_send(Ok(beat)).is_err() && tx.is_closed() {
+                        return left();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Events a reader may miss without losing track of the run.
+fn is_lossy(event: Option<&Event>) -> bool {
+    matches!(
+        event,
+        Some(Event::Staging(_) | Event::Uploading(_) | Event::RuntimeProgress(_) | Event::RuntimeLog(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(n: u64) -> Event {
+        Event::Staging(proto::TransferProgress {
+            bytes_done: n,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn readers_resume_after_a_sequence_and_see_the_end() {
+        let j = Journal::new();
+        j.push(0, Event::Accepted(proto::RunAccepted::default()));
+        j.push(0, progress(1));
+        j.push(0, progress(2));
+        j.finish(Err(Status::not_found("gone")));
+        let (tx, mut rx) = mpsc::channel(8);
+        Arc::clone(&j).forward(1, tx, false).await;
+        let seqs: Vec<u64> = [rx.recv().await, rx.recv().await]
+            .into_iter()
+            .map(|m| m.unwrap().unwrap().sequence)
+            .collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(
+            rx.recv().await.unwrap().unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+
+    #[test]
+    fn a_full_journal_drops_progress_before_milestones() {
+        let j = Journal::new();
+        j.push(0, Event::Accepted(proto::RunAccepted::default()));
+        for n in 0..CAPACITY as u64 + 10 {
+            j.push(0, progress(n));
+        }
+        let (events, _) = j.read_after(0);
+        assert_eq!(events.len(), CAPACITY);
+        assert!(matches!(events[0].event, Some(Event::Accepted(_))));
+    }
+
+    #[tokio::test]
+    async fn a_reader_leaving_cancels_only_when_asked() {
+        let j = Journal::new();
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        Arc::clone(&j).forward(0, tx, false).await;
+        assert!(!j.cancellation().is_cancelled());
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        Arc::clone(&j).forward(0, tx, true).await;
+        assert!(j.cancellation().is_cancelled());
+    }
+}
