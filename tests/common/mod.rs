@@ -184,9 +184,25 @@ impl Stack {
     /// Starts the real `prefab gateway` binary as a child process (no auth)
     /// against this stack's store, runtime and workspace root.
     pub async fn gateway_process(&self) -> (tokio::process::Child, GatewayClient<Channel>) {
+        self.gateway_process_with(&[], None).await
+    }
+
+    /// Like [`Stack::gateway_process`], with extra flags and its log
+    /// (at info level) written to `log`.
+    pub async fn gateway_process_with(
+        &self,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> (tokio::process::Child, GatewayClient<Channel>) {
         let port = free_port();
+        let stderr = match log {
+            Some(path) => std::process::Stdio::from(std::fs::File::create(path).unwrap()),
+            None => std::process::Stdio::inherit(),
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
             .arg("gateway")
+            .args(extra)
+            .stderr(stderr)
             .arg(format!("--addr=127.0.0.1:{port}"))
             .arg("--no-auth")
             .arg(format!("--workspace-root={}", self.workspace_root.display()))
@@ -199,7 +215,7 @@ impl Stack {
             .arg(format!("--s3-endpoint-url={}", self.s3_endpoint))
             .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
             .kill_on_drop(true)
             .spawn()
             .expect("start the gateway binary");
