@@ -145,6 +145,16 @@ pub struct GatewayArgs {
     /// Address of the Prometheus `/metrics` endpoint; unset: not served.
     #[arg(long, env = "PREFAB_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Folder of prefab secrets: `<dir>/<prefab_id>/<NAME>` files are sent
+    /// to that prefab only, as environment variables of each call.
+    #[arg(long, env = "PREFAB_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Largest output file in bytes.
+    #[arg(long, env = "PREFAB_MAX_OUTPUT_BYTES", default_value_t = 100 << 30)]
+    pub max_output_bytes: u64,
+    /// Seconds between checks of the token file for changes.
+    #[arg(long, env = "PREFAB_AUTH_RELOAD_SECONDS", default_value_t = 5)]
+    pub auth_reload_seconds: u64,
     /// Seconds a finished run's events stay available to `Watch`.
     #[arg(long, env = "PREFAB_RUN_RETENTION_SECONDS", default_value_t = 300)]
     pub run_retention_seconds: u64,

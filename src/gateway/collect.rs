@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{GatewayError, events::Events, plan::CallPlan};
+use super::{GatewayError, State, events::Events, plan::CallPlan};
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, S3Url},
@@ -17,8 +17,7 @@ use crate::{
 /// Uploads the output files of `plan` and returns the call's final outputs,
 /// file values replaced by their URLs, plus one record per file.
 pub async fn collect_outputs(
-    s3: &aws_sdk_s3::Client,
-    bucket: &str,
+    state: &State,
     workspace: &Path,
     id: RequestId,
     plan: &CallPlan,
@@ -30,6 +29,16 @@ pub async fn collect_outputs(
         prefab: prefab.clone(),
         message,
     };
+    let declared = plan.function.outputs.len() + plan.outputs.len();
+    if let Some(extra) = reported.keys().find(|k| {
+        !plan.function.outputs.iter().any(|o| &o.name == *k) && !plan.outputs.iter().any(|o| &o.param == *k)
+    }) {
+        return Err(contract(format!(
+            "it reported {} outputs including the undeclared {:?}; its manifest declares {declared}",
+            reported.len(),
+            extra.chars().take(64).collect::<String>()
+        )));
+    }
     let mut outputs = Map::new();
     for declared in &plan.function.outputs {
         if let Some(v) = reported.remove(&declared.name) {
@@ -60,12 +69,18 @@ pub async fn collect_outputs(
             .await
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         let (file, size) = opened.map_err(|e| contract(format!("output {:?}: {e}", out.param)))?;
+        if size > state.max_output_bytes {
+            return Err(GatewayError::ResourceExhausted(format!(
+                "output {:?} of {} has {size} bytes, more than the {} an output may have",
+                out.param, prefab, state.max_output_bytes
+            )));
+        }
         let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
-        let dest = S3Url::new(bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
         let url = dest.to_string();
         let mut progress = events.transfer_progress(plan.index, &out.param, &url, size, false);
         progress(0);
-        let done = storage::upload(s3, file, size, &dest, &mut progress).await?;
+        let done = storage::upload(&state.s3, file, size, &dest, &mut progress).await?;
         let uploaded = proto::OutputUploaded {
             parameter: out.param.clone(),
             url: url.clone(),
@@ -75,10 +90,6 @@ pub async fn collect_outputs(
         events.send(plan.index, Event::Uploaded(uploaded.clone())).await?;
         outputs.insert(out.param.clone(), Value::String(url));
         files.push(uploaded);
-    }
-    if !reported.is_empty() {
-        let extra: Vec<_> = reported.keys().collect();
-        tracing::warn!(?extra, "runtime reported undeclared outputs; dropped");
     }
     Ok((outputs, files))
 }

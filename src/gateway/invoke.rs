@@ -2,6 +2,8 @@
 //! progress and log lines. Dropping the future drops the gRPC stream, which
 //! cancels the function on the runtime's side.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 use tonic::Code;
 
@@ -16,6 +18,7 @@ pub async fn invoke(
     plan: &CallPlan,
     id: RequestId,
     events: &Events,
+    secrets: HashMap<String, String>,
 ) -> Result<Map<String, Value>, GatewayError> {
     let prefab = &plan.prefab;
     let invoking = proto::Invoking {
@@ -28,7 +31,7 @@ pub async fn invoke(
         workspace: id.to_string(),
         function_name: plan.function.name.clone(),
         arguments: Some(proto::json_to_struct(plan.arguments.clone())),
-        secrets: Default::default(),
+        secrets,
         timeout_ms: 0,
     };
     let failed = |status: tonic::Status| runtime_error(plan, status);

@@ -15,6 +15,7 @@ mod journal;
 mod plan;
 mod registry;
 mod run;
+mod secrets;
 mod stage;
 
 use std::{
@@ -25,7 +26,7 @@ use std::{
 };
 
 pub use admission::{Admission, Limits};
-pub use auth::Tokens;
+pub use auth::{Grant, Tokens};
 pub use error::GatewayError;
 pub use plan::BucketPolicy;
 pub use registry::Registry;
@@ -48,6 +49,8 @@ pub const GATEWAY_SERVICE: &str = "prefab.v1.Gateway";
 
 /// Most calls in one `Run` request.
 const MAX_CALLS: usize = 16;
+/// Largest gRPC message accepted or sent (file chunks are at most 1 MiB).
+const MAX_MESSAGE: usize = 4 << 20;
 /// Events queued for one stream reader.
 const STREAM_QUEUE: usize = 64;
 
@@ -65,6 +68,8 @@ pub struct State {
     lease_ttl: Duration,
     retention: Duration,
     runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
+    secrets_dir: Option<std::path::PathBuf>,
+    max_output_bytes: u64,
     /// Cancelled when the shutdown grace period is over: runs still going
     /// are cancelled and cleaned up.
     stop: CancellationToken,
@@ -106,6 +111,8 @@ impl State {
             lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
             retention: Duration::from_secs(args.run_retention_seconds),
             runs: Mutex::default(),
+            secrets_dir: args.secrets_dir.clone(),
+            max_output_bytes: args.max_output_bytes,
             stop: CancellationToken::new(),
         })
     }
@@ -175,13 +182,30 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+fn files_allowed<T>(req: &Request<T>) -> Result<(), Status> {
+    if Grant::of(req).may_move_files() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(
+            "this token may not use PutFile or GetFile; ask for a token with scope files",
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl proto::gateway_server::Gateway for Gateway {
     type RunStream = Boxed<proto::RunEvent>;
 
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
         let deadline = deadline_of(&req);
+        let grant = Grant::of(&req);
         let req = req.into_inner();
+        if let Some(call) = req.calls.iter().find(|c| !grant.may_run(&c.prefab_id)) {
+            return Err(Status::permission_denied(format!(
+                "this token may not run prefab {:?}; ask for a token with scope run:{}",
+                call.prefab_id, call.prefab_id
+            )));
+        }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
         let plans = self.state.plan(&req).await?;
         let heads = stage::head_all(&self.state.s3, &plans).await?;
@@ -213,6 +237,7 @@ impl proto::gateway_server::Gateway for Gateway {
         &self,
         req: Request<Streaming<proto::PutFileRequest>>,
     ) -> Result<Response<proto::FileRef>, Status> {
+        files_allowed(&req)?;
         Ok(Response::new(
             files::put_file(&self.state, req.into_inner()).await?,
         ))
@@ -224,6 +249,7 @@ impl proto::gateway_server::Gateway for Gateway {
         &self,
         req: Request<proto::GetFileRequest>,
     ) -> Result<Response<Self::GetFileStream>, Status> {
+        files_allowed(&req)?;
         let rx = files::get_file(&self.state, req.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -253,7 +279,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
     let tokens = match (&args.auth_tokens_file, args.no_auth) {
-        (Some(path), _) => Some(Tokens::load(path)?),
+        (Some(path), _) => {
+            let tokens = Tokens::load(path)?;
+            tokens.reload_on_change(path.clone(), Duration::from_secs(args.auth_reload_seconds.max(1)));
+            Some(tokens)
+        }
         (None, true) => None,
         (None, false) => {
             return Err(
@@ -317,7 +347,10 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
         stop.cancel();
     });
-    let service = GatewayServer::with_interceptor(Gateway::new(state), auth::interceptor(tokens));
+    let server = GatewayServer::new(Gateway::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(server, auth::interceptor(tokens));
     let router = crate::server::base_router(GATEWAY_SERVICE)
         .await?
         .add_service(service);

@@ -95,6 +95,60 @@ impl BucketPolicy {
     }
 }
 
+/// Most inputs in one call.
+const MAX_INPUTS: usize = 64;
+/// Deepest nesting of a JSON input.
+const MAX_DEPTH: usize = 32;
+/// Longest string anywhere in the inputs, in bytes.
+const MAX_STRING: usize = 64 << 10;
+/// Most values (strings, numbers, list items, fields) in one call's inputs.
+const MAX_VALUES: usize = 100_000;
+
+/// Refuses inputs too large or deep to be reasonable, before anything
+/// else reads them.
+fn check_shape(inputs: &Map<String, Value>) -> Result<(), String> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(format!(
+            "{} inputs given; at most {MAX_INPUTS} are accepted",
+            inputs.len()
+        ));
+    }
+    let mut stack: Vec<(&Value, usize)> = inputs.values().map(|v| (v, 1)).collect();
+    let mut seen = inputs.len();
+    while let Some((value, depth)) = stack.pop() {
+        if depth > MAX_DEPTH {
+            return Err(format!("inputs are nested deeper than {MAX_DEPTH} levels"));
+        }
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::String(s) if s.len() > MAX_STRING => {
+                return Err(format!(
+                    "a string input has {} bytes; at most {MAX_STRING} are accepted",
+                    s.len()
+                ));
+            }
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(m) => {
+                if let Some(k) = m.keys().find(|k| k.len() > MAX_STRING) {
+                    return Err(format!(
+                        "a field name has {} bytes; at most {MAX_STRING} are accepted",
+                        k.len()
+                    ));
+                }
+                Box::new(m.values())
+            }
+            _ => Box::new(std::iter::empty()),
+        };
+        for child in children {
+            seen += 1;
+            if seen > MAX_VALUES {
+                return Err(format!("inputs hold more than {MAX_VALUES} values"));
+            }
+            stack.push((child, depth + 1));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `inputs` of call `index` against `function` of `prefab`.
 pub fn plan(
     index: u32,
@@ -122,6 +176,7 @@ pub fn plan(
         .clone();
     let here = format!("call {index} ({} {})", prefab.name, function.name);
     let invalid = |msg: String| GatewayError::InvalidArgument(format!("{here}: {msg}"));
+    check_shape(&inputs).map_err(invalid)?;
     let declared: HashSet<&str> = function.parameters.iter().map(|p| p.name.as_str()).collect();
     if let Some(unknown) = inputs.keys().find(|k| !declared.contains(k.as_str())) {
         let mut names: Vec<_> = declared.iter().copied().collect();
@@ -201,4 +256,39 @@ pub fn plan(
         }
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_or_deep_inputs_are_refused() {
+        let ok: Map<String, Value> = serde_json::from_str(r#"{"a": [1, {"b": "c"}], "d": true}"#).unwrap();
+        assert!(check_shape(&ok).is_ok());
+        let mut deep = Value::Null;
+        for _ in 0..40 {
+            deep = Value::Array(vec![deep]);
+        }
+        let deep = Map::from_iter([("x".to_owned(), deep)]);
+        assert!(check_shape(&deep).unwrap_err().contains("nested"));
+        let long = Map::from_iter([("x".to_owned(), Value::String("y".repeat(MAX_STRING + 1)))]);
+        assert!(check_shape(&long).unwrap_err().contains("string"));
+        let many = (0..=MAX_INPUTS).map(|i| (i.to_string(), Value::Null)).collect();
+        assert!(check_shape(&many).unwrap_err().contains("inputs given"));
+        let wide = Map::from_iter([("x".to_owned(), Value::Array(vec![Value::Null; MAX_VALUES]))]);
+        assert!(check_shape(&wide).unwrap_err().contains("values"));
+    }
+
+    #[test]
+    fn bucket_policy_honours_prefixes() {
+        let p = BucketPolicy::new(&["media/incoming/".into(), "shared".into()], "out");
+        let url = |s: &str| S3Url::parse(s).unwrap();
+        assert!(p.allows(&url("s3://media/incoming/a.mp4")));
+        assert!(!p.allows(&url("s3://media/private/a.mp4")));
+        assert!(p.allows(&url("s3://shared/x")));
+        assert!(!p.allows(&url("s3://out/x")));
+        assert!(BucketPolicy::new(&[], "out").allows(&url("s3://out/x")));
+        assert!(BucketPolicy::new(&["*".into()], "out").allows(&url("s3://any/x")));
+    }
 }

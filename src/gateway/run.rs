@@ -173,7 +173,12 @@ async fn calls(
         phase("stage").observe(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        let reported = invoke(plan, ws.id(), events).await.inspect_err(|e| {
+        let secrets = super::secrets::for_prefab(state.secrets_dir.as_deref(), &plan.prefab.manifest.id)
+            .await
+            .map_err(|e| {
+                GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
+            })?;
+        let reported = invoke(plan, ws.id(), events, secrets).await.inspect_err(|e| {
             if matches!(e, GatewayError::Unavailable(_)) {
                 state
                     .registry
@@ -183,16 +188,7 @@ async fn calls(
         phase("invoke").observe(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        let (outputs, files) = collect_outputs(
-            &state.s3,
-            &state.bucket,
-            ws.dir(),
-            ws.id(),
-            plan,
-            reported,
-            events,
-        )
-        .await?;
+        let (outputs, files) = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
         state
             .metrics
             .bytes_uploaded

@@ -176,8 +176,9 @@ async fn resolve_files(
     Ok(files)
 }
 
-/// After a successful call: report each output file under its parameter
-/// name as its workspace-relative path, and fail if one was not written.
+/// After a successful call: report each output file the function did not
+/// report itself under its parameter name, as its workspace-relative path,
+/// and fail if one was not written.
 async fn add_output_files(
     spec: &FunctionSpec,
     args: &serde_json::Map<String, Value>,
@@ -185,6 +186,9 @@ async fn add_output_files(
     outputs: &mut serde_json::Map<String, Value>,
 ) -> Result<(), Status> {
     for p in spec.parameters.iter().filter(|p| p.kind == ParamKind::OutputFile) {
+        if outputs.contains_key(&p.name) {
+            continue;
+        }
         let Some(rel) = args.get(&p.name).and_then(Value::as_str) else {
             continue;
         };

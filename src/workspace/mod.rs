@@ -149,12 +149,20 @@ impl Workspace {
         &self.dir
     }
 
-    /// Removes the folder and everything in it.
+    /// Removes the folder and everything in it. A runtime still writing
+    /// into it can make one attempt fail, so it tries a few times; what is
+    /// left after that is the janitor's, once the lease expires.
     pub async fn remove(mut self) -> std::io::Result<()> {
         self.removed = true;
-        match tokio::fs::remove_dir_all(&self.dir).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let mut attempt = 0;
+        loop {
+            match tokio::fs::remove_dir_all(&self.dir).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if attempt >= 10 => return Err(e),
+                Err(_) => attempt += 1,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

@@ -296,9 +296,14 @@ pub async fn connect(addr: SocketAddr) -> GatewayClient<Channel> {
 
 /// Wraps a message with the test token.
 pub fn authed<T>(msg: T) -> Request<T> {
+    authed_as(TOKEN, msg)
+}
+
+/// Wraps a message with `token`.
+pub fn authed_as<T>(token: &str, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     req.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
 }
 
