@@ -158,6 +158,12 @@ pub struct GatewayArgs {
     /// Seconds a finished run's events stay available to `Watch`.
     #[arg(long, env = "PREFAB_RUN_RETENTION_SECONDS", default_value_t = 300)]
     pub run_retention_seconds: u64,
+    /// TLS of the gRPC listener.
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    /// TLS towards runtimes with `https://` endpoints.
+    #[command(flatten)]
+    pub runtime_tls: crate::tls::RuntimeTlsArgs,
     /// Object storage.
     #[command(flatten)]
     pub s3: S3Args,

@@ -19,4 +19,5 @@ pub mod proto;
 pub mod runtime;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod workspace;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::Router};
+use tonic::transport::{Server, ServerTlsConfig, server::Router};
 
 use crate::proto;
 
@@ -15,8 +15,8 @@ use crate::proto;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Starts a server with health (reporting `service_name` as serving) and
-/// reflection; the caller adds its own service.
-pub async fn base_router(service_name: &str) -> Result<Router, BoxError> {
+/// reflection, over TLS when `tls` is given; the caller adds its own service.
+pub async fn base_router(service_name: &str, tls: Option<ServerTlsConfig>) -> Result<Router, BoxError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(service_name, tonic_health::ServingStatus::Serving)
@@ -25,7 +25,11 @@ pub async fn base_router(service_name: &str) -> Result<Router, BoxError> {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    Ok(Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    Ok(builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)

@@ -28,6 +28,9 @@ pub struct Connection {
     /// Bearer token.
     #[arg(long, env = "PREFAB_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+    /// CA certificate (PEM) to trust for an https:// gateway.
+    #[arg(long, env = "PREFAB_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Print one JSON object per line instead of progress bars.
     #[arg(long)]
     pub json: bool,
@@ -81,8 +84,16 @@ impl Connection {
         } else {
             format!("http://{}", self.gateway)
         };
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| ClientError::local(format!("gateway address {url:?}: {e}")))?
+        let mut endpoint = Channel::from_shared(url.clone())
+            .map_err(|e| ClientError::local(format!("gateway address {url:?}: {e}")))?;
+        if url.starts_with("https://") {
+            let tls = crate::tls::client_config(self.tls_ca.as_deref(), None)
+                .map_err(|e| ClientError::local(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::local(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await

@@ -190,21 +190,11 @@ async fn serve(command: Command) -> Result<(), BoxError> {
             crate::gateway::serve(&args, listener, shutdown).await
         }
         Command::Runtime(RuntimeCommand::Hello(args)) => {
-            let addr = args.listen_addr();
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(%addr, prefab = crate::prefabs::hello::ID, "runtime serving");
-            runtime::serve(Hello, args.workspace_root, listener, shutdown).await
+            runtime::serve_with_args(Hello, args, shutdown).await
         }
         Command::Runtime(RuntimeCommand::Exec(args)) => {
             let prefab = ExecPrefab::load(&args.manifest).await?;
-            let addr = args.runtime.listen_addr();
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(%addr, prefab = prefab.id(), version = prefab.version(), "runtime serving");
-            runtime::serve(prefab, args.runtime.workspace_root, listener, shutdown).await
+            runtime::serve_with_args(prefab, args.runtime, shutdown).await
         }
         Command::Dev(args) => crate::dev::run(args, shutdown).await,
         Command::Put { .. }

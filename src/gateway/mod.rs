@@ -104,6 +104,7 @@ impl State {
                 &args.endpoints,
                 args.endpoint_template.clone(),
                 args.describe_ttl(),
+                args.runtime_tls.config()?,
             )?,
             buckets: BucketPolicy::new(&args.allowed_buckets, &args.s3.bucket),
             metrics,
@@ -351,7 +352,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let service = tonic::service::interceptor::InterceptedService::new(server, auth::interceptor(tokens));
-    let router = crate::server::base_router(GATEWAY_SERVICE)
+    let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
         .await?
         .add_service(service);
     crate::server::serve_router(router, listener, shutdown).await

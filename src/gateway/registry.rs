@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::GatewayError;
 use crate::{
@@ -39,12 +39,18 @@ pub struct Registry {
     overrides: HashMap<(String, String), String>,
     template: String,
     ttl: Duration,
+    tls: ClientTlsConfig,
     cache: Mutex<HashMap<(String, String), (Instant, Resolved)>>,
 }
 
 impl Registry {
     /// Builds a registry from `id@version=url` entries and a template.
-    pub fn new(entries: &[String], template: String, ttl: Duration) -> Result<Self, String> {
+    pub fn new(
+        entries: &[String],
+        template: String,
+        ttl: Duration,
+        tls: ClientTlsConfig,
+    ) -> Result<Self, String> {
         let mut overrides = HashMap::new();
         for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
             let bad =
@@ -61,6 +67,7 @@ impl Registry {
             overrides,
             template,
             ttl,
+            tls,
             cache: Mutex::default(),
         })
     }
@@ -93,7 +100,7 @@ impl Registry {
             }
             None => self.template.replace("{id}", id).replace("{version}", version),
         };
-        let resolved = describe(name, endpoint, version).await?;
+        let resolved = describe(name, endpoint, version, &self.tls).await?;
         self.lock().insert(key, (Instant::now(), resolved.clone()));
         Ok(resolved)
     }
@@ -108,11 +115,21 @@ impl Registry {
     }
 }
 
-async fn describe(name: String, endpoint: String, version: &str) -> Result<Resolved, GatewayError> {
-    let channel = Endpoint::from_shared(endpoint.clone())
-        .map_err(|e| {
-            GatewayError::Internal(format!("endpoint {endpoint} of prefab {name} is not a URL: {e}"))
-        })?
+async fn describe(
+    name: String,
+    endpoint: String,
+    version: &str,
+    tls: &ClientTlsConfig,
+) -> Result<Resolved, GatewayError> {
+    let mut channel = Endpoint::from_shared(endpoint.clone()).map_err(|e| {
+        GatewayError::Internal(format!("endpoint {endpoint} of prefab {name} is not a URL: {e}"))
+    })?;
+    if endpoint.starts_with("https://") {
+        channel = channel
+            .tls_config(tls.clone())
+            .map_err(|e| GatewayError::Internal(format!("TLS towards {endpoint}: {e}")))?;
+    }
+    let channel = channel
         .connect_timeout(DESCRIBE_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))

@@ -97,6 +97,9 @@ pub struct RuntimeArgs {
     /// The shared volume, mounted at the same path as on the gateway.
     #[arg(long, env = "WORKSPACE_ROOT", default_value = "/mnt/prefab-workspace")]
     pub workspace_root: PathBuf,
+    /// TLS of the listener.
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
 }
 
 impl RuntimeArgs {
@@ -120,4 +123,21 @@ pub async fn serve<P: Prefab>(
 ) -> Result<(), BoxError> {
     let service = RuntimeService::new(Arc::new(prefab), workspace_root)?;
     service.serve(listener, shutdown).await
+}
+
+/// Serves `prefab` as `prefab runtime …` does: on `$PORT` or `--addr`, with
+/// TLS if configured, until SIGINT or SIGTERM cancels `shutdown`.
+pub async fn serve_with_args<P: Prefab>(
+    prefab: P,
+    args: RuntimeArgs,
+    shutdown: CancellationToken,
+) -> Result<(), BoxError> {
+    let addr = args.listen_addr();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let manifest = prefab.manifest();
+    tracing::info!(%addr, prefab = %manifest.id, version = %manifest.version, tls = args.tls.tls_cert.is_some(), "runtime serving");
+    let service = RuntimeService::new(Arc::new(prefab), args.workspace_root)?;
+    service.serve_tls(listener, args.tls.config()?, shutdown).await
 }

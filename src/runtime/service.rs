@@ -77,7 +77,17 @@ impl<P: Prefab> RuntimeService<P> {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), crate::server::BoxError> {
-        let router = crate::server::base_router(RUNTIME_SERVICE)
+        self.serve_tls(listener, None, shutdown).await
+    }
+
+    /// Like [`RuntimeService::serve`], over TLS when `tls` is given.
+    pub async fn serve_tls(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        shutdown: CancellationToken,
+    ) -> Result<(), crate::server::BoxError> {
+        let router = crate::server::base_router(RUNTIME_SERVICE, tls)
             .await?
             .add_service(proto::prefab_runtime_server::PrefabRuntimeServer::new(self));
         crate::server::serve_router(router, listener, shutdown).await

@@ -201,7 +201,6 @@ impl Stack {
         };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
             .arg("gateway")
-            .args(extra)
             .stderr(stderr)
             .arg(format!("--addr=127.0.0.1:{port}"))
             .arg("--no-auth")
@@ -213,6 +212,7 @@ impl Stack {
             .arg("--endpoint-template=")
             .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
             .arg(format!("--s3-endpoint-url={}", self.s3_endpoint))
+            .args(extra)
             .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
             .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
