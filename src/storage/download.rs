@@ -2,6 +2,10 @@
 //! channel to a blocking writer that hashes as it writes, resumed with a
 //! ranged GET after a transient failure. Memory is bounded by
 //! `WRITE_BATCH × WRITE_QUEUE`, whatever the object size.
+//!
+//! Integrity: the size is always checked; when the entity tag is a plain MD5
+//! (objects stored in one PUT), the MD5 of the bytes written is checked
+//! against it, so corruption on the way is an error, never a wrong file.
 
 use std::{io::Write, path::Path, time::Duration};
 
@@ -33,15 +37,28 @@ pub async fn download(
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
     let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer = spawn_writer(dest, rx)?;
+    let expected_md5 = info.etag.as_deref().and_then(md5_of_etag);
+    let writer = spawn_writer(dest, rx, expected_md5.is_some())?;
     let fetched = fetch(client, url, info, tx, progress).await;
     // The sender is dropped by now, so the writer drains and finishes.
     let written = writer
         .await
         .map_err(|e| StorageError::io(dest.display(), std::io::Error::other(e)))?;
     // A failed writer is the root cause of any send error the fetch saw.
-    let (size, sha256) = written.map_err(|e| StorageError::io(dest.display(), e))?;
+    let (size, sha256, md5) = written.map_err(|e| StorageError::io(dest.display(), e))?;
     fetched?;
+    if let (Some(expected), Some(got)) = (expected_md5, md5)
+        && expected != got
+    {
+        return Err(StorageError::Integrity {
+            url: url.to_string(),
+            detail: format!(
+                "MD5 checksum mismatch: the store's ETag says {}, the bytes received hash to {}",
+                hex::encode(expected),
+                hex::encode(got)
+            ),
+        });
+    }
     if size != info.size {
         return Err(StorageError::Integrity {
             url: url.to_string(),
@@ -51,11 +68,20 @@ pub async fn download(
     Ok(Transfer { size, sha256 })
 }
 
-type WriterResult = std::io::Result<(u64, String)>;
+/// The MD5 an entity tag stands for, if it is a plain (single-part) one.
+fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
+    let hex_digits = etag.trim_matches('"');
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(hex_digits, &mut out).ok()?;
+    Some(out)
+}
+
+type WriterResult = std::io::Result<(u64, String, Option<[u8; 16]>)>;
 
 fn spawn_writer(
     dest: &Path,
     mut rx: mpsc::Receiver<Bytes>,
+    with_md5: bool,
 ) -> Result<tokio::task::JoinHandle<WriterResult>, StorageError> {
     let path = dest.to_owned();
     Ok(tokio::task::spawn_blocking(move || {
@@ -64,14 +90,19 @@ fn spawn_writer(
             .create_new(true)
             .open(&path)?;
         let mut hasher = Sha256::new();
+        let mut md5 = with_md5.then(<md5::Md5 as md5::Digest>::new);
         let mut size = 0u64;
         while let Some(batch) = rx.blocking_recv() {
             hasher.update(&batch);
+            if let Some(m) = &mut md5 {
+                md5::Digest::update(m, &batch);
+            }
             file.write_all(&batch)?;
             size += batch.len() as u64;
         }
         file.flush()?;
-        Ok((size, hex::encode(hasher.finalize())))
+        let md5 = md5.map(|m| md5::Digest::finalize(m).into());
+        Ok((size, hex::encode(hasher.finalize()), md5))
     }))
 }
 
@@ -193,4 +224,25 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     let base = 100u64 << attempt.min(6);
     let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * base / 255;
     Duration::from_millis((base + jitter).min(5_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::md5_of_etag;
+
+    #[test]
+    fn only_plain_etags_are_md5s() {
+        assert_eq!(
+            md5_of_etag("\"9e107d9d372bb6826bd81d3542a419d6\""),
+            Some(hex_literal(*b"9e107d9d372bb6826bd81d3542a419d6"))
+        );
+        assert_eq!(md5_of_etag("\"9e107d9d372bb6826bd81d3542a419d6-3\""), None);
+        assert_eq!(md5_of_etag("W/\"x\""), None);
+    }
+
+    fn hex_literal(s: [u8; 32]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(s, &mut out).unwrap();
+        out
+    }
 }

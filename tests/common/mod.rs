@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -194,6 +196,17 @@ impl Stack {
         extra: &[&str],
         log: Option<&Path>,
     ) -> (tokio::process::Child, GatewayClient<Channel>) {
+        self.gateway_process_via(&self.s3_endpoint, extra, log).await
+    }
+
+    /// Like [`Stack::gateway_process_with`], reaching S3 at `s3_endpoint`
+    /// (e.g. through a fault-injecting proxy).
+    pub async fn gateway_process_via(
+        &self,
+        s3_endpoint: &str,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> (tokio::process::Child, GatewayClient<Channel>) {
         let port = free_port();
         let stderr = match log {
             Some(path) => std::process::Stdio::from(std::fs::File::create(path).unwrap()),
@@ -211,7 +224,7 @@ impl Stack {
             ))
             .arg("--endpoint-template=")
             .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
-            .arg(format!("--s3-endpoint-url={}", self.s3_endpoint))
+            .arg(format!("--s3-endpoint-url={s3_endpoint}"))
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
