@@ -15,33 +15,22 @@ fn s3_addr(stack: &Stack) -> std::net::SocketAddr {
     stack.s3_endpoint.trim_start_matches("http://").parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
+/// Runs sha256 on a `mib` MiB object through a gateway whose S3 traffic
+/// passes a proxy injecting `fault`.
+async fn run_through(
+    mib: usize,
+    fault: Fault,
+) -> (
+    Stack,
+    Result<Vec<prefab::proto::run_event::Event>, tonic::Status>,
+    String,
+    bool,
+) {
     let stack = Stack::start().await;
-    let data = text(48 << 20, 21);
+    let data = text(mib << 20, mib as u64);
     let expected = hex::encode(Sha256::digest(&data));
-    let url = stack.put_input("faults/cut.bin", data).await;
-    let proxy = Proxy::start(s3_addr(&stack), Fault::CutAfter(20 << 20)).await;
-    let (mut gateway, mut client) = stack
-        .gateway_process_via(&format!("http://{}", proxy.addr), &[], None)
-        .await;
-    let events = run_to_end(
-        &mut client,
-        run_request("sha256", serde_json::json!({ "file": url })),
-    )
-    .await
-    .expect("the download resumes after the cut");
-    assert!(proxy.fired(), "the proxy never cut the connection");
-    assert_eq!(call_outputs(&events)["sha256"], serde_json::json!(expected));
-    gateway.kill().await.unwrap();
-    stack.wait_idle().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
-    let stack = Stack::start().await;
-    let url = stack.put_input("faults/flip.bin", text(24 << 20, 22)).await;
-    let proxy = Proxy::start(s3_addr(&stack), Fault::FlipAt(5 << 20)).await;
+    let url = stack.put_input(&format!("faults/{mib}.bin"), data).await;
+    let proxy = Proxy::start(s3_addr(&stack), fault).await;
     let (mut gateway, mut client) = stack
         .gateway_process_via(&format!("http://{}", proxy.addr), &[], None)
         .await;
@@ -50,18 +39,86 @@ async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
         run_request("sha256", serde_json::json!({ "file": url })),
     )
     .await;
-    assert!(proxy.fired(), "the proxy never flipped a byte");
-    let status = result.expect_err("corruption must fail the run");
-    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-    assert!(
-        status.message().contains("MD5 checksum mismatch"),
-        "{}",
-        status.message()
+    gateway.kill().await.unwrap();
+    (stack, result, expected, proxy.fired())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
+    // 24 MiB comes in one streamed GET, 48 MiB in 16 MiB ranges.
+    for mib in [24, 48] {
+        let (stack, result, expected, fired) = run_through(mib, Fault::CutAfter(10 << 20)).await;
+        assert!(fired, "{mib} MiB: the proxy never cut the connection");
+        let events = result.unwrap_or_else(|s| panic!("{mib} MiB: the download did not resume: {s:?}"));
+        assert_eq!(
+            call_outputs(&events)["sha256"],
+            serde_json::json!(expected),
+            "{mib} MiB"
+        );
+        stack.wait_idle().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
+    for mib in [24, 48] {
+        let (stack, result, _, fired) = run_through(mib, Fault::FlipAt(5 << 20)).await;
+        assert!(fired, "{mib} MiB: the proxy never flipped a byte");
+        let status = result.expect_err("corruption must fail the run");
+        assert_eq!(status.code(), Code::DataLoss, "{mib} MiB: {status:?}");
+        assert!(
+            status.message().contains("MD5 checksum mismatch"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status
+                .message()
+                .contains(&format!("s3://inputs/faults/{mib}.bin")),
+            "{}",
+            status.message()
+        );
+        stack.wait_idle().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
+    const SIZE: usize = 300 << 20;
+    let stack = Stack::start().await;
+    let block = text(1 << 20, 31);
+    let mut data = Vec::with_capacity(SIZE);
+    for i in 0..(SIZE >> 20) as u64 {
+        data.extend_from_slice(&i.to_le_bytes());
+        data.extend_from_slice(&block[8..]);
+    }
+    let expected = hex::encode(Sha256::digest(&data));
+    let url = stack.put_input("faults/ranged.bin", data).await;
+    let (mut gateway, mut client) = stack.gateway_process().await;
+    let events = run_to_end(
+        &mut client,
+        run_request("sha256", serde_json::json!({ "file": url })),
+    )
+    .await
+    .unwrap();
+    let staged = events
+        .iter()
+        .find_map(|e| match e {
+            prefab::proto::run_event::Event::Staged(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        (staged.size, staged.sha256.as_str()),
+        (SIZE as u64, expected.as_str())
     );
+    // The function read the staged file and agrees.
+    assert_eq!(call_outputs(&events)["sha256"], serde_json::json!(expected));
+    let peak = peak_rss_bytes(gateway.id().unwrap());
     assert!(
-        status.message().contains("s3://inputs/faults/flip.bin"),
-        "{}",
-        status.message()
+        peak < 96 << 20,
+        "gateway peak RSS {} MiB for a 300 MiB input",
+        peak >> 20
     );
     gateway.kill().await.unwrap();
     stack.wait_idle().await;

@@ -21,6 +21,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 /// What a token may do.
@@ -125,20 +126,32 @@ impl Tokens {
 
     /// Reloads the file at `path` whenever it changes, checking every
     /// `every`; a file that fails to parse keeps the previous tokens.
-    pub fn reload_on_change(&self, path: PathBuf, every: Duration) {
+    pub fn reload_on_change(&self, path: PathBuf, every: Duration, shutdown: CancellationToken) {
         let tokens = self.clone();
         tokio::spawn(async move {
-            let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
-            let mut seen: Option<(Option<SystemTime>, u64)> = stamp(&path);
+            async fn stamp(p: &Path) -> Option<(Option<SystemTime>, u64)> {
+                tokio::fs::metadata(p)
+                    .await
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()))
+            }
+            let mut seen = stamp(&path).await;
             let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
-                let now = stamp(&path);
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let now = stamp(&path).await;
                 if now == seen {
                     continue;
                 }
                 seen = now;
-                match read(&path) {
+                let file = path.clone();
+                let parsed = tokio::task::spawn_blocking(move || read(&file))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match parsed {
                     Ok(entries) => {
                         let count = entries.len();
                         *tokens.entries.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);

@@ -1,6 +1,8 @@
 //! `PutFile` and `GetFile`: moving files through the gateway for clients
 //! without S3 credentials, streamed in both directions with bounded memory.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -38,16 +40,32 @@ pub async fn put_file(
             )));
         }
     };
+    if let Some(size) = header.size
+        && size > state.max_input_bytes
+    {
+        return Err(GatewayError::InvalidArgument(format!(
+            "PutFile header declares {size} bytes; this gateway takes files up to {} bytes",
+            state.max_input_bytes
+        )));
+    }
     let name = sanitize_name(&header.file_name);
     let key = format!("uploads/{}/{name}", uuid::Uuid::new_v4());
     let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let fault = Arc::new(Mutex::new(None));
     let source = ChunkSource {
         stream,
         pending: BytesMut::new(),
         received: 0,
         limit: header.size,
+        fault: Arc::clone(&fault),
     };
-    let done = storage::upload::upload_from(&state.s3, source, header.size, &dest, &mut |_| {}).await?;
+    let uploaded = storage::upload::upload_from(&state.s3, source, header.size, &dest, &mut |_| {}).await;
+    // A failure the client caused is reported as such, not as a storage error.
+    let client_fault = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let done = match (uploaded, client_fault) {
+        (Err(_), Some(fault)) => return Err(fault),
+        (result, _) => result?,
+    };
     if let Some(expected) = header.size
         && expected != done.size
     {
@@ -100,14 +118,21 @@ struct ChunkSource {
     pending: BytesMut,
     received: u64,
     limit: Option<u64>,
+    /// What the client did wrong, if the stream failed because of it.
+    fault: Arc<Mutex<Option<GatewayError>>>,
 }
 
 impl PartSource for ChunkSource {
     async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
-        let cut = |detail: String| StorageError::Rejected {
-            url: "PutFile".into(),
-            op: "PutFile",
-            detail,
+        let fault = &self.fault;
+        let cut = |error: GatewayError| {
+            let detail = error.to_string();
+            *fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+            StorageError::Rejected {
+                url: "PutFile".into(),
+                op: "PutFile",
+                detail,
+            }
         };
         while self.pending.len() < max {
             match self.stream.next().await {
@@ -116,13 +141,23 @@ impl PartSource for ChunkSource {
                 })) => {
                     self.received += chunk.len() as u64;
                     if self.limit.is_some_and(|l| self.received > l) {
-                        return Err(cut("more bytes arrived than the header's size".into()));
+                        return Err(cut(GatewayError::InvalidArgument(
+                            "more bytes arrived than the PutFile header declared".into(),
+                        )));
                     }
                     self.pending.extend_from_slice(&chunk);
                 }
-                Some(Ok(_)) => return Err(cut("only data chunks may follow the header".into())),
+                Some(Ok(_)) => {
+                    return Err(cut(GatewayError::InvalidArgument(
+                        "only data chunks may follow the PutFile header".into(),
+                    )));
+                }
                 Some(Err(status)) => {
-                    return Err(cut(format!("the client stream broke: {}", status.message())));
+                    tracing::info!(
+                        message = status.message(),
+                        "PutFile client stream broke; upload aborted"
+                    );
+                    return Err(cut(GatewayError::Cancelled));
                 }
                 None => break,
             }

@@ -24,6 +24,7 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 /// A run's events and its cancellation.
 #[derive(Debug)]
 pub struct Journal {
+    prefabs: Vec<String>,
     state: Mutex<State>,
     latest: watch::Sender<u64>,
     cancel: CancellationToken,
@@ -37,9 +38,10 @@ struct State {
 }
 
 impl Journal {
-    /// An empty journal.
-    pub fn new() -> Arc<Self> {
+    /// An empty journal of a run calling `prefabs`.
+    pub fn new(prefabs: Vec<String>) -> Arc<Self> {
         Arc::new(Self {
+            prefabs,
             state: Mutex::new(State {
                 next: 1,
                 ..State::default()
@@ -47,6 +49,11 @@ impl Journal {
             latest: watch::Sender::new(0),
             cancel: CancellationToken::new(),
         })
+    }
+
+    /// The prefab ids the run calls.
+    pub fn prefabs(&self) -> &[String] {
+        &self.prefabs
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -174,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn readers_resume_after_a_sequence_and_see_the_end() {
-        let j = Journal::new();
+        let j = Journal::new(Vec::new());
         j.push(0, Event::Accepted(proto::RunAccepted::default()));
         j.push(0, progress(1));
         j.push(0, progress(2));
@@ -194,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_full_journal_drops_progress_before_milestones() {
-        let j = Journal::new();
+        let j = Journal::new(Vec::new());
         j.push(0, Event::Accepted(proto::RunAccepted::default()));
         for n in 0..CAPACITY as u64 + 10 {
             j.push(0, progress(n));
@@ -206,7 +213,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_leaving_cancels_only_when_asked() {
-        let j = Journal::new();
+        let j = Journal::new(Vec::new());
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
         Arc::clone(&j).forward(0, tx, false).await;

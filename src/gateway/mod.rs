@@ -69,10 +69,13 @@ pub struct State {
     retention: Duration,
     runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
     secrets_dir: Option<std::path::PathBuf>,
+    max_input_bytes: u64,
     max_output_bytes: u64,
     /// Cancelled when the shutdown grace period is over: runs still going
     /// are cancelled and cleaned up.
     stop: CancellationToken,
+    /// Every run task, so that shutdown can wait for their cleanup.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl State {
@@ -113,8 +116,10 @@ impl State {
             retention: Duration::from_secs(args.run_retention_seconds),
             runs: Mutex::default(),
             secrets_dir: args.secrets_dir.clone(),
+            max_input_bytes: args.max_input_bytes,
             max_output_bytes: args.max_output_bytes,
             stop: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -171,6 +176,10 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (value, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    // The gRPC spec allows at most 8 digits, so nothing below overflows.
+    if value.is_empty() || value.len() > 8 {
+        return None;
+    }
     let value: u64 = value.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(value * 3600),
@@ -218,7 +227,8 @@ impl proto::gateway_server::Gateway for Gateway {
         let reservation = self.state.admission.admit(&sizes).await?;
 
         let id = RequestId::new();
-        let journal = journal::Journal::new();
+        let prefabs = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
+        let journal = journal::Journal::new(prefabs);
         self.state.journals().insert(id, Arc::clone(&journal));
         let work = run::Run {
             state: Arc::clone(&self.state),
@@ -228,7 +238,9 @@ impl proto::gateway_server::Gateway for Gateway {
             deadline,
             reservation,
         };
-        tokio::spawn(work.execute(events::Events::new(Arc::clone(&journal))));
+        self.state
+            .tasks
+            .spawn(work.execute(events::Events::new(Arc::clone(&journal))));
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         tokio::spawn(journal.forward(0, tx, !detach));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -258,6 +270,7 @@ impl proto::gateway_server::Gateway for Gateway {
     type WatchStream = Boxed<proto::RunEvent>;
 
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let grant = Grant::of(&req);
         let req = req.into_inner();
         let id = RequestId::parse(&req.request_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let journal = self.state.journals().get(&id).cloned().ok_or_else(|| {
@@ -266,6 +279,11 @@ impl proto::gateway_server::Gateway for Gateway {
                 self.state.retention.as_secs()
             ))
         })?;
+        if let Some(id) = journal.prefabs().iter().find(|p| !grant.may_run(p)) {
+            return Err(Status::permission_denied(format!(
+                "this token may not follow runs of prefab {id:?}; ask for a token with scope run:{id}"
+            )));
+        }
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         tokio::spawn(journal.forward(req.after_sequence, tx, false));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -282,7 +300,8 @@ pub async fn serve(
     let tokens = match (&args.auth_tokens_file, args.no_auth) {
         (Some(path), _) => {
             let tokens = Tokens::load(path)?;
-            tokens.reload_on_change(path.clone(), Duration::from_secs(args.auth_reload_seconds.max(1)));
+            let every = Duration::from_secs(args.auth_reload_seconds.max(1));
+            tokens.reload_on_change(path.clone(), every, shutdown.clone());
             Some(tokens)
         }
         (None, true) => None,
@@ -348,6 +367,8 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
         stop.cancel();
     });
+    let tasks = state.tasks.clone();
+    let stop = state.stop.clone();
     let server = GatewayServer::new(Gateway::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -355,5 +376,19 @@ pub async fn serve(
     let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
         .await?
         .add_service(service);
-    crate::server::serve_router(router, listener, shutdown).await
+    let served = crate::server::serve_router(router, listener, shutdown).await;
+    // Runs may outlive their connections (detached ones): let them finish
+    // within the grace period, then cancel them and wait for their cleanup.
+    // (`stop` is cancelled by the grace timer above.)
+    tasks.close();
+    tokio::select! {
+        () = tasks.wait() => {}
+        () = stop.cancelled() => {
+            if tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await.is_err() {
+                tracing::error!("runs did not finish cleaning up; the janitor will remove their workspaces");
+            }
+        }
+    }
+    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    served
 }

@@ -130,7 +130,7 @@ async fn renew_lease(
     owner: &str,
     ttl: Duration,
 ) -> Result<super::events::AbortOnDrop, GatewayError> {
-    let dir = ws.dir().to_owned();
+    let dir = ws.fd();
     let owner = owner.to_owned();
     lease::write(&dir, &lease::Lease::new(&owner, ttl))
         .await
@@ -168,7 +168,7 @@ async fn calls(
                 .clone()
         };
         let t = Instant::now();
-        let staged = stage_inputs(&state.s3, ws.dir(), plan.index, &plan.inputs, heads, events).await?;
+        let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, heads, events).await?;
         state.metrics.bytes_staged.inc_by(staged);
         phase("stage").observe(t.elapsed().as_secs_f64());
 

@@ -2,7 +2,7 @@
 //! workspace as `<name>.part`, renamed to its final name only once complete
 //! and verified. Several inputs move at once.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
@@ -14,6 +14,7 @@ use super::{
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, ObjectInfo, S3Url},
+    workspace::{DirFd, Workspace},
 };
 
 /// Inputs of one call staged at once.
@@ -50,7 +51,7 @@ pub async fn head_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Hea
 /// staged.
 pub async fn stage_inputs(
     s3: &aws_sdk_s3::Client,
-    workspace: &Path,
+    workspace: &Workspace,
     index: u32,
     inputs: &[FileInput],
     heads: &[(S3Url, ObjectInfo)],
@@ -61,10 +62,10 @@ pub async fn stage_inputs(
     let mut tasks = JoinSet::new();
     for (input, (_, info)) in inputs.iter().cloned().zip(heads.iter().cloned()) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
-        let dest = workspace.join(&input.rel);
+        let dir = workspace.fd();
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-            stage_one(&s3, &input, &info, &dest, index, &events).await
+            stage_one(&s3, &input, &info, dir, index, &events).await
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -77,24 +78,37 @@ async fn stage_one(
     s3: &aws_sdk_s3::Client,
     input: &FileInput,
     info: &ObjectInfo,
-    dest: &Path,
+    workspace: Arc<DirFd>,
     index: u32,
     events: &Events,
 ) -> Result<(), GatewayError> {
     let io = |e: std::io::Error| GatewayError::Internal(format!("cannot write {}: {e}", input.rel));
-    if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(io)?;
-    }
-    let part = dest.with_extension(match dest.extension() {
-        Some(ext) => format!("{}.part", ext.to_string_lossy()),
-        None => "part".into(),
-    });
+    // `rel` is built by the planner: inputs/<call>/<name>.
+    let (folders, name) = input.rel.rsplit_once('/').expect("input paths have a folder");
+    let folders: Vec<String> = folders.split('/').map(str::to_owned).collect();
+    let part = format!("{name}.part");
+    let (dir, file) = {
+        let part = part.clone();
+        tokio::task::spawn_blocking(move || {
+            let names: Vec<&str> = folders.iter().map(String::as_str).collect();
+            let dir = workspace.subdir(&names)?;
+            let file = dir.create_new(&part)?;
+            Ok::<_, std::io::Error>((dir, file))
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?
+    };
     let url = input.url.to_string();
     let mut progress = events.transfer_progress(index, &input.param, &url, info.size, true);
     progress(0);
     tracing::debug!(%url, size = info.size, "staging input");
-    let done = storage::download(s3, &input.url, info, &part, &mut progress).await?;
-    tokio::fs::rename(&part, dest).await.map_err(io)?;
+    let done = storage::download(s3, &input.url, info, file, &mut progress).await?;
+    let final_name = name.to_owned();
+    tokio::task::spawn_blocking(move || dir.rename(&part, &final_name))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
     let staged = proto::InputStaged {
         parameter: input.param.clone(),
         url,

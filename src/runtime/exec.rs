@@ -77,8 +77,15 @@ fn check_function(f: &FunctionSpec) -> Result<(), String> {
         .exec
         .as_ref()
         .ok_or_else(|| format!("function {} has no [function.exec] table", f.name))?;
-    if exec.command.first().is_none_or(|p| p.is_empty()) {
-        return Err(format!("function {}: exec.command needs a program", f.name));
+    if exec
+        .command
+        .first()
+        .is_none_or(|p| p.is_empty() || p.contains(['{', '}']))
+    {
+        return Err(format!(
+            "function {}: exec.command needs a fixed program name as its first element",
+            f.name
+        ));
     }
     for arg in &exec.command {
         for name in placeholders(arg)? {
@@ -201,7 +208,7 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         None => None,
     };
     match &capture {
-        Some(path) => cmd.stdout(std::fs::File::create(path)?),
+        Some(path) => cmd.stdout(tokio::fs::File::create(path).await?.into_std().await),
         None => cmd.stdout(Stdio::piped()),
     };
     let mut child = cmd
@@ -254,8 +261,10 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         // Leave nothing behind, even processes the program started; then
         // the pipes close and the last lines drain.
         group.signal(rustix::process::Signal::KILL);
-        if !drained {
-            io.await;
+        // A helper that left the group may hold the pipes open: stop
+        // reading after a grace period rather than hang.
+        if !drained && tokio::time::timeout(KILL_GRACE, io).await.is_err() {
+            tracing::warn!("output pipes still open after the program exited; stopped reading them");
         }
         exited?
     };

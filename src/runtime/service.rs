@@ -22,7 +22,7 @@ use crate::{
     config::Secret,
     manifest::{FunctionSpec, Manifest, ParamKind},
     proto::{self, prefab_runtime_server::PrefabRuntime},
-    workspace::{HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot},
+    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot, open_regular},
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -166,21 +166,28 @@ async fn resolve_files(
             )));
         }
         let path = workspace.join(rel.as_str());
-        if is_input {
-            let meta = tokio::fs::symlink_metadata(&path).await.map_err(|e| {
-                Status::failed_precondition(format!("input {:?} at {rel} is not readable: {e}", p.name))
-            })?;
-            if !meta.is_file() {
-                return Err(Status::invalid_argument(format!(
-                    "input {:?} at {rel} is not a regular file",
-                    p.name
-                )));
+        // Checked component by component without following symlinks, so a
+        // link planted anywhere on the way is refused.
+        let base = workspace.to_owned();
+        let checked = tokio::task::spawn_blocking(move || {
+            if is_input {
+                open_regular(&base, &rel).map(drop)
+            } else {
+                let folders: Vec<&str> = rel.components().collect();
+                DirFd::open(&base)?
+                    .subdir(&folders[..folders.len() - 1])
+                    .map(drop)
             }
-        } else if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| {
-                Status::internal(format!("cannot create the folder for output {:?}: {e}", p.name))
-            })?;
-        }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        checked.map_err(|e| match (is_input, e.kind()) {
+            (true, std::io::ErrorKind::NotFound) => {
+                Status::failed_precondition(format!("input {:?} is not in the workspace: {e}", p.name))
+            }
+            (true, _) => Status::invalid_argument(format!("input {:?}: {e}", p.name)),
+            (false, _) => Status::invalid_argument(format!("output {:?}: {e}", p.name)),
+        })?;
         files.insert(p.name.clone(), path);
     }
     Ok(files)

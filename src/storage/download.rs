@@ -7,7 +7,7 @@
 //! (objects stored in one PUT), the MD5 of the bytes written is checked
 //! against it, so corruption on the way is an error, never a wrong file.
 
-use std::{io::Write, path::Path, time::Duration};
+use std::{fs::File, io::Write, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -22,43 +22,53 @@ const WRITE_QUEUE: usize = 4;
 /// Attempts per object, counting the first.
 const MAX_ATTEMPTS: u32 = 5;
 
-/// Downloads `url` (whose HEAD was `info`) into a new file at `dest`,
-/// reporting the cumulative byte count to `progress` after each batch.
+/// Downloads `url` (whose HEAD was `info`) into `file`, a new empty file
+/// opened for reading and writing, reporting the cumulative byte count to
+/// `progress` as it goes.
 ///
+/// Objects of [`RANGED_THRESHOLD`] bytes or more are fetched as parallel
+/// ranged GETs (see [`super::ranged`]), smaller ones as one streamed GET.
 /// Transient failures resume from the bytes already written, pinned to the
 /// same object version by `If-Match`. The result is verified to have exactly
-/// `info.size` bytes. On error the partial file is left for the caller, who
-/// owns `dest`, to remove.
+/// `info.size` bytes and, for single-part objects, their MD5. On error the
+/// partial file is left for the caller, who owns it, to remove.
 pub async fn download(
     client: &aws_sdk_s3::Client,
     url: &S3Url,
     info: &ObjectInfo,
-    dest: &Path,
+    file: File,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Transfer, StorageError> {
+    if info.size >= RANGED_THRESHOLD {
+        super::ranged::download(client, url, info, file, progress).await
+    } else {
+        single_stream(client, url, info, file, progress).await
+    }
+}
+
+/// Objects at least this large are fetched with parallel ranged GETs.
+pub const RANGED_THRESHOLD: u64 = 32 << 20;
+
+async fn single_stream(
+    client: &aws_sdk_s3::Client,
+    url: &S3Url,
+    info: &ObjectInfo,
+    file: File,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
     let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let expected_md5 = info.etag.as_deref().and_then(md5_of_etag);
-    let writer = spawn_writer(dest, rx, expected_md5.is_some())?;
+    let writer = spawn_writer(file, rx, expected_md5.is_some());
     let fetched = fetch(client, url, info, tx, progress).await;
     // The sender is dropped by now, so the writer drains and finishes.
     let written = writer
         .await
-        .map_err(|e| StorageError::io(dest.display(), std::io::Error::other(e)))?;
+        .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
     // A failed writer is the root cause of any send error the fetch saw.
-    let (size, sha256, md5) = written.map_err(|e| StorageError::io(dest.display(), e))?;
+    let (size, sha256, md5) =
+        written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
     fetched?;
-    if let (Some(expected), Some(got)) = (expected_md5, md5)
-        && expected != got
-    {
-        return Err(StorageError::Integrity {
-            url: url.to_string(),
-            detail: format!(
-                "MD5 checksum mismatch: the store's ETag says {}, the bytes received hash to {}",
-                hex::encode(expected),
-                hex::encode(got)
-            ),
-        });
-    }
+    verify_md5(url, expected_md5, md5)?;
     if size != info.size {
         return Err(StorageError::Integrity {
             url: url.to_string(),
@@ -68,8 +78,27 @@ pub async fn download(
     Ok(Transfer { size, sha256 })
 }
 
+/// Fails if the MD5 of the bytes written differs from the one expected.
+pub(crate) fn verify_md5(
+    url: &S3Url,
+    expected: Option<[u8; 16]>,
+    got: Option<[u8; 16]>,
+) -> Result<(), StorageError> {
+    match (expected, got) {
+        (Some(expected), Some(got)) if expected != got => Err(StorageError::Integrity {
+            url: url.to_string(),
+            detail: format!(
+                "MD5 checksum mismatch: the store's ETag says {}, the bytes received hash to {}",
+                hex::encode(expected),
+                hex::encode(got)
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The MD5 an entity tag stands for, if it is a plain (single-part) one.
-fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
+pub(crate) fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
     let hex_digits = etag.trim_matches('"');
     let mut out = [0u8; 16];
     hex::decode_to_slice(hex_digits, &mut out).ok()?;
@@ -79,16 +108,11 @@ fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
 type WriterResult = std::io::Result<(u64, String, Option<[u8; 16]>)>;
 
 fn spawn_writer(
-    dest: &Path,
+    mut file: File,
     mut rx: mpsc::Receiver<Bytes>,
     with_md5: bool,
-) -> Result<tokio::task::JoinHandle<WriterResult>, StorageError> {
-    let path = dest.to_owned();
-    Ok(tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+) -> tokio::task::JoinHandle<WriterResult> {
+    tokio::task::spawn_blocking(move || {
         let mut hasher = Sha256::new();
         let mut md5 = with_md5.then(<md5::Md5 as md5::Digest>::new);
         let mut size = 0u64;
@@ -103,7 +127,7 @@ fn spawn_writer(
         file.flush()?;
         let md5 = md5.map(|m| md5::Digest::finalize(m).into());
         Ok((size, hex::encode(hasher.finalize()), md5))
-    }))
+    })
 }
 
 async fn fetch(

@@ -5,6 +5,7 @@
 mod client;
 pub mod download;
 mod error;
+pub mod ranged;
 pub mod upload;
 mod url;
 

@@ -26,9 +26,13 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// Attempts per part, counting the first.
 const PART_ATTEMPTS: u32 = 4;
 
-/// The part size for a file of `size` bytes: max(8 MiB, size / 10 000).
+/// Largest multipart part: bounds memory whatever size a caller declares.
+const MAX_PART: u64 = 512 << 20;
+
+/// The part size for a file of `size` bytes: max(8 MiB, size / 10 000),
+/// at most 512 MiB (S3's 5 TiB object limit needs parts of ~525 MiB).
 pub fn part_size(size: u64) -> u64 {
-    MIN_PART.max(size.div_ceil(MAX_PARTS))
+    MIN_PART.max(size.div_ceil(MAX_PARTS)).min(MAX_PART)
 }
 
 /// A sequence of upload parts: a local file or a stream of chunks.
@@ -314,14 +318,25 @@ impl Drop for Multipart {
         }
         let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(abort_upload(client, url, upload_id));
+            Ok(_) => {
+                PENDING_ABORTS.spawn(abort_upload(client, url, upload_id));
             }
             Err(_) => {
                 tracing::error!(%url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
             }
         }
     }
+}
+
+/// Aborts started by dropped uploads, so that shutdown can wait for them.
+static PENDING_ABORTS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
+    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
+
+/// Waits up to `limit` for the aborts of dropped multipart uploads.
+pub async fn wait_for_aborts(limit: std::time::Duration) {
+    PENDING_ABORTS.close();
+    let _ = tokio::time::timeout(limit, PENDING_ABORTS.wait()).await;
+    PENDING_ABORTS.reopen();
 }
 
 async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String) {

@@ -190,11 +190,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = WorkspaceRoot::new(tmp.path()).unwrap();
         let live = root.create(RequestId::new()).await.unwrap();
-        lease::write(live.dir(), &lease::Lease::new("me", Duration::from_secs(60)))
+        lease::write(&live.fd(), &lease::Lease::new("me", Duration::from_secs(60)))
             .await
             .unwrap();
         let expired = root.create(RequestId::new()).await.unwrap();
-        lease::write(expired.dir(), &lease::Lease::new("dead", Duration::ZERO))
+        lease::write(&expired.fd(), &lease::Lease::new("dead", Duration::ZERO))
             .await
             .unwrap();
         tokio::fs::write(expired.dir().join("inputs/big"), vec![0u8; 4096])

@@ -7,7 +7,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use super::DirFd;
 
 /// The lease file's name inside a workspace (hidden from runtimes, whose
 /// paths may not start with a dot).
@@ -44,18 +48,33 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// Writes (or renews) the lease of the workspace at `dir`, atomically.
-pub async fn write(dir: &Path, lease: &Lease) -> std::io::Result<()> {
-    let tmp = dir.join(".lease.tmp");
+/// Writes (or renews) the lease of the open workspace `dir`, atomically and
+/// without following anything planted in it.
+pub async fn write(dir: &Arc<DirFd>, lease: &Lease) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
-    tokio::fs::write(&tmp, body).await?;
-    tokio::fs::rename(&tmp, dir.join(LEASE_FILE)).await
+    let dir = Arc::clone(dir);
+    tokio::task::spawn_blocking(move || dir.replace(LEASE_FILE, &body))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
-/// Reads the lease of the workspace at `dir`; `None` if it has none or it
-/// is unreadable.
+/// Reads the lease of the workspace at `dir`; `None` if it has none, it is
+/// unreadable, or it is a symlink (a planted lease does not count).
 pub async fn read(dir: &Path) -> Option<Lease> {
-    let body = tokio::fs::read(dir.join(LEASE_FILE)).await.ok()?;
+    let path = dir.join(LEASE_FILE);
+    let body = tokio::task::spawn_blocking(move || {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)?;
+        let mut body = Vec::new();
+        file.by_ref().take(4096).read_to_end(&mut body)?;
+        Ok::<_, std::io::Error>(body)
+    })
+    .await
+    .ok()?
+    .ok()?;
     serde_json::from_slice(&body).ok()
 }
 
@@ -68,7 +87,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()).await, None);
         let lease = Lease::new("replica-a", Duration::from_secs(60));
-        write(dir.path(), &lease).await.unwrap();
+        let fd = Arc::new(DirFd::open(dir.path()).unwrap());
+        write(&fd, &lease).await.unwrap();
         assert_eq!(read(dir.path()).await, Some(lease.clone()));
         assert!(!lease.expired());
         assert!(Lease::new("b", Duration::ZERO).expires_unix_ms <= now_ms());

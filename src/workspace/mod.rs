@@ -4,6 +4,7 @@
 //! [`RelPath`] and descriptor-based, no-follow opens.
 
 mod confine;
+mod fd;
 pub mod janitor;
 pub mod lease;
 
@@ -13,6 +14,7 @@ use std::{
 };
 
 pub use confine::{RelPath, RelPathError, open_regular};
+pub use fd::DirFd;
 use uuid::Uuid;
 
 /// Name of the folder staged inputs go to.
@@ -100,19 +102,34 @@ impl WorkspaceRoot {
         &self.path
     }
 
-    /// Creates the workspace of `id`; fails if it already exists.
+    /// Creates the workspace of `id`; fails if it already exists. The
+    /// folder is opened once, and the gateway's writes go through that
+    /// descriptor (see [`DirFd`]).
     pub async fn create(&self, id: RequestId) -> std::io::Result<Workspace> {
         let dir = self.path.join(id.to_string());
         tokio::fs::create_dir(&dir).await?;
-        // From here on the guard removes the folder, whatever happens next.
-        let ws = Workspace {
-            id,
-            dir,
-            removed: false,
-        };
-        tokio::fs::create_dir(ws.dir.join(INPUTS)).await?;
-        tokio::fs::create_dir(ws.dir.join(OUTPUTS)).await?;
-        Ok(ws)
+        let path = dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let fd = DirFd::open(&path)?;
+            fd.subdir(&[INPUTS])?;
+            fd.subdir(&[OUTPUTS])?;
+            Ok::<_, std::io::Error>(fd)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match opened {
+            Ok(fd) => Ok(Workspace {
+                id,
+                dir,
+                fd: std::sync::Arc::new(fd),
+                removed: false,
+            }),
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                Err(e)
+            }
+        }
     }
 
     /// Resolves a handle received over the network to its folder, which
@@ -135,6 +152,7 @@ impl WorkspaceRoot {
 pub struct Workspace {
     id: RequestId,
     dir: PathBuf,
+    fd: std::sync::Arc<DirFd>,
     removed: bool,
 }
 
@@ -147,6 +165,11 @@ impl Workspace {
     /// The workspace folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The open workspace folder, for writing inside it safely.
+    pub fn fd(&self) -> std::sync::Arc<DirFd> {
+        std::sync::Arc::clone(&self.fd)
     }
 
     /// Removes the folder and everything in it. A runtime still writing

