@@ -19,6 +19,7 @@ pub async fn invoke(
     id: RequestId,
     events: &Events,
     secrets: HashMap<String, String>,
+    budget: Option<std::time::Duration>,
 ) -> Result<Map<String, Value>, GatewayError> {
     let prefab = &plan.prefab;
     let invoking = proto::Invoking {
@@ -32,7 +33,7 @@ pub async fn invoke(
         function_name: plan.function.name.clone(),
         arguments: Some(proto::json_to_struct(plan.arguments.clone())),
         secrets,
-        timeout_ms: 0,
+        timeout_ms: budget.map_or(0, |b| b.as_millis().min(u128::from(u64::MAX)) as u64),
     };
     let failed = |status: tonic::Status| runtime_error(plan, status);
     let mut stream = prefab

@@ -106,8 +106,9 @@ impl Run {
             }
         };
         let cancelled = events.journal().cancellation().clone();
+        let deadline_at = self.deadline.map(|d| Instant::now() + d);
         let outcome = tokio::select! {
-            outcome = calls(state, &workspace, &self.plans, &self.heads, events) => outcome,
+            outcome = calls(state, &workspace, &self.plans, &self.heads, events, deadline_at) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             () = deadline => Err(GatewayError::DeadlineExceeded(self.deadline.unwrap_or_default())),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
@@ -153,6 +154,7 @@ async fn calls(
     plans: &[CallPlan],
     heads: &Heads,
     events: &Events,
+    deadline_at: Option<Instant>,
 ) -> Result<(), GatewayError> {
     let accepted = proto::RunAccepted {
         request_id: ws.id().to_string(),
@@ -178,13 +180,20 @@ async fn calls(
             .map_err(|e| {
                 GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
             })?;
-        let reported = invoke(plan, ws.id(), events, secrets).await.inspect_err(|e| {
-            if matches!(e, GatewayError::Unavailable(_)) {
-                state
-                    .registry
-                    .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
-            }
-        })?;
+        // The runtime gets what is left of the caller's deadline.
+        let budget = deadline_at.map(|at| {
+            at.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let reported = invoke(plan, ws.id(), events, secrets, budget)
+            .await
+            .inspect_err(|e| {
+                if matches!(e, GatewayError::Unavailable(_)) {
+                    state
+                        .registry
+                        .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
+                }
+            })?;
         phase("invoke").observe(t.elapsed().as_secs_f64());
 
         let t = Instant::now();

@@ -23,8 +23,9 @@ const INPUTS_IN_FLIGHT: usize = 4;
 /// HEAD results of each call's inputs, in plan order.
 pub type Heads = Vec<Vec<(S3Url, ObjectInfo)>>;
 
-/// HEADs every input of every call, a few at a time: a missing object fails
-/// the run before any byte moves, and the sizes feed admission.
+/// HEADs every input of every call (a call's inputs, at most 64, at once):
+/// a missing object fails the run before any byte moves, and the sizes feed
+/// admission.
 pub async fn head_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Heads, GatewayError> {
     let mut heads = Vec::with_capacity(plans.len());
     for plan in plans {
