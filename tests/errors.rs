@@ -181,17 +181,11 @@ async fn a_runtime_that_dies_mid_call_is_unavailable_and_cleaned_up() {
     wait_for_port(port).await;
 
     let mut client = stack.client().await;
-    let mut stream = client
-        .run(authed(run_request("sleep", serde_json::json!({ "seconds": 60 }))))
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let msg = stream.message().await.unwrap().expect("stream open");
-        if matches!(msg.event, Some(proto::run_event::Event::RuntimeProgress(_))) {
-            break;
-        }
-    }
+    let mut stream = start_until_running(
+        &mut client,
+        authed(run_request("sleep", serde_json::json!({ "seconds": 60 }))),
+    )
+    .await;
     child.kill().await.unwrap();
     let status = loop {
         match stream.message().await {

@@ -190,18 +190,11 @@ async fn failing_function_reports_its_message_and_cleans_up() {
 async fn dropping_the_stream_cancels_the_function_and_removes_the_workspace() {
     let stack = Stack::start().await;
     let mut client = stack.client().await;
-    let mut stream = client
-        .run(authed(run_request("sleep", serde_json::json!({ "seconds": 60 }))))
-        .await
-        .unwrap()
-        .into_inner();
-    // Wait until the function is running and has reported progress.
-    loop {
-        let msg = stream.message().await.unwrap().expect("stream open");
-        if matches!(msg.event, Some(Event::RuntimeProgress(_))) {
-            break;
-        }
-    }
+    let stream = start_until_running(
+        &mut client,
+        authed(run_request("sleep", serde_json::json!({ "seconds": 60 }))),
+    )
+    .await;
     assert_eq!(stack.workspaces().len(), 1);
     assert_eq!(stack.runtime_active.load(std::sync::atomic::Ordering::SeqCst), 1);
     drop(stream);

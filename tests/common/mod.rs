@@ -383,3 +383,18 @@ pub fn text(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Starts `req` and reads its stream until the function reports progress,
+/// so that the caller knows the runtime is at work.
+pub async fn start_until_running(
+    client: &mut GatewayClient<Channel>,
+    req: Request<proto::RunRequest>,
+) -> tonic::Streaming<proto::RunEvent> {
+    let mut stream = client.run(req).await.expect("run accepted").into_inner();
+    loop {
+        let msg = stream.message().await.expect("stream ok").expect("stream open");
+        if matches!(msg.event, Some(Event::RuntimeProgress(_))) {
+            return stream;
+        }
+    }
+}
