@@ -208,7 +208,16 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         None => None,
     };
     match &capture {
-        Some(path) => cmd.stdout(tokio::fs::File::create(path).await?.into_std().await),
+        // create_new: never through a symlink planted at the output path.
+        Some(path) => cmd.stdout(
+            tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .await?
+                .into_std()
+                .await,
+        ),
         None => cmd.stdout(Stdio::piped()),
     };
     let mut child = cmd
