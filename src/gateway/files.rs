@@ -56,7 +56,7 @@ pub async fn put_file(
         stream,
         pending: BytesMut::new(),
         received: 0,
-        limit: header.size,
+        limit: Some(header.size.unwrap_or(state.max_input_bytes)),
         fault: Arc::clone(&fault),
     };
     let uploaded = storage::upload::upload_from(&state.s3, source, header.size, &dest, &mut |_| {}).await;

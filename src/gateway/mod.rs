@@ -376,7 +376,9 @@ pub async fn serve(
     let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
         .await?
         .add_service(service);
-    let served = crate::server::serve_router(router, listener, shutdown).await;
+    let served = crate::server::serve_router(router, listener, shutdown.clone()).await;
+    // However serving ended, start the grace-then-stop path.
+    shutdown.cancel();
     // Runs may outlive their connections (detached ones): let them finish
     // within the grace period, then cancel them and wait for their cleanup.
     // (`stop` is cancelled by the grace timer above.)

@@ -57,7 +57,11 @@ async fn single_stream(
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
     let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let expected_md5 = info.etag.as_deref().and_then(md5_of_etag);
+    let expected_md5 = info
+        .etag
+        .as_deref()
+        .filter(|_| info.etag_is_md5)
+        .and_then(md5_of_etag);
     let writer = spawn_writer(file, rx, expected_md5.is_some());
     let fetched = fetch(client, url, info, tx, progress).await;
     // The sender is dropped by now, so the writer drains and finishes.

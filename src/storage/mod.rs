@@ -22,6 +22,9 @@ pub struct ObjectInfo {
     pub size: u64,
     /// Entity tag, used to pin resumed reads to the same version.
     pub etag: Option<String>,
+    /// Whether a plain entity tag is the object's MD5 (false for SSE-KMS
+    /// and SSE-C objects, whose tags are not).
+    pub etag_is_md5: bool,
 }
 
 /// The outcome of a completed transfer.
@@ -50,8 +53,13 @@ pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo
             op: "HeadObject",
             detail: "the store sent no valid Content-Length".into(),
         })?;
+    let kms = out
+        .server_side_encryption()
+        .is_some_and(|e| e.as_str() != "AES256");
+    let etag_is_md5 = !kms && out.sse_customer_algorithm().is_none();
     Ok(ObjectInfo {
         size,
         etag: out.e_tag,
+        etag_is_md5,
     })
 }

@@ -57,7 +57,11 @@ pub async fn download(
     .map_err(io)?;
     let file = Arc::new(file);
     let ranges = size.div_ceil(RANGE_SIZE);
-    let expected_md5 = info.etag.as_deref().and_then(md5_of_etag);
+    let expected_md5 = info
+        .etag
+        .as_deref()
+        .filter(|_| info.etag_is_md5)
+        .and_then(md5_of_etag);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
     let hasher = spawn_hasher(Arc::clone(&file), size, done_rx, expected_md5.is_some());
 

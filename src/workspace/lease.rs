@@ -66,8 +66,12 @@ pub async fn read(dir: &Path) -> Option<Lease> {
         use std::{io::Read, os::unix::fs::OpenOptionsExt};
         let mut file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
             .open(path)?;
+        // A FIFO or device planted as the lease is not a lease.
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
         let mut body = Vec::new();
         file.by_ref().take(4096).read_to_end(&mut body)?;
         Ok::<_, std::io::Error>(body)
