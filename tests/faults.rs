@@ -86,12 +86,7 @@ async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
 async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
     const SIZE: usize = 300 << 20;
     let stack = Stack::start().await;
-    let block = text(1 << 20, 31);
-    let mut data = Vec::with_capacity(SIZE);
-    for i in 0..(SIZE >> 20) as u64 {
-        data.extend_from_slice(&i.to_le_bytes());
-        data.extend_from_slice(&block[8..]);
-    }
+    let data = big_text(SIZE >> 20, 31);
     let expected = hex::encode(Sha256::digest(&data));
     let url = stack.put_input("faults/ranged.bin", data).await;
     let (mut gateway, mut client) = stack.gateway_process().await;

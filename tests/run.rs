@@ -209,12 +209,7 @@ async fn sha256_of_256_mib_streams_through_a_gateway_of_bounded_memory() {
     const SIZE: usize = 256 << 20;
     let stack = Stack::start().await;
     // 256 MiB whose 1 MiB blocks all differ.
-    let block = text(1 << 20, 9);
-    let mut input = Vec::with_capacity(SIZE);
-    for i in 0..(SIZE >> 20) as u64 {
-        input.extend_from_slice(&i.to_le_bytes());
-        input.extend_from_slice(&block[8..]);
-    }
+    let input = big_text(SIZE >> 20, 9);
     let expected = hex::encode(Sha256::digest(&input));
     let url = stack.put_input("big/blob.bin", input).await;
 

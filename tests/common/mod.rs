@@ -398,3 +398,15 @@ pub async fn start_until_running(
         }
     }
 }
+
+/// `mib` MiB of text made of 1 MiB blocks that all differ (each starts with
+/// its index), cheap to build for big inputs.
+pub fn big_text(mib: usize, seed: u64) -> Vec<u8> {
+    let block = text(1 << 20, seed);
+    let mut data = Vec::with_capacity(mib << 20);
+    for i in 0..mib as u64 {
+        data.extend_from_slice(&i.to_le_bytes());
+        data.extend_from_slice(&block[8..]);
+    }
+    data
+}
