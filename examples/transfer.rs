@@ -46,14 +46,14 @@ async fn main() -> Result<(), Error> {
             let info = storage::head(&client, &url).await?;
             let file = create(dest.as_ref())?;
             let done = storage::download(&client, &url, &info, file, &mut |_| {}).await?;
-            format!("{} bytes sha256 {}", done.size, done.sha256)
+            format!("{} bytes crc64nvme {}", done.size, done.checksum())
         }
         ("put", [src, url]) => {
             let url = storage::S3Url::parse(url)?;
             let file = std::fs::File::open(src)?;
             let size = file.metadata()?.len();
             let done = storage::upload(&client, file, size, &url, &mut |_| {}).await?;
-            format!("{} bytes sha256 {}", done.size, done.sha256)
+            format!("{} bytes crc64nvme {}", done.size, done.checksum())
         }
         ("get-many", [prefix, count, dir]) => {
             let count: usize = count.parse()?;

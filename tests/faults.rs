@@ -15,10 +15,20 @@ fn s3_addr(stack: &Stack) -> std::net::SocketAddr {
     stack.s3_endpoint.trim_start_matches("http://").parse().unwrap()
 }
 
+/// How the input object is stored.
+#[derive(Clone, Copy, PartialEq)]
+enum Stored {
+    /// A plain PUT: the store has its MD5 as ETag, no CRC.
+    Plain,
+    /// A PUT with its CRC-64/NVME, which the store checked and keeps.
+    WithChecksum,
+}
+
 /// Runs sha256 on a `mib` MiB object through a gateway whose S3 traffic
 /// passes a proxy injecting `fault`.
 async fn run_through(
     mib: usize,
+    stored: Stored,
     fault: Fault,
 ) -> (
     Stack,
@@ -29,7 +39,26 @@ async fn run_through(
     let stack = Stack::start().await;
     let data = text(mib << 20, mib as u64);
     let expected = hex::encode(Sha256::digest(&data));
-    let url = stack.put_input(&format!("faults/{mib}.bin"), data).await;
+    let key = format!("faults/{mib}.bin");
+    let url = match stored {
+        Stored::Plain => stack.put_input(&key, data).await,
+        Stored::WithChecksum => {
+            let checksum = crc64nvme(&data);
+            stack
+                .s3
+                .put_object()
+                .bucket(INPUT_BUCKET)
+                .key(&key)
+                .checksum_crc64_nvme(&checksum)
+                .body(data.into())
+                .send()
+                .await
+                .expect("put input");
+            let url = format!("s3://{INPUT_BUCKET}/{key}");
+            assert_eq!(stack.stored_checksum(&url).await, Some(checksum));
+            url
+        }
+    };
     let proxy = Proxy::start(s3_addr(&stack), fault).await;
     let (mut gateway, mut client) = stack
         .gateway_process_via(&format!("http://{}", proxy.addr), &[], None)
@@ -45,9 +74,10 @@ async fn run_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
-    // 24 MiB comes in one streamed GET, 48 MiB in 16 MiB ranges.
+    // Both come in 8 MiB ranges (their ETags are MD5s, checked in order).
     for mib in [24, 48] {
-        let (stack, result, expected, fired) = run_through(mib, Fault::CutAfter(10 << 20)).await;
+        let (stack, result, expected, fired) =
+            run_through(mib, Stored::Plain, Fault::CutAfter(5 << 20)).await;
         assert!(fired, "{mib} MiB: the proxy never cut the connection");
         let events = result.unwrap_or_else(|s| panic!("{mib} MiB: the download did not resume: {s:?}"));
         assert_eq!(
@@ -61,16 +91,20 @@ async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
-    for mib in [24, 48] {
-        let (stack, result, _, fired) = run_through(mib, Fault::FlipAt(5 << 20)).await;
+    // The MD5 ETag catches it in one GET and in ranges; the store's CRC
+    // catches it first when the store has one.
+    let cases = [
+        (24, Stored::Plain, "MD5 checksum mismatch"),
+        (48, Stored::Plain, "MD5 checksum mismatch"),
+        (12, Stored::WithChecksum, "CRC-64/NVME checksum mismatch"),
+        (40, Stored::WithChecksum, "CRC-64/NVME checksum mismatch"),
+    ];
+    for (mib, stored, complaint) in cases {
+        let (stack, result, _, fired) = run_through(mib, stored, Fault::FlipAt(5 << 20)).await;
         assert!(fired, "{mib} MiB: the proxy never flipped a byte");
         let status = result.expect_err("corruption must fail the run");
         assert_eq!(status.code(), Code::DataLoss, "{mib} MiB: {status:?}");
-        assert!(
-            status.message().contains("MD5 checksum mismatch"),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().contains(complaint), "{}", status.message());
         assert!(
             status
                 .message()
@@ -88,6 +122,7 @@ async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
     let stack = Stack::start().await;
     let data = big_text(SIZE >> 20, 31);
     let expected = hex::encode(Sha256::digest(&data));
+    let checksum = crc64nvme(&data);
     let url = stack.put_input("faults/ranged.bin", data).await;
     let (mut gateway, mut client) = stack.gateway_process().await;
     let events = run_to_end(
@@ -104,8 +139,8 @@ async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
         })
         .unwrap();
     assert_eq!(
-        (staged.size, staged.sha256.as_str()),
-        (SIZE as u64, expected.as_str())
+        (staged.size, staged.crc64nvme.as_str()),
+        (SIZE as u64, checksum.as_str())
     );
     // The function read the staged file and agrees.
     assert_eq!(call_outputs(&events)["sha256"], serde_json::json!(expected));

@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use prefab::proto::{self, put_file_request::Msg};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -39,25 +38,25 @@ async fn a_200_mib_file_round_trips_with_bounded_gateway_memory() {
 
     let (tx, rx) = mpsc::channel(4);
     let sender = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
+        let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
         tx.send(header("../../etc/big file.bin", Some(MIB << 20)))
             .await
             .unwrap();
         for i in 0..MIB {
             let b = block(i);
-            hasher.update(&b);
+            crc.update(&b);
             tx.send(chunk(b)).await.unwrap();
         }
-        hex::encode(hasher.finalize())
+        aws_smithy_types::base64::encode(crc.finalize().to_be_bytes())
     });
     let stored = client
         .put_file(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    let sent_sha = sender.await.unwrap();
+    let sent_crc = sender.await.unwrap();
     assert_eq!(stored.size, MIB << 20);
-    assert_eq!(stored.sha256, sent_sha);
+    assert_eq!(stored.crc64nvme, sent_crc);
     assert!(
         stored.url.starts_with(&format!("s3://{BUCKET}/uploads/")),
         "{}",
@@ -74,17 +73,21 @@ async fn a_200_mib_file_round_trips_with_bounded_gateway_memory() {
         .await
         .unwrap()
         .into_inner();
-    let (mut hasher, mut received, mut chunks) = (Sha256::new(), 0u64, 0);
+    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let (mut received, mut chunks) = (0u64, 0);
     while let Some(c) = stream.message().await.unwrap() {
         assert_eq!(c.offset, received);
         assert!(c.data.len() <= 1 << 20);
-        hasher.update(&c.data);
+        crc.update(&c.data);
         received += c.data.len() as u64;
         chunks += 1;
     }
     assert_eq!(received, MIB << 20);
     assert!(chunks >= MIB, "{chunks} chunks");
-    assert_eq!(hex::encode(hasher.finalize()), sent_sha);
+    assert_eq!(
+        aws_smithy_types::base64::encode(crc.finalize().to_be_bytes()),
+        sent_crc
+    );
 
     // A byte range.
     let mut stream = client
@@ -174,4 +177,20 @@ async fn a_short_upload_is_refused_and_removed() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_carries_its_checksum_for_the_store_to_check() {
+    let stack = Stack::start().await;
+    let mut client = stack.client().await;
+    let data = text(3 << 20, 9);
+    let requests = [header("notes.txt", Some(data.len() as u64)), chunk(data.clone())];
+    let stored = client
+        .put_file(authed(tokio_stream::iter(requests)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.crc64nvme, crc64nvme(&data));
+    // The store verified the checksum sent with the PUT and keeps it.
+    assert_eq!(stack.stored_checksum(&stored.url).await, Some(crc64nvme(&data)));
 }

@@ -112,7 +112,9 @@ pub async fn run(cli: Cli) -> u8 {
             client::put(&conn, &file, &mut render).await.map(|r| {
                 render.finish();
                 if render.is_json() {
-                    render.json_line(&serde_json::json!({"url": r.url, "size": r.size, "sha256": r.sha256}));
+                    render.json_line(
+                        &serde_json::json!({"url": r.url, "size": r.size, "crc64nvme": r.crc64nvme}),
+                    );
                 } else {
                     println!("{}", r.url);
                 }

@@ -148,10 +148,10 @@ impl Render {
             Event::Accepted(a) => self.note(&format!("accepted: request {}", a.request_id)),
             Event::Staging(p) => self.bytes(&format!("stage {}", p.parameter), p.bytes_done, p.bytes_total),
             Event::Staged(s) => self.note(&format!(
-                "staged {} ({}, sha256 {})",
+                "staged {} ({}, crc64nvme {})",
                 s.parameter,
                 mib(s.size),
-                s.sha256
+                s.crc64nvme
             )),
             Event::Invoking(i) => self.note(&format!(
                 "invoking {}@{} {}",
@@ -180,13 +180,13 @@ fn mib(bytes: u64) -> String {
 /// A Run event as JSON, with the proto's field names in lowerCamelCase.
 pub fn event_json(call_index: u32, event: &Event) -> Value {
     let transfer = |p: &proto::TransferProgress| json!({"parameter": p.parameter, "url": p.url, "bytesDone": p.bytes_done, "bytesTotal": p.bytes_total});
-    let uploaded = |u: &proto::OutputUploaded| json!({"parameter": u.parameter, "url": u.url, "size": u.size, "sha256": u.sha256});
+    let uploaded = |u: &proto::OutputUploaded| json!({"parameter": u.parameter, "url": u.url, "size": u.size, "crc64nvme": u.crc64nvme});
     let (kind, body) = match event {
         Event::Accepted(a) => ("accepted", json!({"requestId": a.request_id, "calls": a.calls})),
         Event::Staging(p) => ("staging", transfer(p)),
         Event::Staged(s) => (
             "staged",
-            json!({"parameter": s.parameter, "url": s.url, "path": s.path, "size": s.size, "sha256": s.sha256}),
+            json!({"parameter": s.parameter, "url": s.url, "path": s.path, "size": s.size, "crc64nvme": s.crc64nvme}),
         ),
         Event::Invoking(i) => (
             "invoking",

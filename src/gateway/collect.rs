@@ -85,7 +85,7 @@ pub async fn collect_outputs(
             parameter: out.param.clone(),
             url: url.clone(),
             size: done.size,
-            sha256: done.sha256,
+            crc64nvme: done.checksum(),
         };
         events.send(plan.index, Event::Uploaded(uploaded.clone())).await?;
         outputs.insert(out.param.clone(), Value::String(url));

@@ -86,7 +86,7 @@ pub async fn put_file(
     Ok(proto::FileRef {
         url: dest.to_string(),
         size: done.size,
-        sha256: done.sha256,
+        crc64nvme: done.checksum(),
     })
 }
 

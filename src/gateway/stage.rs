@@ -115,7 +115,7 @@ async fn stage_one(
         url,
         path: input.rel.clone(),
         size: done.size,
-        sha256: done.sha256,
+        crc64nvme: done.checksum(),
     };
     events.send(index, Event::Staged(staged)).await
 }

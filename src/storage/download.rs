@@ -1,37 +1,38 @@
-//! Streaming an object onto local disk: one GET streamed through a bounded
-//! channel to a blocking writer that hashes as it writes, resumed with a
-//! ranged GET after a transient failure. Memory is bounded by
-//! `WRITE_BATCH × WRITE_QUEUE`, whatever the object size.
+//! Streaming an object onto local disk. Small objects are gathered in
+//! memory and written by one blocking call; larger ones go through the
+//! ranged engine in [`super::ranged`]. Either way a GET that breaks resumes
+//! from the bytes already received, pinned to the same object version by
+//! `If-Match`.
 //!
-//! Integrity: the size is always checked; when the entity tag is a plain MD5
-//! (objects stored in one PUT), the MD5 of the bytes written is checked
-//! against it, so corruption on the way is an error, never a wrong file.
+//! Integrity: the size is always checked, and the CRC-64/NVME of the bytes
+//! received against the store's when it keeps one; when the entity tag is a
+//! plain MD5 (objects stored in one PUT), the MD5 too. Corruption on the way
+//! is an error, never a wrong file.
 
-use std::{fs::File, io::Write, time::Duration};
+use std::{fs::File, time::Duration};
 
-use bytes::{Bytes, BytesMut};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use md5::{Digest, Md5};
 
-use super::{ObjectInfo, S3Url, StorageError, Transfer};
+use super::{
+    Crc64, ObjectInfo, S3Url, StorageError, Transfer,
+    checksum::{Crc64Stream, to_base64},
+};
 
-/// Bytes gathered before one write to disk.
+/// Objects up to this size are gathered in memory and written at once.
+pub const SMALL_OBJECT: u64 = 1 << 20;
+/// Bytes a range gathers before handing them to the writer.
 pub const WRITE_BATCH: usize = 1 << 20;
-/// Batches queued between the network and the disk.
-const WRITE_QUEUE: usize = 4;
-/// Attempts per object, counting the first.
+/// Attempts per range, counting the first.
 const MAX_ATTEMPTS: u32 = 5;
 
 /// Downloads `url` (whose HEAD was `info`) into `file`, a new empty file
 /// opened for reading and writing, reporting the cumulative byte count to
 /// `progress` as it goes.
 ///
-/// Objects of [`RANGED_THRESHOLD`] bytes or more are fetched as parallel
-/// ranged GETs (see [`super::ranged`]), smaller ones as one streamed GET.
-/// Transient failures resume from the bytes already written, pinned to the
-/// same object version by `If-Match`. The result is verified to have exactly
-/// `info.size` bytes and, for single-part objects, their MD5. On error the
-/// partial file is left for the caller, who owns it, to remove.
+/// The result is verified to have exactly `info.size` bytes, the store's
+/// CRC-64/NVME if it has one, and, for single-part objects, their MD5. On error the partial file is left for the
+/// caller, who owns it, to remove.
 pub async fn download(
     client: &aws_sdk_s3::Client,
     url: &S3Url,
@@ -39,66 +40,220 @@ pub async fn download(
     file: File,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
-    if info.size >= RANGED_THRESHOLD {
-        super::ranged::download(client, url, info, file, progress).await
-    } else {
-        single_stream(client, url, info, file, progress).await
+    if info.size > SMALL_OBJECT {
+        return super::ranged::download(client, url, info, file, progress).await;
     }
+    let mut gathered = Vec::new();
+    if info.size > 0 {
+        fetch_range(&FetchSpec::new(client, url, info), 0, info.size, &mut gathered).await?;
+    }
+    let with_md5 = expected_md5(info).is_some();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut crc = Crc64Stream::default();
+        let mut md5 = with_md5.then(Md5::new);
+        for piece in &gathered {
+            super::ranged::write_all_at(&file, &piece.chunks, piece.offset)?;
+            for chunk in &piece.chunks {
+                crc.update(chunk);
+                md5.iter_mut().for_each(|m| m.update(chunk));
+            }
+        }
+        Ok::<_, std::io::Error>((crc.finish(), md5.map(|m| m.finalize().into())))
+    })
+    .await
+    .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
+    let (crc, md5) = written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
+    let transfer = verify(url, info, crc, md5)?;
+    progress(info.size);
+    Ok(transfer)
 }
 
-/// Objects at least this large are fetched with parallel ranged GETs.
-pub const RANGED_THRESHOLD: u64 = 32 << 20;
-
-async fn single_stream(
-    client: &aws_sdk_s3::Client,
+/// Checks what was received against what the store says of the object.
+pub(crate) fn verify(
     url: &S3Url,
     info: &ObjectInfo,
-    file: File,
-    progress: &mut (dyn FnMut(u64) + Send),
+    crc: Crc64,
+    md5: Option<[u8; 16]>,
 ) -> Result<Transfer, StorageError> {
-    let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let expected_md5 = info
-        .etag
-        .as_deref()
-        .filter(|_| info.etag_is_md5)
-        .and_then(md5_of_etag);
-    let writer = spawn_writer(file, rx, expected_md5.is_some());
-    let fetched = fetch(client, url, info, tx, progress).await;
-    // The sender is dropped by now, so the writer drains and finishes.
-    let written = writer
-        .await
-        .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
-    // A failed writer is the root cause of any send error the fetch saw.
-    let (size, sha256, md5) =
-        written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
-    fetched?;
-    verify_md5(url, expected_md5, md5)?;
-    if size != info.size {
-        return Err(StorageError::Integrity {
-            url: url.to_string(),
-            detail: format!("expected {} bytes, wrote {size}", info.size),
-        });
+    let mismatch = |detail: String| StorageError::Integrity {
+        url: url.to_string(),
+        detail,
+    };
+    if crc.len() != info.size {
+        return Err(mismatch(format!(
+            "expected {} bytes, received {}",
+            info.size,
+            crc.len()
+        )));
     }
-    Ok(Transfer { size, sha256 })
+    if let Some(expected) = info.crc64nvme.filter(|&e| e != crc.value()) {
+        return Err(mismatch(format!(
+            "CRC-64/NVME checksum mismatch: the store says {}, the bytes received give {}",
+            to_base64(expected),
+            to_base64(crc.value())
+        )));
+    }
+    if let (Some(expected), Some(got)) = (expected_md5(info), md5)
+        && expected != got
+    {
+        return Err(mismatch(format!(
+            "MD5 checksum mismatch: the store's ETag says {}, the bytes received hash to {}",
+            hex::encode(expected),
+            hex::encode(got)
+        )));
+    }
+    Ok(Transfer {
+        size: crc.len(),
+        crc64nvme: crc.value(),
+    })
 }
 
-/// Fails if the MD5 of the bytes written differs from the one expected.
-pub(crate) fn verify_md5(
-    url: &S3Url,
-    expected: Option<[u8; 16]>,
-    got: Option<[u8; 16]>,
-) -> Result<(), StorageError> {
-    match (expected, got) {
-        (Some(expected), Some(got)) if expected != got => Err(StorageError::Integrity {
-            url: url.to_string(),
-            detail: format!(
-                "MD5 checksum mismatch: the store's ETag says {}, the bytes received hash to {}",
-                hex::encode(expected),
-                hex::encode(got)
-            ),
-        }),
-        _ => Ok(()),
+/// A run of bytes received back to back, starting at `offset` in the
+/// object, within the range that starts at `range`.
+#[derive(Debug)]
+pub(crate) struct Piece {
+    pub range: u64,
+    pub offset: u64,
+    pub len: usize,
+    pub chunks: Vec<Bytes>,
+}
+
+impl Piece {
+    fn at(range: u64, offset: u64) -> Self {
+        Self {
+            range,
+            offset,
+            len: 0,
+            chunks: Vec::new(),
+        }
     }
+}
+
+/// Where a range delivers its pieces.
+pub(crate) trait PieceSink: Send {
+    /// Takes a piece, waiting while the consumer is busy.
+    fn put(&mut self, piece: Piece) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+impl PieceSink for Vec<Piece> {
+    async fn put(&mut self, piece: Piece) -> Result<(), StorageError> {
+        self.push(piece);
+        Ok(())
+    }
+}
+
+/// What every ranged GET of one object shares.
+#[derive(Debug, Clone)]
+pub(crate) struct FetchSpec {
+    client: aws_sdk_s3::Client,
+    url: S3Url,
+    etag: Option<String>,
+}
+
+impl FetchSpec {
+    pub fn new(client: &aws_sdk_s3::Client, url: &S3Url, info: &ObjectInfo) -> Self {
+        Self {
+            client: client.clone(),
+            url: url.clone(),
+            etag: info.etag.clone(),
+        }
+    }
+}
+
+/// Fetches bytes `[start, end)` into `sink`, resuming after transient
+/// failures from the last byte delivered.
+pub(crate) async fn fetch_range(
+    spec: &FetchSpec,
+    start: u64,
+    end: u64,
+    sink: &mut impl PieceSink,
+) -> Result<(), StorageError> {
+    let mut pos = start;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match fetch_from(spec, start, pos, end, sink).await {
+            Ok(reached) if reached == end => return Ok(()),
+            Ok(reached) => pos = reached, // the body ended early: resume
+            Err((reached, e)) if e.is_transient() && attempt < MAX_ATTEMPTS => {
+                tracing::warn!(url = %spec.url, offset = reached, attempt, error = %e, "download interrupted, resuming");
+                pos = reached;
+            }
+            Err((_, e)) => return Err(e),
+        }
+        if attempt >= MAX_ATTEMPTS {
+            return Err(StorageError::Unavailable {
+                url: spec.url.to_string(),
+                op: "GetObject",
+                detail: format!("gave up after {MAX_ATTEMPTS} attempts at byte {pos}"),
+            });
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+    }
+}
+
+/// One GET of `[pos, end)` of the range starting at `range`; returns the
+/// offset delivered up to, with the error if any.
+async fn fetch_from(
+    spec: &FetchSpec,
+    range: u64,
+    mut pos: u64,
+    end: u64,
+    sink: &mut impl PieceSink,
+) -> Result<u64, (u64, StorageError)> {
+    let url = &spec.url;
+    let resp = spec
+        .client
+        .get_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .range(format!("bytes={pos}-{}", end - 1))
+        .set_if_match(spec.etag.clone())
+        .send()
+        .await
+        .map_err(|e| (pos, StorageError::from_sdk(url, "GetObject", e)))?;
+    let mut body = resp.body;
+    let mut piece = Piece::at(range, pos);
+    loop {
+        let (chunk, failed) = match body.try_next().await {
+            Ok(chunk) => (chunk, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let done = chunk.is_none();
+        if let Some(chunk) = chunk {
+            if pos + (piece.len + chunk.len()) as u64 > end {
+                let detail = "the store sent more bytes than the range asked for".to_owned();
+                let url = url.to_string();
+                return Err((pos, StorageError::Integrity { url, detail }));
+            }
+            piece.len += chunk.len();
+            piece.chunks.push(chunk);
+        }
+        // Deliver what arrived intact, including before a cut.
+        if piece.len >= WRITE_BATCH || (done && piece.len > 0) {
+            let next = pos + piece.len as u64;
+            let full = std::mem::replace(&mut piece, Piece::at(range, next));
+            sink.put(full).await.map_err(|e| (pos, e))?;
+            pos = next;
+        }
+        if let Some(detail) = failed {
+            let url = url.to_string();
+            let op = "GetObject";
+            return Err((pos, StorageError::Unavailable { url, op, detail }));
+        }
+        if done {
+            return Ok(pos);
+        }
+    }
+}
+
+/// The MD5 to check a download against: the entity tag of a single-part,
+/// unencrypted (or SSE-S3) object.
+pub(crate) fn expected_md5(info: &ObjectInfo) -> Option<[u8; 16]> {
+    info.etag
+        .as_deref()
+        .filter(|_| info.etag_is_md5)
+        .and_then(md5_of_etag)
 }
 
 /// The MD5 an entity tag stands for, if it is a plain (single-part) one.
@@ -107,144 +262,6 @@ pub(crate) fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
     let mut out = [0u8; 16];
     hex::decode_to_slice(hex_digits, &mut out).ok()?;
     Some(out)
-}
-
-type WriterResult = std::io::Result<(u64, String, Option<[u8; 16]>)>;
-
-fn spawn_writer(
-    mut file: File,
-    mut rx: mpsc::Receiver<Bytes>,
-    with_md5: bool,
-) -> tokio::task::JoinHandle<WriterResult> {
-    tokio::task::spawn_blocking(move || {
-        let mut hasher = Sha256::new();
-        let mut md5 = with_md5.then(<md5::Md5 as md5::Digest>::new);
-        let mut size = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
-            hasher.update(&batch);
-            if let Some(m) = &mut md5 {
-                md5::Digest::update(m, &batch);
-            }
-            file.write_all(&batch)?;
-            size += batch.len() as u64;
-        }
-        file.flush()?;
-        let md5 = md5.map(|m| md5::Digest::finalize(m).into());
-        Ok((size, hex::encode(hasher.finalize()), md5))
-    })
-}
-
-async fn fetch(
-    client: &aws_sdk_s3::Client,
-    url: &S3Url,
-    info: &ObjectInfo,
-    tx: mpsc::Sender<Bytes>,
-    progress: &mut (dyn FnMut(u64) + Send),
-) -> Result<(), StorageError> {
-    let mut offset = 0u64;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match fetch_from(client, url, info, offset, &tx, progress).await {
-            Ok(end) if end == info.size => return Ok(()),
-            Ok(end) if end > info.size => {
-                return Err(StorageError::Integrity {
-                    url: url.to_string(),
-                    detail: format!("object grew past its advertised {} bytes", info.size),
-                });
-            }
-            // A body that ended early is a cut connection: resume.
-            Ok(end) => offset = end,
-            Err((end, e)) if e.is_transient() && attempt < MAX_ATTEMPTS => {
-                tracing::warn!(%url, offset = end, attempt, error = %e, "download interrupted, resuming");
-                offset = end;
-            }
-            Err((_, e)) => return Err(e),
-        }
-        if attempt >= MAX_ATTEMPTS {
-            return Err(StorageError::Unavailable {
-                url: url.to_string(),
-                op: "GetObject",
-                detail: format!("gave up after {MAX_ATTEMPTS} attempts at byte {offset}"),
-            });
-        }
-        tokio::time::sleep(backoff(attempt)).await;
-    }
-}
-
-/// One GET from `offset`; returns the offset reached, with the error if any.
-async fn fetch_from(
-    client: &aws_sdk_s3::Client,
-    url: &S3Url,
-    info: &ObjectInfo,
-    mut offset: u64,
-    tx: &mpsc::Sender<Bytes>,
-    progress: &mut (dyn FnMut(u64) + Send),
-) -> Result<u64, (u64, StorageError)> {
-    if info.size == 0 {
-        return Ok(0);
-    }
-    let mut req = client
-        .get_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .range(format!("bytes={offset}-"));
-    if let Some(etag) = &info.etag {
-        req = req.if_match(etag);
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| (offset, StorageError::from_sdk(url, "GetObject", e)))?;
-    let mut body = resp.body;
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-    let cut = |offset, e: &dyn std::fmt::Display| {
-        (
-            offset,
-            StorageError::Unavailable {
-                url: url.to_string(),
-                op: "GetObject",
-                detail: e.to_string(),
-            },
-        )
-    };
-    loop {
-        let next = body.try_next().await;
-        let chunk = match next {
-            Ok(Some(chunk)) => Some(chunk),
-            Ok(None) => None,
-            Err(e) => {
-                // Keep what arrived intact before the cut.
-                let flushed = offset + batch.len() as u64;
-                flush(&mut batch, tx).await.map_err(|e| (offset, e))?;
-                progress(flushed);
-                return Err(cut(flushed, &e));
-            }
-        };
-        let done = chunk.is_none();
-        if let Some(chunk) = chunk {
-            batch.extend_from_slice(&chunk);
-        }
-        if batch.len() >= WRITE_BATCH || (done && !batch.is_empty()) {
-            offset += batch.len() as u64;
-            flush(&mut batch, tx).await.map_err(|e| (offset, e))?;
-            progress(offset);
-        }
-        if done {
-            return Ok(offset);
-        }
-    }
-}
-
-async fn flush(batch: &mut BytesMut, tx: &mpsc::Sender<Bytes>) -> Result<(), StorageError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let full = std::mem::replace(batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
-    tx.send(full).await.map_err(|_| StorageError::Io {
-        path: "download writer".into(),
-        source: std::io::Error::other("the file writer stopped early"),
-    })
 }
 
 /// Exponential backoff with jitter: about 200 ms, 400 ms, 800 ms, … capped at 5 s.

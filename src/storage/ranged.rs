@@ -1,44 +1,60 @@
-//! Parallel ranged downloads of large objects: the object is split into
-//! ranges fetched by several GETs at once (with a global limit across all
-//! downloads), each written at its offset into a preallocated file. A
-//! hashing thread follows the contiguous prefix of finished ranges, reading
-//! them back (from the page cache) to compute SHA-256 and, for single-part
-//! objects, the MD5 to check against the ETag. Memory is bounded by
-//! ranges in flight × one write batch, whatever the object size.
+//! The download engine for objects above [`SMALL_OBJECT`]: ranged GETs,
+//! several at once for large objects (with a global limit across all
+//! downloads), whose bytes go to one writer thread. It writes each piece at
+//! its offset into the preallocated file and joins the pieces' CRC-64/NVME
+//! checksums in file order; no byte is copied in user space or read back.
+//!
+//! Checking an MD5 entity tag needs the bytes themselves in order: then the
+//! writer passes them to an MD5 thread, and a range may only start within
+//! [`WINDOW`] small ranges of the first byte not yet hashed, so at most
+//! 32 MiB wait, whatever the object size.
+//!
+//! [`SMALL_OBJECT`]: super::download::SMALL_OBJECT
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     fs::File,
-    os::unix::fs::FileExt,
+    io::IoSlice,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
+        mpsc as std_mpsc,
     },
 };
 
-use bytes::BytesMut;
-use sha2::{Digest, Sha256};
+use bytes::Bytes;
+use md5::{Digest, Md5};
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{Semaphore, mpsc, watch},
     task::JoinSet,
 };
 
 use super::{
-    ObjectInfo, S3Url, StorageError, Transfer,
-    download::{WRITE_BATCH, backoff, md5_of_etag, verify_md5},
+    Crc64, ObjectInfo, S3Url, StorageError, Transfer,
+    checksum::Crc64Stream,
+    download::{FetchSpec, Piece, PieceSink, expected_md5, fetch_range, verify},
 };
 
-/// Bytes per ranged GET.
-pub const RANGE_SIZE: u64 = 16 << 20;
+/// Objects at least this large are split into ranges.
+pub const RANGED_THRESHOLD: u64 = 32 << 20;
+/// Bytes per ranged GET: enough ranges to keep several in flight for
+/// mid-sized objects, few enough requests for large ones.
+const RANGE_SIZES: std::ops::RangeInclusive<u64> = (8 << 20)..=(32 << 20);
 /// Ranges of one object in flight.
 const RANGES_PER_OBJECT: usize = 4;
+/// With an MD5 to check, how many ranges ahead of the first byte not yet
+/// hashed a range may start; those ranges are the smallest size, so at most
+/// 4 × 8 MiB wait to be hashed.
+const WINDOW: u64 = 4;
 /// Ranges in flight across every download of the process.
 static RANGE_PERMITS: Semaphore = Semaphore::const_new(16);
-/// Attempts per range, counting the first.
-const MAX_ATTEMPTS: u32 = 5;
+/// Pieces queued between the network and the writer thread.
+const PIECE_QUEUE: usize = 8;
+/// Pieces queued for the MD5 thread.
+const MD5_QUEUE: usize = 4;
 
-/// Downloads `url` into `file` (new, empty, open for reading and writing)
-/// with parallel ranged GETs.
+/// Downloads `url` (`info.size` > 0 bytes) into `file`, a new empty file
+/// open for reading and writing.
 pub async fn download(
     client: &aws_sdk_s3::Client,
     url: &S3Url,
@@ -48,200 +64,197 @@ pub async fn download(
 ) -> Result<Transfer, StorageError> {
     let io = |e: std::io::Error| StorageError::io(format!("the file staged from {url}"), e);
     let size = info.size;
-    let file = tokio::task::spawn_blocking(move || {
-        file.set_len(size)?;
-        Ok::<_, std::io::Error>(file)
-    })
-    .await
-    .map_err(|e| io(std::io::Error::other(e)))?
-    .map_err(io)?;
-    let file = Arc::new(file);
-    let ranges = size.div_ceil(RANGE_SIZE);
-    let expected_md5 = info
-        .etag
-        .as_deref()
-        .filter(|_| info.etag_is_md5)
-        .and_then(md5_of_etag);
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
-    let hasher = spawn_hasher(Arc::clone(&file), size, done_rx, expected_md5.is_some());
+    let with_md5 = expected_md5(info).is_some();
+    let range_size = match with_md5 {
+        true => range_size(size).min(*RANGE_SIZES.start()),
+        false => range_size(size),
+    };
+    let ranges = size.div_ceil(range_size);
 
-    let written = Arc::new(AtomicU64::new(0));
+    let (pieces, piece_rx) = mpsc::channel::<Piece>(PIECE_QUEUE);
+    let (hashed_tx, mut hashed) = watch::channel(0u64);
+    let writer = tokio::task::spawn_blocking(move || {
+        file.set_len(size)?;
+        write_all(&file, piece_rx, &hashed_tx, with_md5)
+    });
+
+    let spec = FetchSpec::new(client, url, info);
+    let received = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     let mut next = 0u64;
     let mut result = Ok(());
-    while next < ranges || !tasks.is_empty() {
-        if next < ranges && tasks.len() < RANGES_PER_OBJECT {
-            let start = next * RANGE_SIZE;
-            let end = (start + RANGE_SIZE).min(size);
-            let job = Range {
-                client: client.clone(),
-                url: url.clone(),
-                etag: info.etag.clone(),
-                file: Arc::clone(&file),
-                written: Arc::clone(&written),
+    loop {
+        let window_end = match with_md5 {
+            true => *hashed.borrow() / range_size + WINDOW,
+            false => u64::MAX,
+        };
+        if next < ranges && next < window_end && tasks.len() < RANGES_PER_OBJECT {
+            let start = next * range_size;
+            let end = (start + range_size).min(size);
+            let (spec, received) = (spec.clone(), Arc::clone(&received));
+            let mut sink = ChannelSink {
+                pieces: pieces.clone(),
+                received,
             };
-            let index = next;
             tasks.spawn(async move {
                 let _permit = RANGE_PERMITS.acquire().await.expect("never closed");
-                job.fetch(start, end).await.map(|()| index)
+                fetch_range(&spec, start, end, &mut sink).await
             });
             next += 1;
             continue;
         }
-        let finished = tasks.join_next().await.expect("a range is in flight");
-        match finished.map_err(|e| io(std::io::Error::other(e))).and_then(|r| r) {
-            Ok(index) => {
-                // The hasher only stops early if its file read failed; the
-                // join below reports that.
-                let _ = done_tx.send(index);
-                progress(written.load(Ordering::Relaxed));
+        if next == ranges && tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = finished.map_err(|e| io(std::io::Error::other(e))).and_then(|r| r) {
+                    result = Err(e);
+                    break;
+                }
             }
-            Err(e) => {
-                result = Err(e);
-                break;
+            changed = hashed.changed() => {
+                // The writer only stops early when it failed; its join says why.
+                if changed.is_err() {
+                    break;
+                }
+                progress(received.load(Ordering::Relaxed));
             }
         }
     }
     tasks.abort_all();
-    drop(done_tx);
-    let hashed = hasher.await.map_err(|e| io(std::io::Error::other(e)))?;
+    drop(pieces);
+    let written = writer.await.map_err(|e| io(std::io::Error::other(e)))?;
+    // A failed writer is the root cause of anything the ranges saw.
+    let (crc, md5) = written.map_err(io)?;
     result?;
-    let (sha256, md5) = hashed.map_err(io)?;
-    verify_md5(url, expected_md5, md5)?;
-    Ok(Transfer { size, sha256 })
+    let transfer = verify(url, info, crc, md5)?;
+    progress(size);
+    Ok(transfer)
 }
 
-struct Range {
-    client: aws_sdk_s3::Client,
-    url: S3Url,
-    etag: Option<String>,
-    file: Arc<File>,
-    written: Arc<AtomicU64>,
-}
-
-impl Range {
-    /// Fetches bytes `[start, end)`, resuming after transient failures.
-    async fn fetch(&self, start: u64, end: u64) -> Result<(), StorageError> {
-        let mut pos = start;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.fetch_from(pos, end).await {
-                Ok(reached) if reached == end => return Ok(()),
-                Ok(reached) => pos = reached, // cut short: resume
-                Err((reached, e)) if e.is_transient() && attempt < MAX_ATTEMPTS => {
-                    tracing::warn!(url = %self.url, offset = reached, attempt, error = %e, "range interrupted, resuming");
-                    pos = reached;
-                }
-                Err((_, e)) => return Err(e),
-            }
-            if attempt >= MAX_ATTEMPTS {
-                return Err(StorageError::Unavailable {
-                    url: self.url.to_string(),
-                    op: "GetObject",
-                    detail: format!("gave up after {MAX_ATTEMPTS} attempts at byte {pos}"),
-                });
-            }
-            tokio::time::sleep(backoff(attempt)).await;
-        }
+/// The size of the ranges `size` bytes are fetched in: the whole object
+/// below [`RANGED_THRESHOLD`], else about a sixteenth of it within
+/// [`RANGE_SIZES`].
+pub fn range_size(size: u64) -> u64 {
+    if size < RANGED_THRESHOLD {
+        return size;
     }
+    (size / 16).clamp(*RANGE_SIZES.start(), *RANGE_SIZES.end())
+}
 
-    async fn fetch_from(&self, mut pos: u64, end: u64) -> Result<u64, (u64, StorageError)> {
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(self.url.bucket())
-            .key(self.url.key())
-            .range(format!("bytes={pos}-{}", end - 1));
-        if let Some(etag) = &self.etag {
-            req = req.if_match(etag);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| (pos, StorageError::from_sdk(&self.url, "GetObject", e)))?;
-        let mut body = resp.body;
-        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-        loop {
-            let next = body.try_next().await;
-            let (chunk, failed) = match next {
-                Ok(chunk) => (chunk, None),
-                Err(e) => (None, Some(e.to_string())),
-            };
-            if let Some(chunk) = &chunk {
-                if pos + (batch.len() + chunk.len()) as u64 > end {
-                    let detail = "the store sent more bytes than the range asked for".to_owned();
-                    return Err((
-                        pos,
-                        StorageError::Integrity {
-                            url: self.url.to_string(),
-                            detail,
-                        },
-                    ));
-                }
-                batch.extend_from_slice(chunk);
-            }
-            if batch.len() >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
-                let data = std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH)).freeze();
-                let (file, at, len) = (Arc::clone(&self.file), pos, data.len() as u64);
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(|e| (pos, StorageError::io("the staged file", e)))?;
-                pos += len;
-                self.written.fetch_add(len, Ordering::Relaxed);
-            }
-            if let Some(detail) = failed {
-                let op = "GetObject";
-                return Err((
-                    pos,
-                    StorageError::Unavailable {
-                        url: self.url.to_string(),
-                        op,
-                        detail,
-                    },
-                ));
-            }
-            if chunk.is_none() {
-                return Ok(pos);
-            }
-        }
+/// Hands a range's pieces to the writer thread.
+struct ChannelSink {
+    pieces: mpsc::Sender<Piece>,
+    received: Arc<AtomicU64>,
+}
+
+impl PieceSink for ChannelSink {
+    async fn put(&mut self, piece: Piece) -> Result<(), StorageError> {
+        let len = piece.len;
+        self.pieces.send(piece).await.map_err(|_| StorageError::Io {
+            path: "download writer".into(),
+            source: std::io::Error::other("the file writer stopped early"),
+        })?;
+        self.received.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
-type Hashes = std::io::Result<(String, Option<[u8; 16]>)>;
-
-/// Hashes the file's contiguous prefix of finished ranges as it grows.
-fn spawn_hasher(
-    file: Arc<File>,
-    size: u64,
-    mut done: mpsc::UnboundedReceiver<u64>,
+/// The writer thread: writes every piece at its offset and joins the
+/// pieces' checksums in file order (passing the bytes to an MD5 thread if
+/// wanted), publishing the length of the prefix done. Returns the checksum
+/// of that prefix, which covers the whole object unless a range failed.
+fn write_all(
+    file: &File,
+    mut pieces: mpsc::Receiver<Piece>,
+    done: &watch::Sender<u64>,
     with_md5: bool,
-) -> tokio::task::JoinHandle<Hashes> {
-    tokio::task::spawn_blocking(move || {
-        let mut sha = Sha256::new();
-        let mut md5 = with_md5.then(<md5::Md5 as md5::Digest>::new);
-        let mut finished = BTreeSet::new();
-        let mut next = 0u64;
-        let mut buf = vec![0u8; WRITE_BATCH];
-        while let Some(index) = done.blocking_recv() {
-            finished.insert(index);
-            while finished.remove(&next) {
-                let (mut at, end) = (next * RANGE_SIZE, ((next + 1) * RANGE_SIZE).min(size));
-                while at < end {
-                    let n = ((end - at) as usize).min(buf.len());
-                    file.read_exact_at(&mut buf[..n], at)?;
-                    sha.update(&buf[..n]);
-                    if let Some(m) = &mut md5 {
-                        md5::Digest::update(m, &buf[..n]);
-                    }
-                    at += n as u64;
+) -> std::io::Result<(Crc64, Option<[u8; 16]>)> {
+    std::thread::scope(|scope| {
+        let md5 = with_md5.then(|| {
+            let (tx, rx) = std_mpsc::sync_channel::<Vec<Bytes>>(MD5_QUEUE);
+            let thread = scope.spawn(move || {
+                let mut md5 = Md5::new();
+                for chunks in rx {
+                    chunks.iter().for_each(|c| md5.update(c));
                 }
-                next += 1;
+                <[u8; 16]>::from(md5.finalize())
+            });
+            (tx, thread)
+        });
+        // Each range's pieces arrive in order: one running checksum per range.
+        let mut ranges = BTreeMap::<u64, Crc64Stream>::new();
+        // Pieces past the contiguous prefix, with their bytes if MD5 wants them.
+        let mut waiting = BTreeMap::<u64, (usize, Vec<Bytes>)>::new();
+        let mut prefix = 0u64;
+        while let Some(piece) = pieces.blocking_recv() {
+            write_all_at(file, &piece.chunks, piece.offset)?;
+            let crc = ranges.entry(piece.range).or_default();
+            piece.chunks.iter().for_each(|c| crc.update(c));
+            let bytes = if md5.is_some() { piece.chunks } else { Vec::new() };
+            waiting.insert(piece.offset, (piece.len, bytes));
+            while let Some((len, bytes)) = waiting.remove(&prefix) {
+                prefix += len as u64;
+                if let Some((tx, _)) = &md5 {
+                    tx.send(bytes)
+                        .map_err(|_| std::io::Error::other("the MD5 thread stopped"))?;
+                }
+            }
+            done.send_replace(prefix);
+        }
+        // Join the ranges' checksums in order, as far as they are contiguous.
+        let mut crc = Crc64::default();
+        for (start, range) in &ranges {
+            if *start != crc.len() {
+                break;
+            }
+            crc = crc.then(range.finish());
+        }
+        let md5 = match md5 {
+            Some((tx, thread)) => {
+                drop(tx);
+                let digest = thread
+                    .join()
+                    .map_err(|_| std::io::Error::other("the MD5 thread panicked"))?;
+                Some(digest)
+            }
+            None => None,
+        };
+        Ok((crc, md5))
+    })
+}
+
+/// Writes `chunks` back to back at `offset` with as few system calls as the
+/// kernel allows.
+pub(crate) fn write_all_at(file: &File, chunks: &[Bytes], mut offset: u64) -> std::io::Result<()> {
+    /// Linux's limit on buffers per call.
+    const IOV_MAX: usize = 1024;
+    let mut rest: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).filter(|c| !c.is_empty()).collect();
+    let mut first = 0;
+    while first < rest.len() {
+        let slices: Vec<IoSlice<'_>> = rest[first..]
+            .iter()
+            .take(IOV_MAX)
+            .map(|c| IoSlice::new(c))
+            .collect();
+        let mut written = match rustix::io::pwritev(file, &slices, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += written as u64;
+        while written > 0 {
+            let head = rest[first];
+            if head.len() <= written {
+                written -= head.len();
+                first += 1;
+            } else {
+                rest[first] = &head[written..];
+                written = 0;
             }
         }
-        let md5 = md5.map(|m| md5::Digest::finalize(m).into());
-        Ok((hex::encode(sha.finalize()), md5))
-    })
+    }
+    Ok(())
 }

@@ -2,18 +2,23 @@
 //! several parts in flight for large ones. The multipart upload is owned by a
 //! guard that aborts it on every exit but completion, so a failure or a
 //! cancelled run never leaves an open upload behind.
+//!
+//! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
+//! upload is created as a full-object CRC-64/NVME one whose completion
+//! carries the whole file's checksum, so the store checks each byte it
+//! keeps. The payload itself is not hashed again for the signature
+//! (`UNSIGNED-PAYLOAD`): the checksums cover it at a fraction of the cost.
 
 use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
 
 use aws_sdk_s3::{
     primitives::ByteStream,
-    types::{CompletedMultipartUpload, CompletedPart},
+    types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
 use bytes::{Bytes, BytesMut};
-use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
-use super::{S3Url, StorageError, Transfer, download::backoff};
+use super::{Crc64, S3Url, StorageError, Transfer, checksum::to_base64, download::backoff};
 
 /// Files up to this size go up in a single PUT.
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
@@ -115,36 +120,40 @@ pub async fn upload_from(
         Some(size) => part_size(size),
         None => 2 * MIN_PART,
     } as usize;
-    let mut hasher = Sha256::new();
     let first = source.next_part(part).await?.unwrap_or_default();
-    hasher.update(&first);
     let second = if first.len() == part {
         source.next_part(part).await?
     } else {
         None
     };
     let Some(second) = second else {
-        let size = first.len() as u64;
+        let crc = checksum(&first).await.map_err(|e| StorageError::io(dest, e))?;
         client
             .put_object()
             .bucket(dest.bucket())
             .key(dest.key())
-            .content_length(size as i64)
+            .content_length(crc.len() as i64)
+            .checksum_crc64_nvme(to_base64(crc.value()))
             .body(ByteStream::from(first))
+            .customize()
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
-        progress(size);
+        progress(crc.len());
         return Ok(Transfer {
-            size,
-            sha256: hex::encode(hasher.finalize()),
+            size: crc.len(),
+            crc64nvme: crc.value(),
         });
     };
     let mut upload = Multipart::create(client, dest).await?;
-    match upload_parts(&mut upload, [first, second], source, hasher, part, progress).await {
-        Ok((parts, transfer)) => {
-            upload.complete(parts).await?;
-            Ok(transfer)
+    match upload_parts(&mut upload, [first, second], source, part, progress).await {
+        Ok((parts, crc)) => {
+            upload.complete(parts, crc).await?;
+            Ok(Transfer {
+                size: crc.len(),
+                crc64nvme: crc.value(),
+            })
         }
         Err(e) => {
             upload.abort().await;
@@ -157,18 +166,14 @@ async fn upload_parts(
     upload: &mut Multipart,
     read_ahead: [Bytes; 2],
     mut source: impl PartSource,
-    mut hasher: Sha256,
     part: usize,
     progress: &mut (dyn FnMut(u64) + Send),
-) -> Result<(Vec<CompletedPart>, Transfer), StorageError> {
+) -> Result<(Vec<CompletedPart>, Crc64), StorageError> {
     let mut in_flight = JoinSet::new();
     let mut done = Vec::new();
-    let (mut sent, mut size) = (0u64, 0u64);
+    let mut sent = 0u64;
     let mut number = 1i32;
-    let [first, second] = read_ahead;
-    hasher.update(&second);
-    for body in [first, second] {
-        size += body.len() as u64;
+    for body in read_ahead {
         in_flight.spawn(upload.part(number, body));
         number += 1;
     }
@@ -184,8 +189,6 @@ async fn upload_parts(
                             detail: format!("more than {MAX_PARTS} parts; the object is too large"),
                         });
                     }
-                    hasher.update(&body);
-                    size += body.len() as u64;
                     in_flight.spawn(upload.part(number, body));
                     number += 1;
                 }
@@ -197,15 +200,31 @@ async fn upload_parts(
             .join_next()
             .await
             .expect("loop runs only while parts are in flight or unread");
-        let (completed, len) =
+        let (completed, crc) =
             finished.map_err(|e| StorageError::io(&upload.url, std::io::Error::other(e)))??;
-        done.push(completed);
-        sent += len;
+        sent += crc.len();
+        done.push((completed, crc));
         progress(sent);
     }
-    done.sort_by_key(|p| p.part_number);
-    let sha256 = hex::encode(hasher.finalize());
-    Ok((done, Transfer { size, sha256 }))
+    done.sort_by_key(|(p, _)| p.part_number);
+    let whole = done
+        .iter()
+        .fold(Crc64::default(), |whole, &(_, crc)| whole.then(crc));
+    Ok((done.into_iter().map(|(p, _)| p).collect(), whole))
+}
+
+/// Bodies up to this size are checksummed on the calling thread.
+const INLINE_CHECKSUM: usize = 256 << 10;
+
+/// The CRC-64/NVME of `body`, computed off the async threads if it is big.
+async fn checksum(body: &Bytes) -> std::io::Result<Crc64> {
+    if body.len() <= INLINE_CHECKSUM {
+        return Ok(Crc64::of(body));
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || Crc64::of(&body))
+        .await
+        .map_err(std::io::Error::other)
 }
 
 /// An open multipart upload. Dropping it without [`Multipart::complete`]
@@ -223,6 +242,8 @@ impl Multipart {
             .create_multipart_upload()
             .bucket(url.bucket())
             .key(url.key())
+            .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+            .checksum_type(ChecksumType::FullObject)
             .send()
             .await
             .map_err(|e| StorageError::from_sdk(url, "CreateMultipartUpload", e))?;
@@ -244,10 +265,11 @@ impl Multipart {
         &self,
         number: i32,
         body: Bytes,
-    ) -> impl Future<Output = Result<(CompletedPart, u64), StorageError>> + Send + 'static {
+    ) -> impl Future<Output = Result<(CompletedPart, Crc64), StorageError>> + Send + 'static {
         let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
         async move {
-            let len = body.len() as u64;
+            let crc = checksum(&body).await.map_err(|e| StorageError::io(&url, e))?;
+            let encoded = to_base64(crc.value());
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -257,8 +279,11 @@ impl Multipart {
                     .key(url.key())
                     .upload_id(&upload_id)
                     .part_number(number)
-                    .content_length(len as i64)
+                    .content_length(crc.len() as i64)
+                    .checksum_crc64_nvme(&encoded)
                     .body(ByteStream::from(body.clone()))
+                    .customize()
+                    .disable_payload_signing()
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));
@@ -267,8 +292,9 @@ impl Multipart {
                         let part = CompletedPart::builder()
                             .part_number(number)
                             .set_e_tag(out.e_tag)
+                            .checksum_crc64_nvme(encoded)
                             .build();
-                        return Ok((part, len));
+                        return Ok((part, crc));
                     }
                     Err(e) if e.is_transient() && attempt < PART_ATTEMPTS => {
                         tracing::warn!(%url, part = number, attempt, error = %e, "part upload failed, retrying");
@@ -280,13 +306,16 @@ impl Multipart {
         }
     }
 
-    async fn complete(mut self, parts: Vec<CompletedPart>) -> Result<(), StorageError> {
+    /// Completes the upload of parts whose bytes have checksum `whole`.
+    async fn complete(mut self, parts: Vec<CompletedPart>, whole: Crc64) -> Result<(), StorageError> {
         let done = self
             .client
             .complete_multipart_upload()
             .bucket(self.url.bucket())
             .key(self.url.key())
             .upload_id(&self.upload_id)
+            .checksum_crc64_nvme(to_base64(whole.value()))
+            .checksum_type(ChecksumType::FullObject)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send()
             .await;

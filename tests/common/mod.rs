@@ -28,6 +28,13 @@ pub const BUCKET: &str = "prefab-outputs";
 pub const INPUT_BUCKET: &str = "inputs";
 pub const TOKEN: &str = "test-token-5f2c9e";
 
+/// The CRC-64/NVME of `data` in S3's form (base64 of the big-endian bytes),
+/// computed independently of the gateway's code.
+pub fn crc64nvme(data: &[u8]) -> String {
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, data);
+    aws_smithy_types::base64::encode(crc.to_be_bytes())
+}
+
 /// The S3 settings of the embedded store at `endpoint`.
 pub fn s3_args(endpoint: &str) -> S3Args {
     S3Args {
@@ -164,6 +171,21 @@ impl Stack {
             .await
             .expect("get object");
         out.body.collect().await.expect("read body").into_bytes().to_vec()
+    }
+
+    /// The CRC-64/NVME the store keeps for an object, as it reports it.
+    pub async fn stored_checksum(&self, url: &str) -> Option<String> {
+        let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
+        let out = self
+            .s3
+            .head_object()
+            .bucket(url.bucket())
+            .key(url.key())
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .expect("head object");
+        out.checksum_crc64_nvme
     }
 
     /// The folders currently under the workspace root.
