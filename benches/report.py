@@ -29,5 +29,5 @@ for scenario in scenarios:
         if s != scenario:
             continue
         rss = statistics.median(p for _, p in runs) / 1024
-        ratio = rates.get("prefab", 0) / rates[tool] if rates[tool] else 0
-        print(f"| {s} | {tool} | {rates[tool]:.0f} {unit} | {rss:.0f} MiB | {len(runs)} | {ratio:.2f}× |")
+        ratio = f"{rates['prefab'] / rates[tool]:.2f}×" if "prefab" in rates and rates[tool] else ""
+        print(f"| {s} | {tool} | {rates[tool]:.0f} {unit} | {rss:.0f} MiB | {len(runs)} | {ratio} |")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Transfer benchmark: the gateway's engine (examples/transfer.rs) against
-# s5cmd, rclone and curl on a loopback SeaweedFS, side by side, alternating,
-# RUNS times each (default 5); then a full `Run` of sha256 on the big object.
+# s5cmd, rclone and curl on a loopback SeaweedFS, side by side, alternating
+# (each round starting with the next tool), RUNS times each (default 5); then
+# a full `Run` of sha256 on the big object.
 # Prints a Markdown table of medians and ratios.
 #   bash benches/transfer.sh            # BIG_MIB=1024 SMALL=1000 RUNS=5
 set -euo pipefail
@@ -44,25 +45,50 @@ samples="$work/samples"
 measure() { # SCENARIO TOOL UNITS CMD...
   local scenario=$1 tool=$2 units=$3; shift 3
   rm -rf "$work/out" "$work/got-small"; mkdir -p "$work/got-small"
+  # Start each sample with no dirty pages left from the one before.
+  sync; sleep 1
   read -r secs peak < <(python3 benches/measure.py "$@")
-  echo "$scenario $tool $secs $peak $units" >>"$samples"
+  echo "$scenario $tool $secs $peak $units" | tee -a "$samples" >&2
 }
+# One sample of SCENARIO by TOOL; ROUND names the uploaded objects.
+sample() { # SCENARIO TOOL ROUND
+  local r=$3
+  case "$1 $2" in
+  "GET-big prefab") measure GET-big prefab "$mb" "$rel/examples/transfer" get s3://bench/big.bin "$work/out" ;;
+  "GET-big s5cmd") measure GET-big s5cmd "$mb" $s5 cp s3://bench/big.bin "$work/out" ;;
+  "GET-big rclone") measure GET-big rclone "$mb" "$bin/rclone" copyto w:bench/big.bin "$work/out" ;;
+  "GET-big curl") measure GET-big curl "$mb" curl -s "${sig[@]}" -o "$work/out" "$S3_ENDPOINT_URL/bench/big.bin" ;;
+  "PUT-big prefab") measure PUT-big prefab "$mb" "$rel/examples/transfer" put "$work/big.bin" "s3://bench/up/prefab-$r" ;;
+  "PUT-big s5cmd") measure PUT-big s5cmd "$mb" $s5 cp "$work/big.bin" "s3://bench/up/s5cmd-$r" ;;
+  "PUT-big rclone") measure PUT-big rclone "$mb" "$bin/rclone" copyto "$work/big.bin" "w:bench/up/rclone-$r" ;;
+  "PUT-big curl") measure PUT-big curl "$mb" curl -s "${sig[@]}" -T "$work/big.bin" "$S3_ENDPOINT_URL/bench/up/curl-$r" ;;
+  "GET-small prefab") measure "GET-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" get-many s3://bench/small/ "$SMALL" "$work/got-small" ;;
+  "GET-small s5cmd") measure "GET-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "s3://bench/small/*" "$work/got-small/" ;;
+  "GET-small rclone") measure "GET-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 w:bench/small "$work/got-small" ;;
+  "PUT-small prefab") measure "PUT-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" put-many "$work/small" "s3://bench/ps$r/" ;;
+  "PUT-small s5cmd") measure "PUT-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "$work/small/*" "s3://bench/ss$r/" ;;
+  "PUT-small rclone") measure "PUT-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 "$work/small" "w:bench/rs$r" ;;
+  esac
+}
+# Big uploads are deleted and the space reclaimed before the next sample,
+# so that RUNS rounds fit on a small disk.
+tidy() {
+  $s5 rm "s3://bench/up/*" >/dev/null 2>&1 || true
+  curl -s -o /dev/null "http://127.0.0.1:9333/vol/vacuum?garbageThreshold=0.01" || true
+}
+# Rounds alternate the tools, and each round starts with the next tool, so
+# no tool always runs first (or after the same neighbour).
 for run in $(seq 1 "$RUNS"); do
   echo "round $run of $RUNS" >&2
-  measure GET-big prefab "$mb" "$rel/examples/transfer" get s3://bench/big.bin "$work/out"
-  measure GET-big s5cmd "$mb" $s5 cp s3://bench/big.bin "$work/out"
-  measure GET-big rclone "$mb" "$bin/rclone" copyto w:bench/big.bin "$work/out"
-  measure GET-big curl "$mb" curl -s "${sig[@]}" -o "$work/out" "$S3_ENDPOINT_URL/bench/big.bin"
-  measure PUT-big prefab "$mb" "$rel/examples/transfer" put "$work/big.bin" "s3://bench/up/prefab-$run"
-  measure PUT-big s5cmd "$mb" $s5 cp "$work/big.bin" "s3://bench/up/s5cmd-$run"
-  measure PUT-big rclone "$mb" "$bin/rclone" copyto "$work/big.bin" "w:bench/up/rclone-$run"
-  measure PUT-big curl "$mb" curl -s "${sig[@]}" -T "$work/big.bin" "$S3_ENDPOINT_URL/bench/up/curl-$run"
-  measure "GET-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" get-many s3://bench/small/ "$SMALL" "$work/got-small"
-  measure "GET-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "s3://bench/small/*" "$work/got-small/"
-  measure "GET-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 w:bench/small "$work/got-small"
-  measure "PUT-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" put-many "$work/small" "s3://bench/ps$run/"
-  measure "PUT-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "$work/small/*" "s3://bench/ss$run/"
-  measure "PUT-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 "$work/small" "w:bench/rs$run"
+  for scenario in GET-big PUT-big GET-small PUT-small; do
+    tools=(prefab s5cmd rclone curl)
+    case $scenario in *small) tools=(prefab s5cmd rclone) ;; esac
+    n=${#tools[@]}
+    for i in $(seq 0 $((n - 1))); do
+      sample "$scenario" "${tools[$(((i + run - 1) % n))]}" "$run"
+      if [ "$scenario" = PUT-big ]; then tidy; fi
+    done
+  done
 done
 
 # A full Run: stage the big object, sha256 it in the example prefab, clean up.
@@ -75,6 +101,7 @@ gw=$!
 pids+=($gw)
 sleep 1
 for run in $(seq 1 "$RUNS"); do
+  sync; sleep 1
   read -r secs _ < <(python3 benches/measure.py "$rel/prefab" run hello-world-prefab sha256 \
     --gateway http://127.0.0.1:50962 -i file=s3://bench/big.bin)
   peak=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")

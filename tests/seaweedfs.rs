@@ -15,7 +15,10 @@ use bytes::Bytes;
 use common::*;
 use prefab::{
     dev,
-    storage::{self, S3Url, StorageError, upload::PartSource},
+    storage::{
+        self, S3Url, StorageError,
+        upload::{Part, PartSource},
+    },
 };
 
 /// A `weed mini` on free loopback ports in a temporary folder, stopped on drop.
@@ -186,7 +189,7 @@ struct Failing {
 }
 
 impl PartSource for Failing {
-    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Part>, StorageError> {
         if self.parts == 0 {
             if self.hang {
                 std::future::pending::<()>().await;
@@ -197,7 +200,7 @@ impl PartSource for Failing {
             ));
         }
         self.parts -= 1;
-        Ok(Some(Bytes::from(vec![b'x'; max])))
+        Ok(Some(Part::memory(Bytes::from(vec![b'x'; max]))))
     }
 }
 

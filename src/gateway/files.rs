@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
@@ -11,7 +11,10 @@ use tonic::{Status, Streaming};
 use super::{GatewayError, State};
 use crate::{
     proto,
-    storage::{self, S3Url, StorageError, upload::PartSource},
+    storage::{
+        self, S3Url, StorageError,
+        upload::{Part, PartSource},
+    },
 };
 
 /// Largest chunk sent by `GetFile`.
@@ -123,7 +126,7 @@ struct ChunkSource {
 }
 
 impl PartSource for ChunkSource {
-    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Part>, StorageError> {
         let fault = &self.fault;
         let cut = |error: GatewayError| {
             let detail = error.to_string();
@@ -166,7 +169,7 @@ impl PartSource for ChunkSource {
             return Ok(None);
         }
         let n = max.min(self.pending.len());
-        Ok(Some(self.pending.split_to(n).freeze()))
+        Ok(Some(Part::memory(self.pending.split_to(n).freeze())))
     }
 }
 

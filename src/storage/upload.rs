@@ -3,6 +3,11 @@
 //! guard that aborts it on every exit but completion, so a failure or a
 //! cancelled run never leaves an open upload behind.
 //!
+//! Memory: parts of a local file are never held whole. Each is read once
+//! to checksum it and again, 256 KiB at a time, as it goes to the socket,
+//! so an upload holds a few small buffers per part in flight whatever the
+//! part size; the second read comes from the page cache.
+//!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
 //! carries the whole file's checksum, so the store checks each byte it
@@ -15,10 +20,15 @@ use aws_sdk_s3::{
     primitives::ByteStream,
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
+use aws_smithy_types::body::SdkBody;
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
-use super::{Crc64, S3Url, StorageError, Transfer, checksum::to_base64, download::backoff};
+use super::{
+    Crc64, S3Url, StorageError, Transfer,
+    checksum::{Crc64Stream, to_base64},
+    download::backoff,
+};
 
 /// Files up to this size go up in a single PUT.
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
@@ -31,7 +41,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 /// Attempts per part, counting the first.
 const PART_ATTEMPTS: u32 = 4;
 
-/// Largest multipart part: bounds memory whatever size a caller declares.
+/// Largest multipart part: bounds the memory of parts held in memory
+/// (`PutFile` streams) whatever size a caller declares.
 const MAX_PART: u64 = 512 << 20;
 
 /// The part size for a file of `size` bytes: max(8 MiB, size / 10 000),
@@ -44,10 +55,85 @@ pub fn part_size(size: u64) -> u64 {
 pub trait PartSource: Send {
     /// The next part of at most `max` bytes (exactly `max` unless it is the
     /// last); `None` at the end.
-    fn next_part(&mut self, max: usize) -> impl Future<Output = Result<Option<Bytes>, StorageError>> + Send;
+    fn next_part(&mut self, max: usize) -> impl Future<Output = Result<Option<Part>, StorageError>> + Send;
 }
 
-/// Parts read from a local file on blocking threads.
+/// One part of an upload: bytes in memory, or a range of a local file that
+/// is streamed to the socket through a small buffer when sent.
+#[derive(Debug, Clone, Default)]
+pub struct Part(PartData);
+
+#[derive(Debug, Clone)]
+enum PartData {
+    Memory(Bytes),
+    File {
+        file: Arc<File>,
+        offset: u64,
+        crc: Crc64,
+    },
+}
+
+impl Default for PartData {
+    fn default() -> Self {
+        Self::Memory(Bytes::new())
+    }
+}
+
+impl Part {
+    /// A part held in memory.
+    pub fn memory(bytes: Bytes) -> Self {
+        Self(PartData::Memory(bytes))
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        match &self.0 {
+            PartData::Memory(bytes) => bytes.len() as u64,
+            PartData::File { crc, .. } => crc.len(),
+        }
+    }
+
+    /// Whether the part has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The part's CRC-64/NVME, computed off the async threads if it is big.
+    async fn checksum(&self) -> std::io::Result<Crc64> {
+        match &self.0 {
+            PartData::File { crc, .. } => Ok(*crc),
+            PartData::Memory(bytes) if bytes.len() <= INLINE_CHECKSUM => Ok(Crc64::of(bytes)),
+            PartData::Memory(bytes) => {
+                let bytes = bytes.clone();
+                tokio::task::spawn_blocking(move || Crc64::of(&bytes))
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+        }
+    }
+
+    /// A request body for the part; the SDK can rebuild it to retry.
+    fn body(&self) -> ByteStream {
+        match &self.0 {
+            PartData::Memory(bytes) => ByteStream::from(bytes.clone()),
+            PartData::File { file, offset, crc } => {
+                let (file, offset, len) = (Arc::clone(file), *offset, crc.len());
+                ByteStream::new(SdkBody::retryable(move || {
+                    SdkBody::from_body_1_x(FileRange::new(Arc::clone(&file), offset, len))
+                }))
+            }
+        }
+    }
+}
+
+/// Bodies up to this size are checksummed on the calling thread.
+const INLINE_CHECKSUM: usize = 256 << 10;
+/// Bytes per read when checksumming or sending part of a file: small enough
+/// to stay in the CPU cache between the page cache and the socket.
+const FILE_CHUNK: usize = 256 << 10;
+
+/// Parts of a local file, checksummed on a blocking thread when taken and
+/// read again, chunk by chunk, as they are sent.
 #[derive(Debug)]
 pub struct FileSource {
     file: Arc<File>,
@@ -67,22 +153,107 @@ impl FileSource {
 }
 
 impl PartSource for FileSource {
-    async fn next_part(&mut self, max: usize) -> Result<Option<Bytes>, StorageError> {
+    async fn next_part(&mut self, max: usize) -> Result<Option<Part>, StorageError> {
         let len = (max as u64).min(self.size - self.offset);
         if len == 0 {
             return Ok(None);
         }
         let (file, offset) = (Arc::clone(&self.file), self.offset);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(len as usize);
-            file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())
+        let crc = tokio::task::spawn_blocking(move || {
+            let mut crc = Crc64Stream::default();
+            let mut buf = vec![0u8; FILE_CHUNK.min(len as usize)];
+            let mut at = offset;
+            while at < offset + len {
+                let n = buf.len().min((offset + len - at) as usize);
+                file.read_exact_at(&mut buf[..n], at)?;
+                crc.update(&buf[..n]);
+                at += n as u64;
+            }
+            Ok::<_, std::io::Error>(crc.finish())
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r)
         .map_err(|e| StorageError::io("the file being uploaded", e))?;
+        let file = Arc::clone(&self.file);
         self.offset += len;
-        Ok(Some(read))
+        Ok(Some(Part(PartData::File { file, offset, crc })))
+    }
+}
+
+/// A request body streaming `len` bytes of a file from `offset`, one
+/// [`FILE_CHUNK`] read ahead of the socket.
+struct FileRange {
+    file: Arc<File>,
+    /// Where the next read starts, and the bytes after it.
+    offset: u64,
+    remaining: u64,
+    /// The read in progress and its length.
+    reading: Option<(tokio::task::JoinHandle<std::io::Result<Bytes>>, u64)>,
+}
+
+impl FileRange {
+    fn new(file: Arc<File>, offset: u64, len: u64) -> Self {
+        let mut range = Self {
+            file,
+            offset,
+            remaining: len,
+            reading: None,
+        };
+        range.read_ahead();
+        range
+    }
+
+    /// Starts reading the next chunk, if any is left.
+    fn read_ahead(&mut self) {
+        let n = (FILE_CHUNK as u64).min(self.remaining) as usize;
+        if n == 0 {
+            return;
+        }
+        let (file, at) = (Arc::clone(&self.file), self.offset);
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(n);
+            file.read_exact_at(&mut buf, at).map(|()| buf.freeze())
+        });
+        self.reading = Some((read, n as u64));
+    }
+}
+
+impl http_body::Body for FileRange {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        let Some((reading, _)) = self.reading.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let read = std::task::ready!(std::pin::Pin::new(reading).poll(cx));
+        self.reading = None;
+        let chunk = read.map_err(std::io::Error::other).and_then(|r| r)?;
+        self.read_ahead();
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let reading = self.reading.as_ref().map_or(0, |(_, len)| *len);
+        http_body::SizeHint::with_exact(self.remaining + reading)
+    }
+}
+
+impl Drop for FileRange {
+    fn drop(&mut self) {
+        if let Some((reading, _)) = self.reading.take() {
+            reading.abort();
+        }
     }
 }
 
@@ -121,20 +292,20 @@ pub async fn upload_from(
         None => 2 * MIN_PART,
     } as usize;
     let first = source.next_part(part).await?.unwrap_or_default();
-    let second = if first.len() == part {
+    let second = if first.len() == part as u64 {
         source.next_part(part).await?
     } else {
         None
     };
     let Some(second) = second else {
-        let crc = checksum(&first).await.map_err(|e| StorageError::io(dest, e))?;
+        let crc = first.checksum().await.map_err(|e| StorageError::io(dest, e))?;
         client
             .put_object()
             .bucket(dest.bucket())
             .key(dest.key())
             .content_length(crc.len() as i64)
             .checksum_crc64_nvme(to_base64(crc.value()))
-            .body(ByteStream::from(first))
+            .body(first.body())
             .customize()
             .disable_payload_signing()
             .send()
@@ -164,7 +335,7 @@ pub async fn upload_from(
 
 async fn upload_parts(
     upload: &mut Multipart,
-    read_ahead: [Bytes; 2],
+    read_ahead: [Part; 2],
     mut source: impl PartSource,
     part: usize,
     progress: &mut (dyn FnMut(u64) + Send),
@@ -213,20 +384,6 @@ async fn upload_parts(
     Ok((done.into_iter().map(|(p, _)| p).collect(), whole))
 }
 
-/// Bodies up to this size are checksummed on the calling thread.
-const INLINE_CHECKSUM: usize = 256 << 10;
-
-/// The CRC-64/NVME of `body`, computed off the async threads if it is big.
-async fn checksum(body: &Bytes) -> std::io::Result<Crc64> {
-    if body.len() <= INLINE_CHECKSUM {
-        return Ok(Crc64::of(body));
-    }
-    let body = body.clone();
-    tokio::task::spawn_blocking(move || Crc64::of(&body))
-        .await
-        .map_err(std::io::Error::other)
-}
-
 /// An open multipart upload. Dropping it without [`Multipart::complete`]
 /// aborts it in the background; [`Multipart::abort`] does so and waits.
 struct Multipart {
@@ -264,11 +421,11 @@ impl Multipart {
     fn part(
         &self,
         number: i32,
-        body: Bytes,
+        part: Part,
     ) -> impl Future<Output = Result<(CompletedPart, Crc64), StorageError>> + Send + 'static {
         let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
         async move {
-            let crc = checksum(&body).await.map_err(|e| StorageError::io(&url, e))?;
+            let crc = part.checksum().await.map_err(|e| StorageError::io(&url, e))?;
             let encoded = to_base64(crc.value());
             let mut attempt = 0;
             loop {
@@ -281,7 +438,7 @@ impl Multipart {
                     .part_number(number)
                     .content_length(crc.len() as i64)
                     .checksum_crc64_nvme(&encoded)
-                    .body(ByteStream::from(body.clone()))
+                    .body(part.body())
                     .customize()
                     .disable_payload_signing()
                     .send()
