@@ -91,8 +91,8 @@ async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
-    // The MD5 ETag catches it in one GET and in ranges; the store's CRC
-    // catches it first when the store has one.
+    // The MD5 ETag catches it (its objects come in 8 MiB ranges); the
+    // store's CRC catches it first when the store has one.
     let cases = [
         (24, Stored::Plain, "MD5 checksum mismatch"),
         (48, Stored::Plain, "MD5 checksum mismatch"),

@@ -3,7 +3,8 @@
 //! file it moves, checks downloads against when the store has one, and
 //! sends with uploads so that the store checks them. Unlike a cryptographic
 //! digest it runs at memory speed, and the checksums of pieces combine into
-//! the checksum of the whole, so ranges fetched in parallel need no ordering.
+//! the checksum of the whole: ranges fetched in parallel are joined by
+//! offset afterwards, whatever order they finish in.
 
 use crc_fast::{CrcAlgorithm::Crc64Nvme, checksum_combine};
 

@@ -4,10 +4,12 @@
 //! from the bytes already received, pinned to the same object version by
 //! `If-Match`.
 //!
-//! Integrity: the size is always checked, and the CRC-64/NVME of the bytes
-//! received against the store's when it keeps one; when the entity tag is a
-//! plain MD5 (objects stored in one PUT), the MD5 too. Corruption on the way
-//! is an error, never a wrong file.
+//! Integrity: the size is always checked; the CRC-64/NVME of the bytes
+//! received is checked against the store's when it keeps one, and their MD5
+//! against the entity tag when that is a plain MD5 (objects stored in one
+//! PUT). Corruption of an object that has either is an error, never a wrong
+//! file; an object with neither (a multipart upload by another tool without
+//! checksums, or an encrypted one) can only be checked for its size.
 
 use std::{fs::File, time::Duration};
 
@@ -23,8 +25,10 @@ use super::{
 pub const SMALL_OBJECT: u64 = 1 << 20;
 /// Bytes a range gathers before handing them to the writer.
 pub const WRITE_BATCH: usize = 1 << 20;
-/// Attempts per range, counting the first.
+/// Attempts in a row without progress, counting the first.
 const MAX_ATTEMPTS: u32 = 5;
+/// Attempts per range in all.
+const MAX_TOTAL_ATTEMPTS: u32 = 50;
 
 /// Downloads `url` (whose HEAD was `info`) into `file`, a new empty file
 /// opened for reading and writing, reporting the cumulative byte count to
@@ -161,7 +165,10 @@ impl FetchSpec {
 }
 
 /// Fetches bytes `[start, end)` into `sink`, resuming after transient
-/// failures from the last byte delivered.
+/// failures from the last byte delivered. The attempt count starts again
+/// whenever an attempt made progress, so a link that keeps breaking still
+/// finishes while it moves; [`MAX_ATTEMPTS`] in a row without progress, or
+/// [`MAX_TOTAL_ATTEMPTS`] in all, fail the range.
 pub(crate) async fn fetch_range(
     spec: &FetchSpec,
     start: u64,
@@ -169,25 +176,28 @@ pub(crate) async fn fetch_range(
     sink: &mut impl PieceSink,
 ) -> Result<(), StorageError> {
     let mut pos = start;
-    let mut attempt = 0;
+    let (mut attempt, mut total) = (0, 0);
     loop {
         attempt += 1;
-        match fetch_from(spec, start, pos, end, sink).await {
+        total += 1;
+        let (reached, failure) = match fetch_from(spec, start, pos, end, sink).await {
             Ok(reached) if reached == end => return Ok(()),
-            Ok(reached) => pos = reached, // the body ended early: resume
-            Err((reached, e)) if e.is_transient() && attempt < MAX_ATTEMPTS => {
-                tracing::warn!(url = %spec.url, offset = reached, attempt, error = %e, "download interrupted, resuming");
-                pos = reached;
-            }
+            Ok(reached) => (reached, "the body ended early".to_owned()),
+            Err((reached, e)) if e.is_transient() => (reached, e.to_string()),
             Err((_, e)) => return Err(e),
+        };
+        if reached > pos {
+            attempt = 1;
         }
-        if attempt >= MAX_ATTEMPTS {
+        pos = reached;
+        if attempt >= MAX_ATTEMPTS || total >= MAX_TOTAL_ATTEMPTS {
             return Err(StorageError::Unavailable {
                 url: spec.url.to_string(),
                 op: "GetObject",
-                detail: format!("gave up after {MAX_ATTEMPTS} attempts at byte {pos}"),
+                detail: format!("gave up after {total} attempts at byte {pos}; the last: {failure}"),
             });
         }
+        tracing::warn!(url = %spec.url, offset = pos, attempt, error = %failure, "download interrupted, resuming");
         tokio::time::sleep(backoff(attempt)).await;
     }
 }

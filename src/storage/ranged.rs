@@ -6,8 +6,9 @@
 //!
 //! Checking an MD5 entity tag needs the bytes themselves in order: then the
 //! writer passes them to an MD5 thread, and a range may only start within
-//! [`WINDOW`] small ranges of the first byte not yet hashed, so at most
-//! 32 MiB wait, whatever the object size.
+//! [`WINDOW`] small ranges of the first byte not yet handed to MD5, so at
+//! most 32 MiB wait there (plus the two queues' pieces), whatever the
+//! object size.
 //!
 //! [`SMALL_OBJECT`]: super::download::SMALL_OBJECT
 
@@ -35,7 +36,8 @@ use super::{
     download::{FetchSpec, Piece, PieceSink, expected_md5, fetch_range, verify},
 };
 
-/// Objects at least this large are split into ranges.
+/// Objects at least this large are split into ranges (those whose MD5 is
+/// checked are split into the smallest ranges from 8 MiB up).
 pub const RANGED_THRESHOLD: u64 = 32 << 20;
 /// Bytes per ranged GET: enough ranges to keep several in flight for
 /// mid-sized objects, few enough requests for large ones.
@@ -43,7 +45,7 @@ const RANGE_SIZES: std::ops::RangeInclusive<u64> = (8 << 20)..=(32 << 20);
 /// Ranges of one object in flight.
 const RANGES_PER_OBJECT: usize = 4;
 /// With an MD5 to check, how many ranges ahead of the first byte not yet
-/// hashed a range may start; those ranges are the smallest size, so at most
+/// handed to MD5 a range may start; those ranges are the smallest size, so at most
 /// 4 × 8 MiB wait to be hashed.
 const WINDOW: u64 = 4;
 /// Ranges in flight across every download of the process.

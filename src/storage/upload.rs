@@ -6,7 +6,7 @@
 //! Memory: parts of a local file are never held whole. Each is read once
 //! to checksum it and again, 256 KiB at a time, as it goes to the socket,
 //! so an upload holds a few small buffers per part in flight whatever the
-//! part size; the second read comes from the page cache.
+//! part size; the second read usually comes from the page cache.
 //!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
@@ -193,15 +193,15 @@ struct FileRange {
 }
 
 impl FileRange {
+    /// A body that starts reading when first polled: the SDK builds copies
+    /// of a body it may never send.
     fn new(file: Arc<File>, offset: u64, len: u64) -> Self {
-        let mut range = Self {
+        Self {
             file,
             offset,
             remaining: len,
             reading: None,
-        };
-        range.read_ahead();
-        range
+        }
     }
 
     /// Starts reading the next chunk, if any is left.
@@ -229,6 +229,9 @@ impl http_body::Body for FileRange {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.reading.is_none() {
+            self.read_ahead();
+        }
         let Some((reading, _)) = self.reading.as_mut() else {
             return std::task::Poll::Ready(None);
         };
@@ -240,7 +243,7 @@ impl http_body::Body for FileRange {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reading.is_none()
+        self.reading.is_none() && self.remaining == 0
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
