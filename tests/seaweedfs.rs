@@ -288,27 +288,12 @@ async fn a_run_stages_from_and_uploads_to_seaweedfs() {
     let expected = input.to_ascii_uppercase();
     assert_eq!(uploaded.crc64nvme, crc64nvme(&expected));
 
-    let url = S3Url::parse(&uploaded.url).unwrap();
-    let out = weed
-        .s3
-        .get_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .send()
-        .await
-        .unwrap();
-    let body = out.body.collect().await.unwrap().into_bytes();
+    let body = get_object(&weed.s3, &uploaded.url).await;
     assert!(body == expected, "the output in SeaweedFS differs");
-    let head = weed
-        .s3
-        .head_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .checksum_mode(ChecksumMode::Enabled)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.checksum_crc64_nvme(), Some(crc64nvme(&expected).as_str()));
+    assert_eq!(
+        stored_checksum(&weed.s3, &uploaded.url).await,
+        Some(crc64nvme(&expected))
+    );
     assert_eq!(weed.open_uploads().await, 0);
     gateway.kill().await.unwrap();
     stack.wait_idle().await;

@@ -35,8 +35,8 @@ const MAX_TOTAL_ATTEMPTS: u32 = 50;
 /// `progress` as it goes.
 ///
 /// The result is verified to have exactly `info.size` bytes, the store's
-/// CRC-64/NVME if it has one, and, for single-part objects, their MD5. On error the partial file is left for the
-/// caller, who owns it, to remove.
+/// CRC-64/NVME if it has one, and, for single-part objects, their MD5. On
+/// error the partial file is left for the caller, who owns it, to remove.
 pub async fn download(
     client: &aws_sdk_s3::Client,
     url: &S3Url,

@@ -35,6 +35,34 @@ pub fn crc64nvme(data: &[u8]) -> String {
     aws_smithy_types::base64::encode(crc.to_be_bytes())
 }
 
+/// Reads an object by URL through `s3`.
+pub async fn get_object(s3: &aws_sdk_s3::Client, url: &str) -> Vec<u8> {
+    let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
+    let out = s3
+        .get_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .send()
+        .await
+        .expect("get object");
+    out.body.collect().await.expect("read body").into_bytes().to_vec()
+}
+
+/// The CRC-64/NVME the store behind `s3` keeps for an object, as it
+/// reports it.
+pub async fn stored_checksum(s3: &aws_sdk_s3::Client, url: &str) -> Option<String> {
+    let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
+    let out = s3
+        .head_object()
+        .bucket(url.bucket())
+        .key(url.key())
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .expect("head object");
+    out.checksum_crc64_nvme
+}
+
 /// The S3 settings of the embedded store at `endpoint`.
 pub fn s3_args(endpoint: &str) -> S3Args {
     S3Args {
@@ -161,31 +189,12 @@ impl Stack {
 
     /// Reads an object back by URL.
     pub async fn get(&self, url: &str) -> Vec<u8> {
-        let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
-        let out = self
-            .s3
-            .get_object()
-            .bucket(url.bucket())
-            .key(url.key())
-            .send()
-            .await
-            .expect("get object");
-        out.body.collect().await.expect("read body").into_bytes().to_vec()
+        get_object(&self.s3, url).await
     }
 
     /// The CRC-64/NVME the store keeps for an object, as it reports it.
     pub async fn stored_checksum(&self, url: &str) -> Option<String> {
-        let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
-        let out = self
-            .s3
-            .head_object()
-            .bucket(url.bucket())
-            .key(url.key())
-            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
-            .send()
-            .await
-            .expect("head object");
-        out.checksum_crc64_nvme
+        stored_checksum(&self.s3, url).await
     }
 
     /// The folders currently under the workspace root.
