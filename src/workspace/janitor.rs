@@ -11,7 +11,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{RequestId, WorkspaceRoot, lease};
+use super::{REMOVING_PREFIX, RequestId, WorkspaceRoot, lease};
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -78,17 +78,22 @@ pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
             }
         };
         let name = entry.file_name();
-        // Only folders named like a request id are workspaces.
-        if RequestId::parse(&name.to_string_lossy()).is_err() {
+        let text = name.to_string_lossy();
+        // Only folders named like a request id are workspaces; those renamed
+        // aside for removal are abandoned by definition.
+        let removing = text.strip_prefix(REMOVING_PREFIX);
+        if RequestId::parse(removing.unwrap_or(&text)).is_err() {
             continue;
         }
         let dir = entry.path();
-        match abandoned(&dir, grace).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "janitor: skipped");
-                continue;
+        if removing.is_none() {
+            match abandoned(&dir, grace).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "janitor: skipped");
+                    continue;
+                }
             }
         }
         let size = dir_size(&dir).await;
@@ -216,6 +221,19 @@ mod tests {
         assert!(live.dir().exists() && !young.dir().exists());
         std::mem::forget(expired);
         std::mem::forget(young);
+    }
+
+    #[tokio::test]
+    async fn workspaces_left_half_removed_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = WorkspaceRoot::new(tmp.path()).unwrap();
+        let aside = tmp.path().join(format!("{REMOVING_PREFIX}{}", RequestId::new()));
+        std::fs::create_dir_all(aside.join("outputs")).unwrap();
+        std::fs::create_dir(tmp.path().join(format!("{REMOVING_PREFIX}not-an-id"))).unwrap();
+        let report = sweep(&root, Duration::from_secs(3600)).await;
+        assert_eq!(report.removed, 1);
+        assert!(!aside.exists());
+        assert!(tmp.path().join(format!("{REMOVING_PREFIX}not-an-id")).exists());
     }
 
     #[tokio::test]

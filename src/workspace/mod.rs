@@ -172,14 +172,21 @@ impl Workspace {
         std::sync::Arc::clone(&self.fd)
     }
 
-    /// Removes the folder and everything in it. A runtime still writing
-    /// into it can make one attempt fail, so it tries a few times; what is
-    /// left after that is the janitor's, once the lease expires.
+    /// Removes the folder and everything in it. It is first renamed aside
+    /// (see [`REMOVING_PREFIX`]), so that a runtime still writing into it by
+    /// path writes nowhere; a few attempts then cover writers that hold it
+    /// open. What is left after that is the janitor's.
     pub async fn remove(mut self) -> std::io::Result<()> {
         self.removed = true;
+        let aside = self.dir.with_file_name(format!("{REMOVING_PREFIX}{}", self.id));
+        let dir = match tokio::fs::rename(&self.dir, &aside).await {
+            Ok(()) => aside,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => self.dir.clone(),
+        };
         let mut attempt = 0;
         loop {
-            match tokio::fs::remove_dir_all(&self.dir).await {
+            match tokio::fs::remove_dir_all(&dir).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 Err(e) if attempt >= 10 => return Err(e),
@@ -190,13 +197,22 @@ impl Workspace {
     }
 }
 
+/// Workspaces being removed are first renamed to this prefix and their
+/// request id; the janitor removes any it finds.
+pub const REMOVING_PREFIX: &str = ".removing-";
+
 impl Drop for Workspace {
     fn drop(&mut self) {
         if self.removed {
             return;
         }
         let dir = std::mem::take(&mut self.dir);
+        let aside = dir.with_file_name(format!("{REMOVING_PREFIX}{}", self.id));
         let remove = move || {
+            let dir = match std::fs::rename(&dir, &aside) {
+                Ok(()) => aside,
+                Err(_) => dir,
+            };
             if let Err(e) = std::fs::remove_dir_all(&dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
