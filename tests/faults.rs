@@ -1,6 +1,7 @@
 //! Faults between the gateway and object storage, injected by a real TCP
 //! proxy: a connection cut mid-download is resumed; corrupted bytes fail
-//! the run with a checksum error and leave nothing behind.
+//! the run with a checksum error and leave nothing behind; an upload given
+//! up while the store is still answering is aborted all the same.
 
 mod common;
 
@@ -9,6 +10,8 @@ use common::{
     *,
 };
 use sha2::{Digest, Sha256};
+use std::time::Duration;
+
 use tonic::Code;
 
 fn s3_addr(stack: &Stack) -> std::net::SocketAddr {
@@ -152,4 +155,32 @@ async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
     );
     gateway.kill().await.unwrap();
     stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_given_up_while_the_store_creates_it_is_aborted() {
+    let stack = Stack::start().await;
+    // The store answers CreateMultipartUpload, the first request, late.
+    let proxy = Proxy::start(s3_addr(&stack), Fault::DelayFirst(Duration::from_secs(2))).await;
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, text(40 << 20, 9)).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let dest = prefab::storage::S3Url::new(BUCKET, "outputs/given-up/big.bin").unwrap();
+
+    let mut progress = |_| {};
+    let upload = prefab::storage::upload(&s3, file, 40 << 20, &dest, &mut progress);
+    let created = wait_for("the store to create the upload", || {
+        !open_multipart_uploads(&stack).is_empty()
+    });
+    tokio::select! {
+        done = upload => panic!("the upload ended before it was given up: {:?}", done.map(|t| t.size)),
+        () = created => {}
+    }
+    assert!(proxy.fired(), "the create response should still be held back");
+    wait_for("the multipart upload to be aborted", || {
+        open_multipart_uploads(&stack).is_empty()
+    })
+    .await;
 }

@@ -397,7 +397,19 @@ struct Multipart {
 }
 
 impl Multipart {
+    /// Starts a multipart upload. The request runs in a task of its own:
+    /// if the caller gives up while the store is creating the upload, the
+    /// task still learns its id and the dropped result aborts it.
     async fn create(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Self, StorageError> {
+        let task = PENDING_ABORTS.spawn(Self::request(client.clone(), url.clone()));
+        task.await.map_err(|e| StorageError::Rejected {
+            url: url.to_string(),
+            op: "CreateMultipartUpload",
+            detail: format!("the request task ended early: {e}"),
+        })?
+    }
+
+    async fn request(client: aws_sdk_s3::Client, url: S3Url) -> Result<Self, StorageError> {
         let out = client
             .create_multipart_upload()
             .bucket(url.bucket())
@@ -406,15 +418,15 @@ impl Multipart {
             .checksum_type(ChecksumType::FullObject)
             .send()
             .await
-            .map_err(|e| StorageError::from_sdk(url, "CreateMultipartUpload", e))?;
+            .map_err(|e| StorageError::from_sdk(&url, "CreateMultipartUpload", e))?;
         let upload_id = out.upload_id.ok_or_else(|| StorageError::Rejected {
             url: url.to_string(),
             op: "CreateMultipartUpload",
             detail: "the store returned no upload id".into(),
         })?;
         Ok(Self {
-            client: client.clone(),
-            url: url.clone(),
+            client,
+            url,
             upload_id,
             open: true,
         })

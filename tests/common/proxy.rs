@@ -1,6 +1,7 @@
 //! A TCP proxy on loopback that injects one fault into the first response
-//! stream that grows past a threshold: it cuts the connection, or flips a
-//! byte. Everything else passes through untouched.
+//! stream that grows past a threshold: it cuts the connection, flips a
+//! byte, or holds the response back a while. Everything else passes
+//! through untouched.
 
 use std::{
     net::SocketAddr,
@@ -22,6 +23,8 @@ pub enum Fault {
     CutAfter(u64),
     /// Invert the bits of the response byte at this offset.
     FlipAt(u64),
+    /// Hold the first response back this long.
+    DelayFirst(std::time::Duration),
 }
 
 /// A running proxy.
@@ -87,6 +90,9 @@ async fn relay(client: TcpStream, server: TcpStream, fault: Fault, fired: Arc<At
             }
             Fault::FlipAt(at) if (seen..end).contains(&at) && !fired.swap(true, Ordering::SeqCst) => {
                 chunk[(at - seen) as usize] ^= 0xff;
+            }
+            Fault::DelayFirst(delay) if !fired.swap(true, Ordering::SeqCst) => {
+                tokio::time::sleep(delay).await;
             }
             _ => {}
         }
