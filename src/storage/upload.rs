@@ -21,7 +21,7 @@ use aws_sdk_s3::{
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
 use aws_smithy_types::body::SdkBody;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use super::{
@@ -213,12 +213,25 @@ impl FileRange {
         let (file, at) = (Arc::clone(&self.file), self.offset);
         self.offset += n as u64;
         self.remaining -= n as u64;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(n);
-            file.read_exact_at(&mut buf, at).map(|()| buf.freeze())
-        });
+        let read = tokio::task::spawn_blocking(move || read_fresh(&file, at, n));
         self.reading = Some((read, n as u64));
     }
+}
+
+/// Reads `len` bytes of `file` at `offset` into a new buffer, which is not
+/// zeroed first: the read fills it.
+fn read_fresh(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 impl http_body::Body for FileRange {
@@ -554,5 +567,23 @@ async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String)
             let e = StorageError::from_sdk(&url, "AbortMultipartUpload", e);
             tracing::error!(%url, error = %e, "could not abort multipart upload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_fresh_read_returns_exactly_the_bytes_at_its_offset() {
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        file.write_all(&data).unwrap();
+        let read = read_fresh(&file, 1_000, 70_000).unwrap();
+        assert_eq!(&read[..], &data[1_000..71_000]);
+        let past_end = read_fresh(&file, 90_000, 20_000).unwrap_err();
+        assert_eq!(past_end.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }
