@@ -24,7 +24,9 @@ enum Stored {
     /// A plain PUT: the store has its MD5 as ETag, no CRC.
     Plain,
     /// A PUT with its CRC-64/NVME, which the store checked and keeps.
-    WithChecksum,
+    WithCrc64,
+    /// A PUT with its CRC-32C (or CRC-32 if not `castagnoli`), likewise.
+    WithCrc32 { castagnoli: bool },
 }
 
 /// Runs sha256 on a `mib` MiB object through a gateway whose S3 traffic
@@ -43,25 +45,44 @@ async fn run_through(
     let data = text(mib << 20, mib as u64);
     let expected = hex::encode(Sha256::digest(&data));
     let key = format!("faults/{mib}.bin");
-    let url = match stored {
-        Stored::Plain => stack.put_input(&key, data).await,
-        Stored::WithChecksum => {
+    let url = format!("s3://{INPUT_BUCKET}/{key}");
+    let put = stack.s3.put_object().bucket(INPUT_BUCKET).key(&key);
+    let (put, checksum) = match stored {
+        Stored::Plain => (put, None),
+        Stored::WithCrc64 => {
             let checksum = crc64nvme(&data);
-            stack
-                .s3
-                .put_object()
-                .bucket(INPUT_BUCKET)
-                .key(&key)
-                .checksum_crc64_nvme(&checksum)
-                .body(data.into())
-                .send()
-                .await
-                .expect("put input");
-            let url = format!("s3://{INPUT_BUCKET}/{key}");
-            assert_eq!(stack.stored_checksum(&url).await, Some(checksum));
-            url
+            (put.checksum_crc64_nvme(&checksum), Some(checksum))
+        }
+        Stored::WithCrc32 { castagnoli: true } => {
+            let checksum = crc32(&data, true);
+            (put.checksum_crc32_c(&checksum), Some(checksum))
+        }
+        Stored::WithCrc32 { castagnoli: false } => {
+            let checksum = crc32(&data, false);
+            (put.checksum_crc32(&checksum), Some(checksum))
         }
     };
+    put.body(data.into()).send().await.expect("put input");
+    if let Some(checksum) = checksum {
+        let head = stack
+            .s3
+            .head_object()
+            .bucket(INPUT_BUCKET)
+            .key(&key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .expect("head input");
+        let kept = [
+            head.checksum_crc64_nvme(),
+            head.checksum_crc32_c(),
+            head.checksum_crc32(),
+        ];
+        assert!(
+            kept.contains(&Some(checksum.as_str())),
+            "the store keeps {checksum}"
+        );
+    }
     let proxy = Proxy::start(s3_addr(&stack), fault).await;
     let (mut gateway, mut client) = stack
         .gateway_process_via(&format!("http://{}", proxy.addr), &[], None)
@@ -99,8 +120,18 @@ async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
     let cases = [
         (24, Stored::Plain, "MD5 checksum mismatch"),
         (48, Stored::Plain, "MD5 checksum mismatch"),
-        (12, Stored::WithChecksum, "CRC-64/NVME checksum mismatch"),
-        (40, Stored::WithChecksum, "CRC-64/NVME checksum mismatch"),
+        (12, Stored::WithCrc64, "CRC-64/NVME checksum mismatch"),
+        (40, Stored::WithCrc64, "CRC-64/NVME checksum mismatch"),
+        (
+            12,
+            Stored::WithCrc32 { castagnoli: true },
+            "CRC-32C checksum mismatch",
+        ),
+        (
+            40,
+            Stored::WithCrc32 { castagnoli: false },
+            "CRC-32 checksum mismatch",
+        ),
     ];
     for (mib, stored, complaint) in cases {
         let (stack, result, _, fired) = run_through(mib, stored, Fault::FlipAt(5 << 20)).await;

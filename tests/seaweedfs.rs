@@ -151,8 +151,8 @@ async fn multipart_uploads_keep_a_full_object_checksum_that_downloads_check() {
     // Ranged download, checked against the store's checksum.
     let info = storage::head(&weed.s3, &url).await.unwrap();
     assert_eq!(
-        info.crc64nvme.map(storage::checksum::to_base64),
-        Some(crc64nvme(&data))
+        info.checksum.map(|c| (c.algorithm, c.algorithm.format(c.value))),
+        Some((storage::StoreAlgorithm::Crc64Nvme, crc64nvme(&data)))
     );
     let out = tempfile::NamedTempFile::new().unwrap();
     let file = std::fs::OpenOptions::new()
@@ -180,6 +180,45 @@ async fn multipart_uploads_keep_a_full_object_checksum_that_downloads_check() {
         .send()
         .await;
     assert!(refused.is_err(), "SeaweedFS accepted a wrong CRC-64/NVME");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn an_object_stored_with_a_crc32c_is_checked_against_it() {
+    let weed = Weed::start().await;
+    let data = big_text(40, 4);
+    let url = S3Url::parse(&format!("s3://{BUCKET}/compat/crc32c.bin")).unwrap();
+    weed.s3
+        .put_object()
+        .bucket(BUCKET)
+        .key(url.key())
+        .checksum_crc32_c(crc32(&data, true))
+        .body(data.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let info = storage::head(&weed.s3, &url).await.unwrap();
+    assert_eq!(
+        info.checksum.map(|c| (c.algorithm, c.algorithm.format(c.value))),
+        Some((storage::StoreAlgorithm::Crc32c, crc32(&data, true)))
+    );
+    let out = tempfile::tempfile().unwrap();
+    let got = storage::download(&weed.s3, &url, &info, out.try_clone().unwrap(), &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(got.checksum(), crc64nvme(&data));
+    // The same bytes said to have another CRC-32C fail to download.
+    let wrong = storage::ObjectInfo {
+        checksum: info.checksum.map(|c| storage::StoreChecksum {
+            value: c.value ^ 1,
+            ..c
+        }),
+        ..info
+    };
+    let err = storage::download(&weed.s3, &url, &wrong, tempfile::tempfile().unwrap(), &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CRC-32C checksum mismatch"), "{err}");
 }
 
 /// Yields `parts` parts, then fails (or, if `hang`, never answers again).

@@ -5,8 +5,12 @@
 //! digest it runs at memory speed, and the checksums of pieces combine into
 //! the checksum of the whole: ranges fetched in parallel are joined by
 //! offset afterwards, whatever order they finish in.
+//!
+//! A store may keep another whole-object CRC instead: S3's full-object
+//! CRC-32 or CRC-32C, or Aliyun OSS's CRC-64 (`x-oss-hash-crc64ecma`).
+//! Downloads of such objects compute that one too ([`Sums`]) and check it.
 
-use crc_fast::{CrcAlgorithm::Crc64Nvme, checksum_combine};
+use crc_fast::{CrcAlgorithm, CrcAlgorithm::Crc64Nvme, checksum_combine};
 
 /// The CRC-64/NVME of a run of bytes, with the run's length so that runs
 /// can be joined.
@@ -86,6 +90,151 @@ impl Crc64Stream {
     }
 }
 
+/// A whole-object checksum a store keeps, in the algorithm it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreChecksum {
+    /// The algorithm.
+    pub algorithm: StoreAlgorithm,
+    /// The checksum of the whole object.
+    pub value: u64,
+}
+
+/// The whole-object checksums stores keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAlgorithm {
+    /// S3's `x-amz-checksum-crc64nvme`, the one the gateway reports.
+    Crc64Nvme,
+    /// S3's `x-amz-checksum-crc32c` of an object stored whole, or with a
+    /// full-object checksum.
+    Crc32c,
+    /// S3's `x-amz-checksum-crc32`, likewise.
+    Crc32,
+    /// Aliyun OSS's `x-oss-hash-crc64ecma`: CRC-64/XZ, in decimal.
+    Crc64Ecma,
+}
+
+impl StoreAlgorithm {
+    fn crc(self) -> CrcAlgorithm {
+        match self {
+            Self::Crc64Nvme => Crc64Nvme,
+            Self::Crc32c => CrcAlgorithm::Crc32Iscsi,
+            Self::Crc32 => CrcAlgorithm::Crc32IsoHdlc,
+            Self::Crc64Ecma => CrcAlgorithm::Crc64Xz,
+        }
+    }
+
+    /// Its usual name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Crc64Nvme => "CRC-64/NVME",
+            Self::Crc32c => "CRC-32C",
+            Self::Crc32 => "CRC-32",
+            Self::Crc64Ecma => "CRC-64/ECMA (OSS)",
+        }
+    }
+
+    /// `value` as the store writes it.
+    pub fn format(self, value: u64) -> String {
+        match self {
+            Self::Crc64Nvme => to_base64(value),
+            Self::Crc32c | Self::Crc32 => aws_smithy_types::base64::encode((value as u32).to_be_bytes()),
+            Self::Crc64Ecma => value.to_string(),
+        }
+    }
+
+    /// Parses a value as the store writes it; `None` if it is not one (a
+    /// composite checksum of parts, say).
+    pub fn parse(self, text: &str) -> Option<u64> {
+        match self {
+            Self::Crc64Nvme => from_base64(text),
+            Self::Crc32c | Self::Crc32 => {
+                let bytes = aws_smithy_types::base64::decode(text).ok()?;
+                Some(u32::from_be_bytes(bytes.try_into().ok()?).into())
+            }
+            Self::Crc64Ecma => text.parse().ok(),
+        }
+    }
+}
+
+/// The running checksums of a download: CRC-64/NVME always, and the
+/// store's own algorithm when that is another one.
+pub struct Sums {
+    nvme: Crc64Stream,
+    other: Option<(StoreAlgorithm, crc_fast::Digest)>,
+}
+
+impl Sums {
+    /// Checksums for an object the store keeps `stored` of.
+    pub fn new(stored: Option<StoreChecksum>) -> Self {
+        let other = stored
+            .map(|s| s.algorithm)
+            .filter(|&a| a != StoreAlgorithm::Crc64Nvme)
+            .map(|a| (a, crc_fast::Digest::new(a.crc())));
+        Self {
+            nvme: Crc64Stream::default(),
+            other,
+        }
+    }
+
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.nvme.update(bytes);
+        if let Some((_, digest)) = &mut self.other {
+            digest.update(bytes);
+        }
+    }
+
+    /// The checksums of everything added so far.
+    pub fn finish(&self) -> Summed {
+        Summed {
+            crc64: self.nvme.finish(),
+            other: self.other.as_ref().map(|(a, d)| (*a, d.finalize())),
+        }
+    }
+}
+
+/// The checksums of a run of bytes, as [`Sums`] computes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summed {
+    /// CRC-64/NVME, with the run's length.
+    pub crc64: Crc64,
+    /// The store's other algorithm, if any.
+    pub other: Option<(StoreAlgorithm, u64)>,
+}
+
+impl Summed {
+    /// The checksums of this run followed by `next` (computed alike).
+    #[must_use]
+    pub fn then(self, next: Self) -> Self {
+        let other = match (self.other, next.other) {
+            (Some((a, x)), Some((_, y))) => Some((a, checksum_combine(a.crc(), x, y, next.crc64.len()))),
+            (other, None) | (None, other) => other,
+        };
+        Self {
+            crc64: self.crc64.then(next.crc64),
+            other,
+        }
+    }
+
+    /// Checks the checksum the store keeps; on a mismatch, says what differs.
+    pub fn check(&self, stored: Option<StoreChecksum>) -> Result<(), String> {
+        let Some(stored) = stored else { return Ok(()) };
+        let got = match stored.algorithm {
+            StoreAlgorithm::Crc64Nvme => Some(self.crc64.value()),
+            _ => self.other.map(|(_, v)| v),
+        };
+        match got {
+            Some(got) if got == stored.value => Ok(()),
+            got => Err(format!(
+                "{} checksum mismatch: the store says {}, the bytes received give {}",
+                stored.algorithm.name(),
+                stored.algorithm.format(stored.value),
+                got.map_or("nothing".into(), |g| stored.algorithm.format(g))
+            )),
+        }
+    }
+}
+
 /// The form S3 uses in headers and the gateway in events: base64 of the
 /// eight big-endian bytes.
 pub fn to_base64(crc: u64) -> String {
@@ -110,6 +259,41 @@ mod tests {
         assert_eq!(from_base64("akP7S61aVgc="), Some(Crc64::of(b"hello\n").value()));
         assert_eq!(from_base64("not base64"), None);
         assert_eq!(from_base64("AAAA"), None);
+    }
+
+    #[test]
+    fn store_algorithms_match_their_catalogue_check_values() {
+        let cases = [
+            (StoreAlgorithm::Crc64Nvme, 0xae8b_1486_0a79_9888),
+            (StoreAlgorithm::Crc32c, 0xe306_9283),
+            (StoreAlgorithm::Crc32, 0xcbf4_3926),
+            (StoreAlgorithm::Crc64Ecma, 0x995d_c9bb_df19_39fa),
+        ];
+        for (algorithm, check) in cases {
+            let stored = StoreChecksum {
+                algorithm,
+                value: check,
+            };
+            let mut sums = Sums::new(Some(stored));
+            sums.update(b"1234");
+            let head = sums.finish();
+            let mut sums = Sums::new(Some(stored));
+            sums.update(b"56789");
+            let whole = Sums::new(Some(stored)).finish().then(head).then(sums.finish());
+            assert_eq!(whole.check(Some(stored)), Ok(()), "{}", algorithm.name());
+            let text = algorithm.format(check);
+            assert_eq!(algorithm.parse(&text), Some(check), "{text}");
+            let wrong = StoreChecksum {
+                algorithm,
+                value: check ^ 1,
+            };
+            let err = whole.check(Some(wrong)).unwrap_err();
+            assert!(err.starts_with(algorithm.name()), "{err}");
+        }
+        // S3 writes CRC-32s as four bytes; a composite one is not whole.
+        assert_eq!(StoreAlgorithm::Crc32.parse("yzSWjg=="), Some(0xcb34_968e));
+        assert_eq!(StoreAlgorithm::Crc32c.parse("DYFc1g==-128"), None);
+        assert_eq!(StoreAlgorithm::Crc64Ecma.parse("-1"), None);
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! from the bytes already received, pinned to the same object version by
 //! `If-Match`.
 //!
-//! Integrity: the size is always checked; the CRC-64/NVME of the bytes
-//! received is checked against the store's when it keeps one, and their MD5
-//! against the entity tag when that is a plain MD5 (objects stored in one
-//! PUT). Corruption of an object that has either is an error, never a wrong
-//! file; an object with neither (a multipart upload by another tool without
-//! checksums, or an encrypted one) can only be checked for its size.
+//! Integrity: the size is always checked; the bytes received are checked
+//! against the whole-object checksum the store keeps, if any (CRC-64/NVME,
+//! which the gateway computes anyway, or a CRC-32C, CRC-32 or OSS CRC-64
+//! computed alongside it), and their MD5 against the entity tag when that
+//! is a plain MD5 (objects stored in one PUT). Corruption of an object that
+//! has either is an error, never a wrong file; an object with neither (a
+//! multipart upload by another tool without checksums, or an encrypted one)
+//! can only be checked for its size.
 
 use std::{fs::File, time::Duration};
 
@@ -17,8 +19,8 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use super::{
-    Crc64, ObjectInfo, S3Url, StorageError, Transfer,
-    checksum::{Crc64Stream, to_base64},
+    ObjectInfo, S3Url, StorageError, Transfer,
+    checksum::{Summed, Sums},
 };
 
 /// Objects up to this size are gathered in memory and written at once.
@@ -35,8 +37,9 @@ const MAX_TOTAL_ATTEMPTS: u32 = 50;
 /// `progress` as it goes.
 ///
 /// The result is verified to have exactly `info.size` bytes, the store's
-/// CRC-64/NVME if it has one, and, for single-part objects, their MD5. On
-/// error the partial file is left for the caller, who owns it, to remove.
+/// whole-object checksum if it has one, and, for single-part objects, their
+/// MD5. On error the partial file is left for the caller, who owns it, to
+/// remove.
 pub async fn download(
     client: &aws_sdk_s3::Client,
     url: &S3Url,
@@ -51,23 +54,23 @@ pub async fn download(
     if info.size > 0 {
         fetch_range(&FetchSpec::new(client, url, info), 0, info.size, &mut gathered).await?;
     }
-    let with_md5 = expected_md5(info).is_some();
+    let (with_md5, stored) = (expected_md5(info).is_some(), info.checksum);
     let written = tokio::task::spawn_blocking(move || {
-        let mut crc = Crc64Stream::default();
+        let mut sums = Sums::new(stored);
         let mut md5 = with_md5.then(Md5::new);
         for piece in &gathered {
             super::ranged::write_all_at(&file, &piece.chunks, piece.offset)?;
             for chunk in &piece.chunks {
-                crc.update(chunk);
+                sums.update(chunk);
                 md5.iter_mut().for_each(|m| m.update(chunk));
             }
         }
-        Ok::<_, std::io::Error>((crc.finish(), md5.map(|m| m.finalize().into())))
+        Ok::<_, std::io::Error>((sums.finish(), md5.map(|m| m.finalize().into())))
     })
     .await
     .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
-    let (crc, md5) = written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
-    let transfer = verify(url, info, crc, md5)?;
+    let (sums, md5) = written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
+    let transfer = verify(url, info, sums, md5)?;
     progress(info.size);
     Ok(transfer)
 }
@@ -76,13 +79,14 @@ pub async fn download(
 pub(crate) fn verify(
     url: &S3Url,
     info: &ObjectInfo,
-    crc: Crc64,
+    sums: Summed,
     md5: Option<[u8; 16]>,
 ) -> Result<Transfer, StorageError> {
     let mismatch = |detail: String| StorageError::Integrity {
         url: url.to_string(),
         detail,
     };
+    let crc = sums.crc64;
     if crc.len() != info.size {
         return Err(mismatch(format!(
             "expected {} bytes, received {}",
@@ -90,13 +94,7 @@ pub(crate) fn verify(
             crc.len()
         )));
     }
-    if let Some(expected) = info.crc64nvme.filter(|&e| e != crc.value()) {
-        return Err(mismatch(format!(
-            "CRC-64/NVME checksum mismatch: the store says {}, the bytes received give {}",
-            to_base64(expected),
-            to_base64(crc.value())
-        )));
-    }
+    sums.check(info.checksum).map_err(mismatch)?;
     if let (Some(expected), Some(got)) = (expected_md5(info), md5)
         && expected != got
     {

@@ -10,7 +10,7 @@ pub mod ranged;
 pub mod upload;
 mod url;
 
-pub use checksum::Crc64;
+pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};
 pub use client::{ClientError, connect};
 pub use download::download;
 pub use error::{StorageError, error_chain};
@@ -27,8 +27,8 @@ pub struct ObjectInfo {
     /// Whether a plain entity tag is the object's MD5 (false for SSE-KMS
     /// and SSE-C objects, whose tags are not).
     pub etag_is_md5: bool,
-    /// The CRC-64/NVME the store keeps for the whole object, if any.
-    pub crc64nvme: Option<u64>,
+    /// The whole-object checksum the store keeps, if any.
+    pub checksum: Option<StoreChecksum>,
 }
 
 /// The outcome of a completed transfer.
@@ -50,11 +50,14 @@ impl Transfer {
 /// Looks up an object's size, entity tag and, if the store keeps one, its
 /// whole-object checksum.
 pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo, StorageError> {
+    let oss = OssCrc64::default();
     let out = client
         .head_object()
         .bucket(url.bucket())
         .key(url.key())
         .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .customize()
+        .interceptor(oss.clone())
         .send()
         .await
         .map_err(|e| StorageError::from_sdk(url, "HeadObject", e))?;
@@ -70,13 +73,58 @@ pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo
         .server_side_encryption()
         .is_some_and(|e| e.as_str() != "AES256");
     let etag_is_md5 = !kms && out.sse_customer_algorithm().is_none();
-    // CRC-64/NVME checksums are always of the whole object; one that does
-    // not parse is ignored rather than failing a good download.
-    let crc64nvme = out.checksum_crc64_nvme().and_then(checksum::from_base64);
+    // The cheapest whole-object checksum on offer: CRC-64/NVME is computed
+    // anyway. CRC-32s of parts ("…-N") do not parse; a value that does not
+    // parse is ignored rather than failing a good download.
+    let oss = oss.value();
+    let composite = out.checksum_type() == Some(&aws_sdk_s3::types::ChecksumType::Composite);
+    let offered = [
+        (StoreAlgorithm::Crc64Nvme, out.checksum_crc64_nvme()),
+        (
+            StoreAlgorithm::Crc32c,
+            out.checksum_crc32_c().filter(|_| !composite),
+        ),
+        (StoreAlgorithm::Crc32, out.checksum_crc32().filter(|_| !composite)),
+        (StoreAlgorithm::Crc64Ecma, oss.as_deref()),
+    ];
+    let checksum = offered.into_iter().find_map(|(algorithm, text)| {
+        let value = algorithm.parse(text?)?;
+        Some(StoreChecksum { algorithm, value })
+    });
     Ok(ObjectInfo {
         size,
         etag: out.e_tag,
         etag_is_md5,
-        crc64nvme,
+        checksum,
     })
+}
+
+/// Keeps the `x-oss-hash-crc64ecma` header of a response, which Aliyun OSS
+/// sends and the S3 SDK does not model.
+#[derive(Debug, Clone, Default)]
+struct OssCrc64(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl OssCrc64 {
+    const HEADER: &str = "x-oss-hash-crc64ecma";
+
+    fn value(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl aws_sdk_s3::config::Intercept for OssCrc64 {
+    fn name(&self) -> &'static str {
+        "OssCrc64"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let value = context.response().headers().get(Self::HEADER).map(str::to_owned);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = value;
+        Ok(())
+    }
 }

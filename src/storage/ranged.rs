@@ -31,8 +31,8 @@ use tokio::{
 };
 
 use super::{
-    Crc64, ObjectInfo, S3Url, StorageError, Transfer,
-    checksum::Crc64Stream,
+    ObjectInfo, S3Url, StorageError, StoreChecksum, Transfer,
+    checksum::{Summed, Sums},
     download::{FetchSpec, Piece, PieceSink, expected_md5, fetch_range, verify},
 };
 
@@ -66,7 +66,7 @@ pub async fn download(
 ) -> Result<Transfer, StorageError> {
     let io = |e: std::io::Error| StorageError::io(format!("the file staged from {url}"), e);
     let size = info.size;
-    let with_md5 = expected_md5(info).is_some();
+    let (with_md5, stored) = (expected_md5(info).is_some(), info.checksum);
     let range_size = match with_md5 {
         true => range_size(size).min(*RANGE_SIZES.start()),
         false => range_size(size),
@@ -77,7 +77,7 @@ pub async fn download(
     let (hashed_tx, mut hashed) = watch::channel(0u64);
     let writer = tokio::task::spawn_blocking(move || {
         file.set_len(size)?;
-        write_all(&file, piece_rx, &hashed_tx, with_md5)
+        write_all(&file, piece_rx, &hashed_tx, with_md5, stored)
     });
 
     let spec = FetchSpec::new(client, url, info);
@@ -128,9 +128,9 @@ pub async fn download(
     drop(pieces);
     let written = writer.await.map_err(|e| io(std::io::Error::other(e)))?;
     // A failed writer is the root cause of anything the ranges saw.
-    let (crc, md5) = written.map_err(io)?;
+    let (sums, md5) = written.map_err(io)?;
     result?;
-    let transfer = verify(url, info, crc, md5)?;
+    let transfer = verify(url, info, sums, md5)?;
     progress(size);
     Ok(transfer)
 }
@@ -172,7 +172,8 @@ fn write_all(
     mut pieces: mpsc::Receiver<Piece>,
     done: &watch::Sender<u64>,
     with_md5: bool,
-) -> std::io::Result<(Crc64, Option<[u8; 16]>)> {
+    stored: Option<StoreChecksum>,
+) -> std::io::Result<(Summed, Option<[u8; 16]>)> {
     std::thread::scope(|scope| {
         let md5 = with_md5.then(|| {
             let (tx, rx) = std_mpsc::sync_channel::<Vec<Bytes>>(MD5_QUEUE);
@@ -186,14 +187,14 @@ fn write_all(
             (tx, thread)
         });
         // Each range's pieces arrive in order: one running checksum per range.
-        let mut ranges = BTreeMap::<u64, Crc64Stream>::new();
+        let mut ranges = BTreeMap::<u64, Sums>::new();
         // Pieces past the contiguous prefix, with their bytes if MD5 wants them.
         let mut waiting = BTreeMap::<u64, (usize, Vec<Bytes>)>::new();
         let mut prefix = 0u64;
         while let Some(piece) = pieces.blocking_recv() {
             write_all_at(file, &piece.chunks, piece.offset)?;
-            let crc = ranges.entry(piece.range).or_default();
-            piece.chunks.iter().for_each(|c| crc.update(c));
+            let sums = ranges.entry(piece.range).or_insert_with(|| Sums::new(stored));
+            piece.chunks.iter().for_each(|c| sums.update(c));
             let bytes = if md5.is_some() { piece.chunks } else { Vec::new() };
             waiting.insert(piece.offset, (piece.len, bytes));
             while let Some((len, bytes)) = waiting.remove(&prefix) {
@@ -206,12 +207,12 @@ fn write_all(
             done.send_replace(prefix);
         }
         // Join the ranges' checksums in order, as far as they are contiguous.
-        let mut crc = Crc64::default();
+        let mut whole = Sums::new(stored).finish();
         for (start, range) in &ranges {
-            if *start != crc.len() {
+            if *start != whole.crc64.len() {
                 break;
             }
-            crc = crc.then(range.finish());
+            whole = whole.then(range.finish());
         }
         let md5 = match md5 {
             Some((tx, thread)) => {
@@ -223,7 +224,7 @@ fn write_all(
             }
             None => None,
         };
-        Ok((crc, md5))
+        Ok((whole, md5))
     })
 }
 

@@ -35,6 +35,17 @@ pub fn crc64nvme(data: &[u8]) -> String {
     aws_smithy_types::base64::encode(crc.to_be_bytes())
 }
 
+/// A CRC-32 (`castagnoli` for CRC-32C) of `data` in S3's form (base64 of
+/// the four big-endian bytes), computed independently of the gateway's code.
+pub fn crc32(data: &[u8], castagnoli: bool) -> String {
+    let algorithm = match castagnoli {
+        true => crc_fast::CrcAlgorithm::Crc32Iscsi,
+        false => crc_fast::CrcAlgorithm::Crc32IsoHdlc,
+    };
+    let crc = crc_fast::checksum(algorithm, data) as u32;
+    aws_smithy_types::base64::encode(crc.to_be_bytes())
+}
+
 /// Reads an object by URL through `s3`.
 pub async fn get_object(s3: &aws_sdk_s3::Client, url: &str) -> Vec<u8> {
     let url = prefab::storage::S3Url::parse(url).expect("an s3 URL");
