@@ -542,7 +542,9 @@ impl Drop for Multipart {
     }
 }
 
-/// Aborts started by dropped uploads, so that shutdown can wait for them.
+/// Requests that outlive the upload that made them (the creation of a
+/// multipart upload, the abort of a dropped one), so that shutdown can wait
+/// for them.
 static PENDING_ABORTS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
     std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
 
