@@ -1,8 +1,10 @@
-//! Aliyun OSS keeps a CRC-64 of every object and sends it in its own
-//! header, `x-oss-hash-crc64ecma`, which the S3 SDK does not model. A small
-//! HTTP server on loopback answers HEAD and ranged GETs the way OSS does, so
-//! that downloads are seen checking that header: the right value passes, a
-//! wrong one is a checksum error.
+//! Checksum headers as stores other than the embedded one send them, from a
+//! small HTTP server on loopback that answers HEAD and ranged GETs. Aliyun
+//! OSS keeps a CRC-64 of every object in its own header,
+//! `x-oss-hash-crc64ecma`, which the S3 SDK does not model: downloads check
+//! it (the right value passes, a wrong one is a checksum error). A CRC-32C
+//! of a multipart object's parts, sent without saying so, is not mistaken
+//! for the object's.
 
 mod common;
 
@@ -15,10 +17,10 @@ use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::TokioIo;
 use prefab::storage::{self, S3Url, StoreAlgorithm};
 
-/// One object served OSS-style, with the CRC-64 it claims to have.
+/// One object, served with these extra headers.
 struct Object {
     data: Bytes,
-    crc64ecma: u64,
+    headers: Vec<(&'static str, String)>,
 }
 
 /// Serves `object` at every key on a free loopback port; returns the
@@ -49,12 +51,12 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if let Some(range) = req.headers().get("range").and_then(|r| r.to_str().ok()) {
         let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap();
         start = a.parse().unwrap();
-        end = b.parse::<usize>().unwrap() + 1;
+        end = b.parse::<usize>().map_or(size, |last| last + 1);
     }
-    let response = Response::builder()
-        .header("x-oss-hash-crc64ecma", object.crc64ecma.to_string())
-        .header("x-oss-request-id", "5f2c9e")
-        .header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
+    let mut response = Response::builder().header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
+    for (name, value) in &object.headers {
+        response = response.header(*name, value);
+    }
     let (response, body) = if req.method() == hyper::Method::HEAD {
         (response.status(200).header("content-length", size), Bytes::new())
     } else if (start, end) != (0, size) {
@@ -76,7 +78,10 @@ async fn downloads_check_the_crc64_that_oss_keeps() {
         for (claimed, ok) in [(crc64ecma, true), (crc64ecma ^ 0x10, false)] {
             let object = Object {
                 data: data.clone(),
-                crc64ecma: claimed,
+                headers: vec![
+                    ("x-oss-hash-crc64ecma", claimed.to_string()),
+                    ("x-oss-request-id", "5f2c9e".into()),
+                ],
             };
             let (endpoint, server) = serve(object).await;
             let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
@@ -101,12 +106,47 @@ async fn downloads_check_the_crc64_that_oss_keeps() {
                     assert!(!ok, "{size} bytes: {e}");
                     let message = e.to_string();
                     assert!(
-                        message.contains("CRC-64/ECMA (OSS) checksum mismatch"),
+                        message.contains("CRC-64/XZ (OSS crc64ecma) checksum mismatch"),
                         "{message}"
                     );
                     assert!(message.contains(&claimed.to_string()), "{message}");
                 }
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crc32c_of_parts_is_not_taken_for_the_whole_object() {
+    let data = Bytes::from(text(3 << 20, 12));
+    let of_parts = crc32(b"the parts' checksums, not the object's", true);
+    let whole = crc32(&data, true);
+    // (type header, ETag, CRC-32C sent) -> what HEAD takes
+    let cases = [
+        (None, "\"0a1b-3\"", &of_parts, None),
+        (Some("COMPOSITE"), "\"0a1b\"", &of_parts, None),
+        (
+            Some("FULL_OBJECT"),
+            "\"0a1b-3\"",
+            &whole,
+            Some(StoreAlgorithm::Crc32c),
+        ),
+        (None, "\"0a1b\"", &whole, Some(StoreAlgorithm::Crc32c)),
+    ];
+    for (kind, etag, crc, taken) in cases {
+        let mut headers = vec![("etag", etag.to_owned()), ("x-amz-checksum-crc32c", crc.clone())];
+        headers.extend(kind.map(|k| ("x-amz-checksum-type", k.to_owned())));
+        let object = Object {
+            data: data.clone(),
+            headers,
+        };
+        let (endpoint, server) = serve(object).await;
+        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let url = S3Url::parse("s3://bucket/videos/parts.bin").unwrap();
+        let info = storage::head(&s3, &url).await.unwrap();
+        assert_eq!(info.checksum.map(|c| c.algorithm), taken, "{kind:?} {etag}");
+        let got = storage::download(&s3, &url, &info, tempfile::tempfile().unwrap(), &mut |_| {}).await;
+        server.abort();
+        assert_eq!(got.unwrap().checksum(), crc64nvme(&data), "{kind:?} {etag}");
     }
 }

@@ -129,7 +129,7 @@ impl StoreAlgorithm {
             Self::Crc64Nvme => "CRC-64/NVME",
             Self::Crc32c => "CRC-32C",
             Self::Crc32 => "CRC-32",
-            Self::Crc64Ecma => "CRC-64/ECMA (OSS)",
+            Self::Crc64Ecma => "CRC-64/XZ (OSS crc64ecma)",
         }
     }
 
@@ -151,7 +151,8 @@ impl StoreAlgorithm {
                 let bytes = aws_smithy_types::base64::decode(text).ok()?;
                 Some(u32::from_be_bytes(bytes.try_into().ok()?).into())
             }
-            Self::Crc64Ecma => text.parse().ok(),
+            Self::Crc64Ecma if text.bytes().all(|b| b.is_ascii_digit()) => text.parse().ok(),
+            Self::Crc64Ecma => None,
         }
     }
 }
@@ -294,6 +295,7 @@ mod tests {
         assert_eq!(StoreAlgorithm::Crc32.parse("yzSWjg=="), Some(0xcb34_968e));
         assert_eq!(StoreAlgorithm::Crc32c.parse("DYFc1g==-128"), None);
         assert_eq!(StoreAlgorithm::Crc64Ecma.parse("-1"), None);
+        assert_eq!(StoreAlgorithm::Crc64Ecma.parse("+1"), None);
     }
 
     #[test]

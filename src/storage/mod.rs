@@ -77,7 +77,13 @@ pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo
     // anyway. CRC-32s of parts ("…-N") do not parse; a value that does not
     // parse is ignored rather than failing a good download.
     let oss = oss.value();
-    let composite = out.checksum_type() == Some(&aws_sdk_s3::types::ChecksumType::Composite);
+    // CRC-32s of a multipart object are of its parts unless the store says
+    // they are full-object ones.
+    let composite = match out.checksum_type() {
+        Some(aws_sdk_s3::types::ChecksumType::FullObject) => false,
+        Some(aws_sdk_s3::types::ChecksumType::Composite) => true,
+        _ => out.e_tag().is_some_and(|tag| tag.contains('-')),
+    };
     let offered = [
         (StoreAlgorithm::Crc64Nvme, out.checksum_crc64_nvme()),
         (

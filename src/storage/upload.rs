@@ -407,6 +407,8 @@ struct Multipart {
     url: S3Url,
     upload_id: String,
     open: bool,
+    /// Keeps shutdown waiting until a dropped upload has started its abort.
+    _pending: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 impl Multipart {
@@ -415,10 +417,10 @@ impl Multipart {
     /// task still learns its id and the dropped result aborts it.
     async fn create(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Self, StorageError> {
         let task = PENDING_ABORTS.spawn(Self::request(client.clone(), url.clone()));
-        task.await.map_err(|e| StorageError::Rejected {
+        task.await.map_err(|e| StorageError::Unavailable {
             url: url.to_string(),
             op: "CreateMultipartUpload",
-            detail: format!("the request task ended early: {e}"),
+            detail: format!("the request was cut short: {e}"),
         })?
     }
 
@@ -442,6 +444,7 @@ impl Multipart {
             url,
             upload_id,
             open: true,
+            _pending: PENDING_ABORTS.token(),
         })
     }
 
