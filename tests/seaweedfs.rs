@@ -30,7 +30,23 @@ struct Weed {
 }
 
 impl Weed {
+    /// Starts one, trying again on other ports if one it was given got
+    /// taken before it could bind it.
     async fn start() -> Self {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start().await {
+                Ok(weed) => return weed,
+                Err(log) if log.contains("address already in use") && attempt < ATTEMPTS => {}
+                Err(log) => panic!("SeaweedFS did not come up; its log:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts one on free ports; its log if it exits or is not ready within
+    /// a minute.
+    async fn try_start() -> Result<Self, String> {
         let weed = std::env::var("PREFAB_WEED")
             .expect("PREFAB_WEED must name the weed binary (bash .ci/compat installs it)");
         let dir = tempfile::tempdir().unwrap();
@@ -66,7 +82,7 @@ impl Weed {
             .expect("start weed mini");
         let endpoint = format!("http://127.0.0.1:{s3_port}");
         let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
-        let weed = Self {
+        let mut weed = Self {
             child,
             endpoint,
             s3,
@@ -77,12 +93,14 @@ impl Weed {
             let ready = weed.s3.head_bucket().bucket(INPUT_BUCKET).send().await.is_ok()
                 && weed.s3.head_bucket().bucket(BUCKET).send().await.is_ok();
             if ready {
-                return weed;
+                return Ok(weed);
+            }
+            if weed.child.try_wait().is_ok_and(|status| status.is_some()) {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let log = std::fs::read_to_string(weed._dir.path().join("weed.log")).unwrap_or_default();
-        panic!("SeaweedFS did not come up; its log:\n{log}");
+        Err(std::fs::read_to_string(weed._dir.path().join("weed.log")).unwrap_or_default())
     }
 
     async fn open_uploads(&self) -> usize {
