@@ -242,50 +242,60 @@ impl Stack {
     }
 
     /// Like [`Stack::gateway_process_with`], reaching S3 at `s3_endpoint`
-    /// (e.g. through a fault-injecting proxy).
+    /// (e.g. through a fault-injecting proxy). A child that exits before it
+    /// listens (its port was taken after it was picked) is started again on
+    /// another port, up to three times.
     pub async fn gateway_process_via(
         &self,
         s3_endpoint: &str,
         extra: &[&str],
         log: Option<&Path>,
     ) -> (tokio::process::Child, GatewayClient<Channel>) {
-        let port = free_port();
-        let stderr = match log {
-            Some(path) => std::process::Stdio::from(std::fs::File::create(path).unwrap()),
-            None => std::process::Stdio::inherit(),
-        };
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
-            .arg("gateway")
-            .stderr(stderr)
-            .arg(format!("--addr=127.0.0.1:{port}"))
-            .arg("--no-auth")
-            .arg(format!("--workspace-root={}", self.workspace_root.display()))
-            .arg(format!(
-                "--endpoints=hello-world-prefab@1.0.0=http://{}",
-                self.runtime_addr
-            ))
-            .arg("--endpoint-template=")
-            .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
-            .arg(format!("--s3-endpoint-url={s3_endpoint}"))
-            .args(extra)
-            .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
-            .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the gateway binary");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..500 {
-            if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                return (child, GatewayClient::new(ch).max_decoding_message_size(8 << 20));
+        for _ in 0..3 {
+            let port = free_port();
+            let stderr = match log {
+                Some(path) => std::process::Stdio::from(std::fs::File::create(path).unwrap()),
+                None => std::process::Stdio::inherit(),
+            };
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
+                .arg("gateway")
+                .stderr(stderr)
+                .arg(format!("--addr=127.0.0.1:{port}"))
+                .arg("--no-auth")
+                .arg(format!("--workspace-root={}", self.workspace_root.display()))
+                .arg(format!(
+                    "--endpoints=hello-world-prefab@1.0.0=http://{}",
+                    self.runtime_addr
+                ))
+                .arg("--endpoint-template=")
+                .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
+                .arg(format!("--s3-endpoint-url={s3_endpoint}"))
+                .args(extra)
+                .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
+                .env("RUST_LOG", if log.is_some() { "info" } else { "warn" })
+                .kill_on_drop(true)
+                .spawn()
+                .expect("start the gateway binary");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            for _ in 0..500 {
+                if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                {
+                    return (child, GatewayClient::new(ch).max_decoding_message_size(8 << 20));
+                }
+                if child.try_wait().is_ok_and(|status| status.is_some()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if child.try_wait().is_ok_and(|status| status.is_none()) {
+                panic!("the gateway child never listened on {addr}");
+            }
         }
-        panic!("the gateway child never listened on {addr}");
+        panic!("the gateway child exited before listening, three times");
     }
 }
 
