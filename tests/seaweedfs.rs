@@ -220,8 +220,7 @@ async fn an_object_stored_with_a_crc32c_is_checked_against_it() {
         info.checksum.map(|c| (c.algorithm, c.algorithm.format(c.value))),
         Some((storage::StoreAlgorithm::Crc32c, crc32(&data, true)))
     );
-    let out = tempfile::tempfile().unwrap();
-    let got = storage::download(&weed.s3, &url, &info, out.try_clone().unwrap(), &mut |_| {})
+    let got = storage::download(&weed.s3, &url, &info, tempfile::tempfile().unwrap(), &mut |_| {})
         .await
         .unwrap();
     assert_eq!(got.checksum(), crc64nvme(&data));

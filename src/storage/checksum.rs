@@ -147,10 +147,7 @@ impl StoreAlgorithm {
     pub fn parse(self, text: &str) -> Option<u64> {
         match self {
             Self::Crc64Nvme => from_base64(text),
-            Self::Crc32c | Self::Crc32 => {
-                let bytes = aws_smithy_types::base64::decode(text).ok()?;
-                Some(u32::from_be_bytes(bytes.try_into().ok()?).into())
-            }
+            Self::Crc32c | Self::Crc32 => Some(u32::from_be_bytes(decode_base64(text)?).into()),
             Self::Crc64Ecma if text.bytes().all(|b| b.is_ascii_digit()) => text.parse().ok(),
             Self::Crc64Ecma => None,
         }
@@ -244,8 +241,12 @@ pub fn to_base64(crc: u64) -> String {
 
 /// Parses [`to_base64`]'s form; `None` if `text` is not one.
 pub fn from_base64(text: &str) -> Option<u64> {
-    let bytes = aws_smithy_types::base64::decode(text).ok()?;
-    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+    Some(u64::from_be_bytes(decode_base64(text)?))
+}
+
+/// Exactly `N` bytes in base64; `None` if `text` is anything else.
+fn decode_base64<const N: usize>(text: &str) -> Option<[u8; N]> {
+    aws_smithy_types::base64::decode(text).ok()?.try_into().ok()
 }
 
 #[cfg(test)]

@@ -74,11 +74,11 @@ pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo
         .is_some_and(|e| e.as_str() != "AES256");
     let etag_is_md5 = !kms && out.sse_customer_algorithm().is_none();
     // The cheapest whole-object checksum on offer: CRC-64/NVME is computed
-    // anyway. CRC-32s of parts ("…-N") do not parse; a value that does not
-    // parse is ignored rather than failing a good download.
-    let oss = oss.value();
-    // CRC-32s of a multipart object are of its parts unless the store says
-    // they are full-object ones.
+    // anyway. CRC-32s of a multipart object are of its parts unless the
+    // store says they are full-object ones; a value that does not parse
+    // (such as a composite "…-N") is ignored rather than failing a good
+    // download.
+    let oss = oss.take();
     let composite = match out.checksum_type() {
         Some(aws_sdk_s3::types::ChecksumType::FullObject) => false,
         Some(aws_sdk_s3::types::ChecksumType::Composite) => true,
@@ -113,8 +113,9 @@ struct OssCrc64(std::sync::Arc<std::sync::Mutex<Option<String>>>);
 impl OssCrc64 {
     const HEADER: &str = "x-oss-hash-crc64ecma";
 
-    fn value(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The header of the last response, if it had one.
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 

@@ -1,8 +1,9 @@
 //! The download engine for objects above [`SMALL_OBJECT`]: ranged GETs,
 //! several at once for large objects (with a global limit across all
 //! downloads), whose bytes go to one writer thread. It writes each piece at
-//! its offset into the preallocated file and joins the pieces' CRC-64/NVME
-//! checksums in file order; no byte is copied in user space or read back.
+//! its offset into the preallocated file and joins the pieces' checksums
+//! (CRC-64/NVME, and the store's own CRC if it keeps another) in file
+//! order; no byte is copied in user space or read back.
 //!
 //! Checking an MD5 entity tag needs the bytes themselves in order: then the
 //! writer passes them to an MD5 thread, and a range may only start within
