@@ -13,13 +13,26 @@ use tokio::sync::Semaphore;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// A fresh file at `path` for a download (replacing any old one).
-fn create(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
+async fn create(path: PathBuf) -> std::io::Result<std::fs::File> {
+    let open = move || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    };
+    tokio::task::spawn_blocking(open).await?
+}
+
+/// A file to upload, and its size.
+async fn open(path: PathBuf) -> std::io::Result<(std::fs::File, u64)> {
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    })
+    .await?
 }
 
 /// Objects moved at once by the *-many commands.
@@ -43,15 +56,14 @@ async fn main() -> Result<(), Error> {
     let report = match (cli.op.as_str(), cli.args.as_slice()) {
         ("get", [url, dest]) => {
             let url = storage::S3Url::parse(url)?;
-            let info = storage::head(&client, &url).await?;
-            let file = create(dest.as_ref())?;
-            let done = storage::download(&client, &url, &info, file, &mut |_| {}).await?;
+            let probed = storage::probe(&client, &url).await?;
+            let file = create(dest.into()).await?;
+            let done = storage::download_probed(&client, &url, &probed, file, &mut |_| {}).await?;
             format!("{} bytes crc64nvme {}", done.size, done.checksum())
         }
         ("put", [src, url]) => {
             let url = storage::S3Url::parse(url)?;
-            let file = std::fs::File::open(src)?;
-            let size = file.metadata()?.len();
+            let (file, size) = open(src.into()).await?;
             let done = storage::upload(&client, file, size, &url, &mut |_| {}).await?;
             format!("{} bytes crc64nvme {}", done.size, done.checksum())
         }
@@ -66,8 +78,9 @@ async fn main() -> Result<(), Error> {
                 let dest = PathBuf::from(dir).join(i.to_string());
                 tasks.spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let info = storage::head(&client, &url).await?;
-                    storage::download(&client, &url, &info, create(&dest)?, &mut |_| {}).await?;
+                    let probed = storage::probe(&client, &url).await?;
+                    let file = create(dest).await?;
+                    storage::download_probed(&client, &url, &probed, file, &mut |_| {}).await?;
                     Ok::<_, Error>(())
                 });
             }
@@ -90,8 +103,7 @@ async fn main() -> Result<(), Error> {
                 count += 1;
                 tasks.spawn(async move {
                     let _permit = limit.acquire_owned().await?;
-                    let file = std::fs::File::open(&path)?;
-                    let size = file.metadata()?.len();
+                    let (file, size) = open(path).await?;
                     storage::upload(&client, file, size, &url, &mut |_| {}).await?;
                     Ok::<_, Error>(())
                 });

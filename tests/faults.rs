@@ -29,10 +29,10 @@ enum Stored {
     WithCrc32 { castagnoli: bool },
 }
 
-/// Runs sha256 on a `mib` MiB object through a gateway whose S3 traffic
-/// passes a proxy injecting `fault`.
+/// Runs sha256 on an object of `size` bytes through a gateway whose S3
+/// traffic passes a proxy injecting `fault`.
 async fn run_through(
-    mib: usize,
+    size: usize,
     stored: Stored,
     fault: Fault,
 ) -> (
@@ -42,9 +42,9 @@ async fn run_through(
     bool,
 ) {
     let stack = Stack::start().await;
-    let data = text(mib << 20, mib as u64);
+    let data = text(size, size as u64);
     let expected = hex::encode(Sha256::digest(&data));
-    let key = format!("faults/{mib}.bin");
+    let key = format!("faults/{size}.bin");
     let url = format!("s3://{INPUT_BUCKET}/{key}");
     let put = stack.s3.put_object().bucket(INPUT_BUCKET).key(&key);
     let (put, checksum) = match stored {
@@ -98,16 +98,17 @@ async fn run_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
-    // Both come in 8 MiB ranges (their ETags are MD5s, checked in order).
-    for mib in [24, 48] {
-        let (stack, result, expected, fired) =
-            run_through(mib, Stored::Plain, Fault::CutAfter(5 << 20)).await;
-        assert!(fired, "{mib} MiB: the proxy never cut the connection");
-        let events = result.unwrap_or_else(|s| panic!("{mib} MiB: the download did not resume: {s:?}"));
+    // The big ones come in 8 MiB ranges (their ETags are MD5s, checked in
+    // order); the small one would come whole with the GET that looks at it,
+    // and is fetched again.
+    for (size, cut) in [(24 << 20, 5 << 20), (48 << 20, 5 << 20), (40 << 10, 20 << 10)] {
+        let (stack, result, expected, fired) = run_through(size, Stored::Plain, Fault::CutAfter(cut)).await;
+        assert!(fired, "{size} bytes: the proxy never cut the connection");
+        let events = result.unwrap_or_else(|s| panic!("{size} bytes: the download did not resume: {s:?}"));
         assert_eq!(
             call_outputs(&events)["sha256"],
             serde_json::json!(expected),
-            "{mib} MiB"
+            "{size} bytes"
         );
         stack.wait_idle().await;
     }
@@ -115,34 +116,45 @@ async fn a_download_cut_mid_way_resumes_and_is_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupted_bytes_fail_the_run_with_a_checksum_error() {
-    // The MD5 ETag catches it (its objects come in 8 MiB ranges); the
-    // store's CRC catches it first when the store has one.
+    // The MD5 ETag catches it (its objects come in 8 MiB ranges, or whole
+    // with the GET that looks at them); the store's CRC catches it first
+    // when the store has one.
+    const MIB: usize = 1 << 20;
+    let flip = Fault::FlipAt(5 << 20);
     let cases = [
-        (24, Stored::Plain, "MD5 checksum mismatch"),
-        (48, Stored::Plain, "MD5 checksum mismatch"),
-        (12, Stored::WithCrc64, "CRC-64/NVME checksum mismatch"),
-        (40, Stored::WithCrc64, "CRC-64/NVME checksum mismatch"),
         (
-            12,
+            40 << 10,
+            Stored::Plain,
+            Fault::FlipAt(20 << 10),
+            "MD5 checksum mismatch",
+        ),
+        (24 * MIB, Stored::Plain, flip, "MD5 checksum mismatch"),
+        (48 * MIB, Stored::Plain, flip, "MD5 checksum mismatch"),
+        (12 * MIB, Stored::WithCrc64, flip, "CRC-64/NVME checksum mismatch"),
+        (40 * MIB, Stored::WithCrc64, flip, "CRC-64/NVME checksum mismatch"),
+        (
+            12 * MIB,
             Stored::WithCrc32 { castagnoli: true },
+            flip,
             "CRC-32C checksum mismatch",
         ),
         (
-            40,
+            40 * MIB,
             Stored::WithCrc32 { castagnoli: false },
+            flip,
             "CRC-32 checksum mismatch",
         ),
     ];
-    for (mib, stored, complaint) in cases {
-        let (stack, result, _, fired) = run_through(mib, stored, Fault::FlipAt(5 << 20)).await;
-        assert!(fired, "{mib} MiB: the proxy never flipped a byte");
+    for (size, stored, fault, complaint) in cases {
+        let (stack, result, _, fired) = run_through(size, stored, fault).await;
+        assert!(fired, "{size} bytes: the proxy never flipped a byte");
         let status = result.expect_err("corruption must fail the run");
-        assert_eq!(status.code(), Code::DataLoss, "{mib} MiB: {status:?}");
+        assert_eq!(status.code(), Code::DataLoss, "{size} bytes: {status:?}");
         assert!(status.message().contains(complaint), "{}", status.message());
         assert!(
             status
                 .message()
-                .contains(&format!("s3://inputs/faults/{mib}.bin")),
+                .contains(&format!("s3://inputs/faults/{size}.bin")),
             "{}",
             status.message()
         );

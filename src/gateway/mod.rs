@@ -218,11 +218,12 @@ impl proto::gateway_server::Gateway for Gateway {
         }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
         let plans = self.state.plan(&req).await?;
-        let heads = stage::head_all(&self.state.s3, &plans).await?;
-        let sizes: Vec<(String, u64)> = heads
+        let probes = stage::probe_all(&self.state.s3, &plans).await?;
+        let sizes: Vec<(String, u64)> = probes
             .iter()
             .flatten()
-            .map(|(url, info)| (url.to_string(), info.size))
+            .zip(plans.iter().flat_map(|plan| &plan.inputs))
+            .map(|(probed, input)| (input.url.to_string(), probed.info.size))
             .collect();
         let reservation = self.state.admission.admit(&sizes).await?;
 
@@ -234,7 +235,7 @@ impl proto::gateway_server::Gateway for Gateway {
             state: Arc::clone(&self.state),
             id,
             plans,
-            heads,
+            probes,
             deadline,
             reservation,
         };

@@ -18,7 +18,7 @@ use super::{
     events::Events,
     invoke::invoke,
     plan::CallPlan,
-    stage::{Heads, stage_inputs},
+    stage::{Probes, stage_inputs},
 };
 use crate::{
     metrics::{Outcome, Phase},
@@ -34,8 +34,8 @@ pub struct Run {
     pub id: RequestId,
     /// The checked calls.
     pub plans: Vec<CallPlan>,
-    /// HEAD results of every input, per call.
-    pub heads: Heads,
+    /// What was found of every input, per call (small ones whole).
+    pub probes: Probes,
     /// The caller's deadline.
     pub deadline: Option<Duration>,
     /// Workspace space held for the run.
@@ -93,7 +93,8 @@ impl Run {
     }
 
     /// Creates the workspace, runs the calls, and removes the workspace.
-    async fn guarded(self, events: &Events) -> Result<(), GatewayError> {
+    async fn guarded(mut self, events: &Events) -> Result<(), GatewayError> {
+        let probes = std::mem::take(&mut self.probes);
         let state = &self.state;
         let workspace = state.root.create(self.id).await.map_err(|e| {
             GatewayError::Internal(format!("cannot create the workspace for {}: {e}", self.id))
@@ -108,7 +109,7 @@ impl Run {
         let cancelled = events.journal().cancellation().clone();
         let deadline_at = self.deadline.map(|d| Instant::now() + d);
         let outcome = tokio::select! {
-            outcome = calls(state, &workspace, &self.plans, &self.heads, events, deadline_at) => outcome,
+            outcome = calls(state, &workspace, &self.plans, probes, events, deadline_at) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             () = deadline => Err(GatewayError::DeadlineExceeded(self.deadline.unwrap_or_default())),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
@@ -152,7 +153,7 @@ async fn calls(
     state: &State,
     ws: &Workspace,
     plans: &[CallPlan],
-    heads: &Heads,
+    probes: Probes,
     events: &Events,
     deadline_at: Option<Instant>,
 ) -> Result<(), GatewayError> {
@@ -161,7 +162,7 @@ async fn calls(
         calls: plans.len() as u32,
     };
     events.send(0, Event::Accepted(accepted)).await?;
-    for (plan, heads) in plans.iter().zip(heads) {
+    for (plan, probes) in plans.iter().zip(probes) {
         let phase = |phase| {
             state
                 .metrics
@@ -170,7 +171,7 @@ async fn calls(
                 .clone()
         };
         let t = Instant::now();
-        let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, heads, events).await?;
+        let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, probes, events).await?;
         state.metrics.bytes_staged.inc_by(staged);
         phase("stage").observe(t.elapsed().as_secs_f64());
 

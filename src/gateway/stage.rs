@@ -1,4 +1,5 @@
-//! Staging: HEAD every input of a call, then copy each object into the
+//! Staging: look at every input of a call (a GET of its first bytes, which
+//! brings a small object whole), then copy each object into the
 //! workspace as `<name>.part`, renamed to its final name only once complete
 //! and verified. Several inputs move at once.
 
@@ -13,39 +14,52 @@ use super::{
 };
 use crate::{
     proto::{self, run_event::Event},
-    storage::{self, ObjectInfo, S3Url},
+    storage::{self, Probed},
     workspace::{DirFd, Workspace},
 };
 
 /// Inputs of one call staged at once.
 const INPUTS_IN_FLIGHT: usize = 4;
 
-/// HEAD results of each call's inputs, in plan order.
-pub type Heads = Vec<Vec<(S3Url, ObjectInfo)>>;
+/// Bytes of small objects a run keeps from looking at its inputs until it
+/// stages them; the inputs beyond are fetched again.
+const KEPT_PER_RUN: u64 = 2 << 20;
 
-/// HEADs every input of every call (a call's inputs, at most 64, at once):
-/// a missing object fails the run before any byte moves, and the sizes feed
-/// admission.
-pub async fn head_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Heads, GatewayError> {
-    let mut heads = Vec::with_capacity(plans.len());
+/// What was found of each call's inputs, in plan order.
+pub type Probes = Vec<Vec<Probed>>;
+
+/// Looks at every input of every call (a call's inputs, at most 64, at
+/// once): a missing object fails the run before any byte moves, and the
+/// sizes feed admission. Small objects come whole and are kept, up to
+/// [`KEPT_PER_RUN`] bytes in all.
+pub async fn probe_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Probes, GatewayError> {
+    let mut probes = Vec::with_capacity(plans.len());
+    let mut kept = 0;
     for plan in plans {
         let mut tasks = JoinSet::new();
         for (i, input) in plan.inputs.iter().enumerate() {
             let (s3, url) = (s3.clone(), input.url.clone());
-            tasks.spawn(async move { (i, storage::head(&s3, &url).await.map(|info| (url, info))) });
+            tasks.spawn(async move { (i, storage::probe(&s3, &url).await) });
         }
         let mut call = vec![None; plan.inputs.len()];
         while let Some(done) = tasks.join_next().await {
-            let (i, head) = done.map_err(|e| GatewayError::Internal(format!("HEAD task failed: {e}")))?;
-            call[i] = Some(head?);
+            let (i, probed) = done.map_err(|e| GatewayError::Internal(format!("probe task failed: {e}")))?;
+            let mut probed = probed?;
+            let size = probed.body.as_ref().map_or(0, |b| b.len() as u64);
+            if kept + size > KEPT_PER_RUN {
+                probed.body = None;
+            } else {
+                kept += size;
+            }
+            call[i] = Some(probed);
         }
-        heads.push(
+        probes.push(
             call.into_iter()
-                .map(|h| h.expect("every HEAD finished"))
+                .map(|h| h.expect("every input was looked at"))
                 .collect(),
         );
     }
-    Ok(heads)
+    Ok(probes)
 }
 
 /// Stages every input of call `index` into `workspace`; returns the bytes
@@ -55,18 +69,18 @@ pub async fn stage_inputs(
     workspace: &Workspace,
     index: u32,
     inputs: &[FileInput],
-    heads: &[(S3Url, ObjectInfo)],
+    probes: Vec<Probed>,
     events: &Events,
 ) -> Result<u64, GatewayError> {
-    let total = heads.iter().map(|(_, info)| info.size).sum();
+    let total = probes.iter().map(|probed| probed.info.size).sum();
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    for (input, (_, info)) in inputs.iter().cloned().zip(heads.iter().cloned()) {
+    for (input, probed) in inputs.iter().cloned().zip(probes) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
         let dir = workspace.fd();
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-            stage_one(&s3, &input, &info, dir, index, &events).await
+            stage_one(&s3, &input, &probed, dir, index, &events).await
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -78,7 +92,7 @@ pub async fn stage_inputs(
 async fn stage_one(
     s3: &aws_sdk_s3::Client,
     input: &FileInput,
-    info: &ObjectInfo,
+    probed: &Probed,
     workspace: Arc<DirFd>,
     index: u32,
     events: &Events,
@@ -101,10 +115,11 @@ async fn stage_one(
         .map_err(io)?
     };
     let url = input.url.to_string();
-    let mut progress = events.transfer_progress(index, &input.param, &url, info.size, true);
+    let size = probed.info.size;
+    let mut progress = events.transfer_progress(index, &input.param, &url, size, true);
     progress(0);
-    tracing::debug!(%url, size = info.size, "staging input");
-    let done = storage::download(s3, &input.url, info, file, &mut progress).await?;
+    tracing::debug!(%url, size, "staging input");
+    let done = storage::download_probed(s3, &input.url, probed, file, &mut progress).await?;
     let final_name = name.to_owned();
     tokio::task::spawn_blocking(move || dir.rename(&part, &final_name))
         .await

@@ -1,6 +1,7 @@
 //! Streaming an object onto local disk. Small objects are gathered in
-//! memory and written by one blocking call; larger ones go through the
-//! ranged engine in [`super::ranged`]. Either way a GET that breaks resumes
+//! memory (or came whole with their [`super::probe`]) and are written by
+//! one blocking call; larger ones go through the ranged engine in
+//! [`super::ranged`]. Either way a GET that breaks resumes
 //! from the bytes already received, pinned to the same object version by
 //! `If-Match`.
 //!
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use super::{
-    ObjectInfo, S3Url, StorageError, Transfer,
+    ObjectInfo, Probed, S3Url, StorageError, Transfer,
     checksum::{Summed, Sums},
 };
 
@@ -54,6 +55,43 @@ pub async fn download(
     if info.size > 0 {
         fetch_range(&FetchSpec::new(client, url, info), 0, info.size, &mut gathered).await?;
     }
+    let transfer = save(url, info, gathered, file).await?;
+    progress(info.size);
+    Ok(transfer)
+}
+
+/// Downloads what [`super::probe`] found into `file`, as [`download`]
+/// does: a small object that came with the probe is written at once and
+/// verified the same way.
+pub async fn download_probed(
+    client: &aws_sdk_s3::Client,
+    url: &S3Url,
+    probed: &Probed,
+    file: File,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<Transfer, StorageError> {
+    let Some(body) = &probed.body else {
+        return download(client, url, &probed.info, file, progress).await;
+    };
+    let piece = Piece {
+        range: 0,
+        offset: 0,
+        len: body.len(),
+        chunks: vec![body.clone()],
+    };
+    let transfer = save(url, &probed.info, vec![piece], file).await?;
+    progress(transfer.size);
+    Ok(transfer)
+}
+
+/// Writes the pieces of a whole small object into `file` in one blocking
+/// call and verifies them.
+async fn save(
+    url: &S3Url,
+    info: &ObjectInfo,
+    gathered: Vec<Piece>,
+    file: File,
+) -> Result<Transfer, StorageError> {
     let (with_md5, stored) = (expected_md5(info).is_some(), info.checksum);
     let written = tokio::task::spawn_blocking(move || {
         let mut sums = Sums::new(stored);
@@ -70,9 +108,7 @@ pub async fn download(
     .await
     .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
     let (sums, md5) = written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
-    let transfer = verify(url, info, sums, md5)?;
-    progress(info.size);
-    Ok(transfer)
+    verify(url, info, sums, md5)
 }
 
 /// Checks what was received against what the store says of the object.

@@ -1,0 +1,323 @@
+//! What stores send, and how few requests a download takes.
+//!
+//! A small HTTP server on loopback answers HEAD and ranged GETs as stores
+//! other than the embedded one do. A small object comes whole with the GET
+//! that looks at it, checked against its MD5 tag or, if its tag is no MD5,
+//! the checksum a HEAD reports; a store that ignores ranges is served too.
+//! The embedded store checks the probe's size boundaries. Aliyun
+//! OSS keeps a CRC-64 of every object in its own header,
+//! `x-oss-hash-crc64ecma`, which the S3 SDK does not model: downloads check
+//! it (the right value passes, a wrong one is a checksum error). A CRC-32C
+//! of a multipart object's parts, sent without saying so, is not mistaken
+//! for the object's.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::rt::TokioIo;
+use prefab::storage::{self, S3Url, StoreAlgorithm};
+
+/// One object, served with these extra headers.
+#[derive(Default)]
+struct Object {
+    data: Bytes,
+    headers: Vec<(&'static str, String)>,
+    /// Answer every GET with the whole object, as a store that does not
+    /// know ranges would.
+    ignore_range: bool,
+    /// Requests answered: HEADs and GETs.
+    heads: AtomicUsize,
+    gets: AtomicUsize,
+}
+
+impl Object {
+    fn requests(&self) -> (usize, usize) {
+        (
+            self.heads.load(Ordering::SeqCst),
+            self.gets.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Serves `object` at every key on a free loopback port; returns the
+/// endpoint, the object (to count requests) and the server task, which the
+/// caller aborts.
+async fn serve(object: Object) -> (String, Arc<Object>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let object = Arc::new(object);
+    let served = Arc::clone(&object);
+    let task = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let object = Arc::clone(&served);
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let object = Arc::clone(&object);
+                async move { Ok::<_, Infallible>(respond(&object, &req)) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), service),
+            );
+        }
+    });
+    (endpoint, object, task)
+}
+
+/// HEAD: the object's headers; GET: the range asked for (206) or all.
+fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let size = object.data.len();
+    let (mut start, mut end) = (0, size);
+    let range = req.headers().get("range").and_then(|r| r.to_str().ok());
+    if let Some(range) = range.filter(|_| !object.ignore_range) {
+        let (a, b) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+        start = a.parse().unwrap();
+        end = b.parse::<usize>().map_or(size, |last| (last + 1).min(size));
+    }
+    let counter = match req.method() == hyper::Method::HEAD {
+        true => &object.heads,
+        false => &object.gets,
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+    let mut response = Response::builder().header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
+    for (name, value) in &object.headers {
+        response = response.header(*name, value);
+    }
+    let (response, body) = if req.method() == hyper::Method::HEAD {
+        (response.status(200).header("content-length", size), Bytes::new())
+    } else if (start, end) != (0, size) {
+        let range = format!("bytes {start}-{}/{size}", end - 1);
+        let response = response.status(206).header("content-range", range);
+        (response, object.data.slice(start..end))
+    } else {
+        (response.status(200), object.data.clone())
+    };
+    response.body(Full::new(body)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_check_the_crc64_that_oss_keeps() {
+    // A small object (one GET) and a ranged one.
+    for size in [300 << 10, 40 << 20] {
+        let data = Bytes::from(text(size, 11));
+        let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
+        for (claimed, ok) in [(crc64ecma, true), (crc64ecma ^ 0x10, false)] {
+            let object = Object {
+                data: data.clone(),
+                headers: vec![
+                    ("x-oss-hash-crc64ecma", claimed.to_string()),
+                    ("x-oss-request-id", "5f2c9e".into()),
+                ],
+                ..Object::default()
+            };
+            let (endpoint, _, server) = serve(object).await;
+            let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+            let url = S3Url::parse("s3://bucket/videos/in.bin").unwrap();
+            let info = storage::head(&s3, &url).await.unwrap();
+            assert_eq!(
+                info.checksum.map(|c| (c.algorithm, c.value)),
+                Some((StoreAlgorithm::Crc64Ecma, claimed))
+            );
+            let out = tempfile::tempfile().unwrap();
+            let got = storage::download(&s3, &url, &info, out.try_clone().unwrap(), &mut |_| {}).await;
+            server.abort();
+            match got {
+                Ok(done) => {
+                    assert!(ok, "{size} bytes: a wrong CRC-64 passed");
+                    assert_eq!(done.checksum(), crc64nvme(&data));
+                    let mut written = Vec::new();
+                    std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
+                    assert!(written == data, "{size} bytes: the file differs");
+                }
+                Err(e) => {
+                    assert!(!ok, "{size} bytes: {e}");
+                    let message = e.to_string();
+                    assert!(
+                        message.contains("CRC-64/XZ (OSS crc64ecma) checksum mismatch"),
+                        "{message}"
+                    );
+                    assert!(message.contains(&claimed.to_string()), "{message}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crc32c_of_parts_is_not_taken_for_the_whole_object() {
+    let data = Bytes::from(text(3 << 20, 12));
+    let of_parts = crc32(b"the parts' checksums, not the object's", true);
+    let whole = crc32(&data, true);
+    // (type header, ETag, CRC-32C sent) -> what HEAD takes
+    let cases = [
+        (None, "\"0a1b-3\"", &of_parts, None),
+        (Some("COMPOSITE"), "\"0a1b\"", &of_parts, None),
+        (
+            Some("FULL_OBJECT"),
+            "\"0a1b-3\"",
+            &whole,
+            Some(StoreAlgorithm::Crc32c),
+        ),
+        (None, "\"0a1b\"", &whole, Some(StoreAlgorithm::Crc32c)),
+    ];
+    for (kind, etag, crc, taken) in cases {
+        let mut headers = vec![("etag", etag.to_owned()), ("x-amz-checksum-crc32c", crc.clone())];
+        headers.extend(kind.map(|k| ("x-amz-checksum-type", k.to_owned())));
+        let object = Object {
+            data: data.clone(),
+            headers,
+            ..Object::default()
+        };
+        let (endpoint, _, server) = serve(object).await;
+        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let url = S3Url::parse("s3://bucket/videos/parts.bin").unwrap();
+        let info = storage::head(&s3, &url).await.unwrap();
+        assert_eq!(info.checksum.map(|c| c.algorithm), taken, "{kind:?} {etag}");
+        let got = storage::download(&s3, &url, &info, tempfile::tempfile().unwrap(), &mut |_| {}).await;
+        server.abort();
+        assert_eq!(got.unwrap().checksum(), crc64nvme(&data), "{kind:?} {etag}");
+    }
+}
+
+/// Probes `object` on a fake store and downloads what the probe found;
+/// returns what the probe kept, the requests made, and the outcome.
+async fn probe_and_download(object: Object) -> (bool, (usize, usize), Result<Vec<u8>, String>) {
+    let data = object.data.clone();
+    let (endpoint, object, server) = serve(object).await;
+    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let url = S3Url::parse("s3://bucket/small/in.bin").unwrap();
+    let probed = storage::probe(&s3, &url).await.unwrap();
+    assert_eq!(probed.info.size, data.len() as u64);
+    let out = tempfile::tempfile().unwrap();
+    let got = storage::download_probed(&s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {}).await;
+    server.abort();
+    let got = got.map_err(|e| e.to_string()).map(|done| {
+        assert_eq!(done.checksum(), crc64nvme(&data));
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
+        written
+    });
+    (probed.body.is_some(), object.requests(), got)
+}
+
+fn md5_etag(data: &[u8]) -> String {
+    use md5::Digest;
+    format!("\"{}\"", hex::encode(md5::Md5::digest(data)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_object_comes_whole_with_one_get_and_is_checked_against_its_md5() {
+    let data = Bytes::from(text(40 << 10, 13));
+    for (etag, ok) in [(md5_etag(&data), true), (md5_etag(b"other bytes"), false)] {
+        let object = Object {
+            data: data.clone(),
+            headers: vec![("etag", etag.clone())],
+            ..Object::default()
+        };
+        let (kept, requests, got) = probe_and_download(object).await;
+        assert!(kept, "the probe keeps a small object");
+        assert_eq!(requests, (0, 1), "one GET, no HEAD");
+        match got {
+            Ok(written) => {
+                assert!(ok, "a wrong MD5 passed");
+                assert!(written == data, "the file differs");
+            }
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(e.contains("MD5 checksum mismatch"), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_object_whose_tag_is_no_md5_is_checked_against_the_stores_crc() {
+    // Encrypted with a KMS key: the tag is not the MD5, and only a HEAD
+    // brings the store's CRC.
+    let data = Bytes::from(text(40 << 10, 14));
+    let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
+    for (claimed, ok) in [(crc64ecma, true), (crc64ecma ^ 0x10, false)] {
+        let object = Object {
+            data: data.clone(),
+            headers: vec![
+                ("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1\"".into()),
+                ("x-amz-server-side-encryption", "aws:kms".into()),
+                ("x-oss-hash-crc64ecma", claimed.to_string()),
+            ],
+            ..Object::default()
+        };
+        let (kept, requests, got) = probe_and_download(object).await;
+        assert!(kept, "the HEAD describes the same version: the bytes are kept");
+        assert_eq!(requests, (1, 1), "one GET and one HEAD");
+        match got {
+            Ok(written) => {
+                assert!(ok, "a wrong CRC passed");
+                assert!(written == data, "the file differs");
+            }
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(e.contains("CRC-64/XZ (OSS crc64ecma) checksum mismatch"), "{e}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_ignores_ranges_is_served_all_the_same() {
+    for (size, whole) in [(40 << 10, true), (300 << 10, false)] {
+        let data = Bytes::from(text(size, 15));
+        let object = Object {
+            data: data.clone(),
+            headers: vec![("etag", md5_etag(&data))],
+            ignore_range: true,
+            ..Object::default()
+        };
+        let (kept, (heads, _), got) = probe_and_download(object).await;
+        assert_eq!(kept, whole, "{size} bytes");
+        assert_eq!(
+            heads,
+            usize::from(!whole),
+            "{size} bytes: a HEAD only when the probe fell short"
+        );
+        assert!(got.unwrap() == data, "{size} bytes: the file differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_brings_objects_up_to_the_probe_size_whole() {
+    let stack = Stack::start().await;
+    let limit = storage::PROBE_BYTES as usize;
+    for (size, whole) in [
+        (0, false),
+        (1, true),
+        (limit, true),
+        (limit + 1, false),
+        (3 << 20, false),
+    ] {
+        let data = text(size, size as u64);
+        let key = format!("probe/{size}.bin");
+        let put = stack.s3.put_object().bucket(INPUT_BUCKET).key(&key);
+        put.body(data.clone().into()).send().await.expect("put input");
+        let url = S3Url::parse(&format!("s3://{INPUT_BUCKET}/{key}")).unwrap();
+        let probed = storage::probe(&stack.s3, &url).await.unwrap();
+        assert_eq!(probed.info.size, size as u64, "{size} bytes");
+        assert_eq!(probed.body.is_some(), whole, "{size} bytes");
+        let out = tempfile::tempfile().unwrap();
+        let done = storage::download_probed(&stack.s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
+        assert_eq!(done.checksum(), crc64nvme(&data), "{size} bytes");
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
+        assert!(written == data, "{size} bytes: the file differs");
+    }
+}
