@@ -3,7 +3,8 @@
 //! A small HTTP server on loopback answers HEAD and ranged GETs as stores
 //! other than the embedded one do. A small object comes whole with the GET
 //! that looks at it, checked against its MD5 tag or, if its tag is no MD5,
-//! the checksum a HEAD reports; a store that ignores ranges is served too.
+//! the checksum a HEAD reports; a store that ignores ranges is served too;
+//! a refusal names the object and what to do, at once.
 //! The embedded store checks the probe's size boundaries. Aliyun
 //! OSS keeps a CRC-64 of every object in its own header,
 //! `x-oss-hash-crc64ecma`, which the S3 SDK does not model: downloads check
@@ -36,6 +37,8 @@ struct Object {
     /// Answer every GET with the whole object, as a store that does not
     /// know ranges would.
     ignore_range: bool,
+    /// Answer every request with this status and S3 error code.
+    refuse: Option<(u16, &'static str)>,
     /// Requests answered: HEADs and GETs.
     heads: AtomicUsize,
     gets: AtomicUsize,
@@ -88,6 +91,15 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         false => &object.gets,
     };
     counter.fetch_add(1, Ordering::SeqCst);
+    if let Some((status, code)) = object.refuse {
+        let body = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>refused by the test store</Message></Error>"
+        );
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "application/xml");
+        return response.body(Full::new(Bytes::from(body))).unwrap();
+    }
     let mut response = Response::builder().header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
     for (name, value) in &object.headers {
         response = response.header(*name, value);
@@ -319,5 +331,32 @@ async fn the_embedded_store_brings_objects_up_to_the_probe_size_whole() {
         let mut written = Vec::new();
         std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
         assert!(written == data, "{size} bytes: the file differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_look_says_why() {
+    let cases = [
+        (404, "NoSuchKey", "was not found (GetObject)"),
+        (403, "AccessDenied", "check the gateway's S3 credentials"),
+        (
+            403,
+            "InvalidObjectState",
+            "the object is archived: restore it first",
+        ),
+    ];
+    for (status, code, says) in cases {
+        let object = Object {
+            refuse: Some((status, code)),
+            ..Object::default()
+        };
+        let (endpoint, object, server) = serve(object).await;
+        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let url = S3Url::parse("s3://bucket/cold/in.bin").unwrap();
+        let err = storage::probe(&s3, &url).await.unwrap_err().to_string();
+        server.abort();
+        assert!(err.contains(says), "{code}: {err}");
+        assert!(err.contains("s3://bucket/cold/in.bin"), "{code}: {err}");
+        assert_eq!(object.requests(), (0, 1), "{code}: refused at once, not retried");
     }
 }

@@ -83,6 +83,12 @@ impl StorageError {
                     None => code.to_owned(),
                 };
                 match (status.unwrap_or_default(), code) {
+                    // A 403 too, but no matter of credentials.
+                    (_, "InvalidObjectState") => Self::Rejected {
+                        url,
+                        op,
+                        detail: format!("{detail} (the object is archived: restore it first)"),
+                    },
                     (404, _) | (_, "NoSuchKey" | "NoSuchBucket" | "NotFound") => Self::NotFound { url, op },
                     (401 | 403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
                         Self::AccessDenied { url, op }
