@@ -37,6 +37,8 @@ struct Object {
     /// Answer every GET with the whole object, as a store that does not
     /// know ranges would.
     ignore_range: bool,
+    /// Another entity tag for HEADs, as if the object changed after the GET.
+    head_etag: Option<&'static str>,
     /// Answer every request with this status and S3 error code.
     refuse: Option<(u16, &'static str)>,
     /// Requests answered: HEADs and GETs.
@@ -101,10 +103,14 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         return response.body(Full::new(Bytes::from(body))).unwrap();
     }
     let mut response = Response::builder().header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
+    let head = req.method() == hyper::Method::HEAD;
     for (name, value) in &object.headers {
-        response = response.header(*name, value);
+        match (*name, object.head_etag) {
+            ("etag", Some(etag)) if head => response = response.header("etag", etag),
+            _ => response = response.header(*name, value),
+        }
     }
-    let (response, body) = if req.method() == hyper::Method::HEAD {
+    let (response, body) = if head {
         (response.status(200).header("content-length", size), Bytes::new())
     } else if (start, end) != (0, size) {
         let range = format!("bytes {start}-{}/{size}", end - 1);
@@ -359,4 +365,74 @@ async fn a_refused_look_says_why() {
         assert!(err.contains("s3://bucket/cold/in.bin"), "{code}: {err}");
         assert_eq!(object.requests(), (0, 1), "{code}: refused at once, not retried");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_of_a_version_the_head_does_not_describe_are_not_kept() {
+    let data = Bytes::from(text(40 << 10, 16));
+    let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
+    let object = Object {
+        data: data.clone(),
+        headers: vec![
+            ("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1\"".into()),
+            ("x-amz-server-side-encryption", "aws:kms".into()),
+            ("x-oss-hash-crc64ecma", crc64ecma.to_string()),
+        ],
+        head_etag: Some("\"77c0e1fb5c8a0c1ad3a2f7e59e2b6a10\""),
+        ..Object::default()
+    };
+    let (kept, requests, got) = probe_and_download(object).await;
+    assert!(!kept, "the probe's bytes are of another version than the HEAD's");
+    assert_eq!(requests, (1, 2), "probe, HEAD, then a GET of the HEAD's version");
+    assert!(got.unwrap() == data, "the file differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_reply_longer_than_it_said_is_not_read_to_its_end() {
+    // A store that says 10 bytes but streams chunks without end: the probe
+    // stops reading at 64 KiB and takes the size from a HEAD.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&sent);
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 16 << 10];
+                let n = socket.read(&mut request).await.unwrap_or(0);
+                let head = request[..n].starts_with(b"HEAD");
+                let etag = "\"0123456789abcdef0123456789abcdef\"";
+                if head {
+                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: 10\r\netag: {etag}\r\n\r\n");
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                    return;
+                }
+                let reply = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-length: 10\r\ntransfer-encoding: chunked\r\n\
+                     content-range: bytes 0-9/10\r\netag: {etag}\r\n\r\n"
+                );
+                if socket.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("10000\r\n{}\r\n", "x".repeat(1 << 16));
+                // At most 256 MiB, stopping as soon as the client hangs up.
+                for _ in 0..4096 {
+                    if socket.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    counted.fetch_add(1 << 16, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let url = S3Url::parse("s3://bucket/endless/in.bin").unwrap();
+    let probed = storage::probe(&s3, &url).await.unwrap();
+    server.abort();
+    assert_eq!(probed.info.size, 10, "the size comes from the HEAD");
+    assert!(probed.body.is_none());
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the probe kept reading: {sent} bytes");
 }

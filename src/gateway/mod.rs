@@ -223,7 +223,7 @@ impl proto::gateway_server::Gateway for Gateway {
             .iter()
             .flatten()
             .zip(plans.iter().flat_map(|plan| &plan.inputs))
-            .map(|(probed, input)| (input.url.to_string(), probed.info.size))
+            .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
             .collect();
         let reservation = self.state.admission.admit(&sizes).await?;
 

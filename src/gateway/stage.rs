@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use tokio::task::JoinSet;
+use tokio::{
+    sync::{Semaphore, SemaphorePermit},
+    task::JoinSet,
+};
 
 use super::{
     GatewayError,
@@ -25,13 +28,46 @@ const INPUTS_IN_FLIGHT: usize = 4;
 /// stages them; the inputs beyond are fetched again.
 const KEPT_PER_RUN: u64 = 2 << 20;
 
+/// The same for all runs together, in KiB.
+static KEPT: Semaphore = Semaphore::const_new(16 << 10);
+
+/// An input as looked at: a kept body holds its share of [`KEPT`] until it
+/// is staged.
+#[derive(Debug)]
+pub struct Looked {
+    pub probed: Probed,
+    _kept: Option<SemaphorePermit<'static>>,
+}
+
+impl Looked {
+    /// Keeps `probed`'s body if the run's (`kept`) and the gateway's
+    /// budgets allow, and drops it otherwise.
+    fn new(mut probed: Probed, kept: &mut u64) -> Self {
+        let size = probed.body.as_ref().map_or(0, |b| b.len() as u64);
+        let share = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+        let permit = match (size, *kept + size <= KEPT_PER_RUN) {
+            (0, _) | (_, false) => None,
+            (_, true) => KEPT.try_acquire_many(share).ok(),
+        };
+        if permit.is_some() {
+            *kept += size;
+        } else {
+            probed.body = None;
+        }
+        Self {
+            probed,
+            _kept: permit,
+        }
+    }
+}
+
 /// What was found of each call's inputs, in plan order.
-pub type Probes = Vec<Vec<Probed>>;
+pub type Probes = Vec<Vec<Looked>>;
 
 /// Looks at every input of every call (a call's inputs, at most 64, at
 /// once): a missing object fails the run before any byte moves, and the
-/// sizes feed admission. Small objects come whole and are kept, up to
-/// [`KEPT_PER_RUN`] bytes in all.
+/// sizes feed admission. Small objects come whole and are kept, within
+/// [`KEPT_PER_RUN`] and [`KEPT`].
 pub async fn probe_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Probes, GatewayError> {
     let mut probes = Vec::with_capacity(plans.len());
     let mut kept = 0;
@@ -41,21 +77,14 @@ pub async fn probe_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Pr
             let (s3, url) = (s3.clone(), input.url.clone());
             tasks.spawn(async move { (i, storage::probe(&s3, &url).await) });
         }
-        let mut call = vec![None; plan.inputs.len()];
+        let mut call: Vec<Option<Looked>> = plan.inputs.iter().map(|_| None).collect();
         while let Some(done) = tasks.join_next().await {
             let (i, probed) = done.map_err(|e| GatewayError::Internal(format!("probe task failed: {e}")))?;
-            let mut probed = probed?;
-            let size = probed.body.as_ref().map_or(0, |b| b.len() as u64);
-            if kept + size > KEPT_PER_RUN {
-                probed.body = None;
-            } else {
-                kept += size;
-            }
-            call[i] = Some(probed);
+            call[i] = Some(Looked::new(probed?, &mut kept));
         }
         probes.push(
             call.into_iter()
-                .map(|h| h.expect("every input was looked at"))
+                .map(|looked| looked.expect("every input was looked at"))
                 .collect(),
         );
     }
@@ -69,18 +98,18 @@ pub async fn stage_inputs(
     workspace: &Workspace,
     index: u32,
     inputs: &[FileInput],
-    probes: Vec<Probed>,
+    probes: Vec<Looked>,
     events: &Events,
 ) -> Result<u64, GatewayError> {
-    let total = probes.iter().map(|probed| probed.info.size).sum();
+    let total = probes.iter().map(|looked| looked.probed.info.size).sum();
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    for (input, probed) in inputs.iter().cloned().zip(probes) {
+    for (input, looked) in inputs.iter().cloned().zip(probes) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
         let dir = workspace.fd();
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-            stage_one(&s3, &input, &probed, dir, index, &events).await
+            stage_one(&s3, &input, &looked.probed, dir, index, &events).await
         });
     }
     while let Some(done) = tasks.join_next().await {
@@ -133,4 +162,44 @@ async fn stage_one(
         crc64nvme: done.checksum(),
     };
     events.send(index, Event::Staged(staged)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::ObjectInfo;
+
+    fn small(len: usize) -> Probed {
+        let info = ObjectInfo {
+            size: len as u64,
+            etag: None,
+            etag_is_md5: false,
+            checksum: None,
+        };
+        Probed {
+            info,
+            body: Some(bytes::Bytes::from(vec![7; len])),
+        }
+    }
+
+    #[tokio::test]
+    async fn kept_bodies_stay_within_the_run_and_the_gateway_budgets() {
+        // A run keeps 2 MiB: 32 bodies of 64 KiB, not the 33rd.
+        let mut kept = 0;
+        let looked: Vec<Looked> = (0..40).map(|_| Looked::new(small(64 << 10), &mut kept)).collect();
+        let bodies = looked.iter().filter(|l| l.probed.body.is_some()).count();
+        assert_eq!(bodies, 32);
+        assert_eq!(kept, KEPT_PER_RUN);
+        // The sizes stay for admission whether the bytes are kept or not.
+        assert!(looked.iter().all(|l| l.probed.info.size == 64 << 10));
+        drop(looked);
+
+        // With the gateway's budget taken, nothing is kept.
+        let hog = KEPT.acquire_many(KEPT.available_permits() as u32).await.unwrap();
+        let mut kept = 0;
+        assert!(Looked::new(small(1), &mut kept).probed.body.is_none());
+        assert_eq!(kept, 0);
+        drop(hog);
+        assert!(Looked::new(small(1), &mut kept).probed.body.is_some());
+    }
 }

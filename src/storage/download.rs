@@ -33,7 +33,7 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Attempts per range in all.
 const MAX_TOTAL_ATTEMPTS: u32 = 50;
 
-/// Downloads `url` (whose HEAD was `info`) into `file`, a new empty file
+/// Downloads `url` (described by `info`) into `file`, a new empty file
 /// opened for reading and writing, reporting the cumulative byte count to
 /// `progress` as it goes.
 ///

@@ -19,7 +19,8 @@ pub use url::{S3Url, UrlError};
 
 use bytes::Bytes;
 
-/// What a HEAD request says about an object.
+/// What the store says of an object: from a HEAD, or from the reply to a
+/// [`probe`] (which brings no whole-object checksum).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     /// Size in bytes.
@@ -138,6 +139,10 @@ fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>, sse_c: Opt
 /// HEAD describes the same version. Larger objects, and any reply that
 /// breaks off, fall back to a HEAD alone.
 pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, StorageError> {
+    let _permit = PROBES
+        .acquire()
+        .await
+        .expect("the probe semaphore is never closed");
     let reply = client
         .get_object()
         .bucket(url.bucket())
@@ -157,8 +162,9 @@ pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, S
     let received = out.content_length.and_then(|n| u64::try_from(n).ok());
     let size = match out.content_range() {
         Some(range) => range.rsplit_once('/').and_then(|(_, total)| total.parse().ok()),
-        // A store that ignores the range sends the whole object.
-        None => received,
+        // A store that ignores the range sends the whole object; one that
+        // sends a full range without saying of what may have cut it short.
+        None => received.filter(|&n| n < PROBE_BYTES),
     };
     let looked = size.map(|size| ObjectInfo {
         size,
@@ -166,14 +172,14 @@ pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, S
         etag_is_md5: etag_is_md5(out.server_side_encryption(), out.sse_customer_algorithm()),
         checksum: None,
     });
-    let whole = size.is_some_and(|size| size <= PROBE_BYTES) && received == size;
     // A reply this short is read even when its bytes are not kept, so the
     // connection can serve the next request; a longer one is dropped.
     let body = match received.is_some_and(|n| n <= PROBE_BYTES) {
-        true => out.body.collect().await.ok().map(|b| b.into_bytes()),
+        true => read_at_most(out.body, PROBE_BYTES as usize).await,
         false => None,
     };
-    let body = body.filter(|b| whole && Some(b.len() as u64) == size);
+    let whole = |b: &Bytes| size.is_some_and(|size| size <= PROBE_BYTES && b.len() as u64 == size);
+    let body = body.filter(whole);
     match (looked, body) {
         (Some(info), Some(body)) if download::expected_md5(&info).is_some() => Ok(Probed {
             info,
@@ -186,6 +192,22 @@ pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, S
             Ok(Probed { info, body })
         }
     }
+}
+
+/// Probes in flight in the process: their replies are read into memory.
+static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
+
+/// The whole body if it ends within `limit` bytes; `None` if it is longer
+/// (whatever its Content-Length said) or breaks off.
+async fn read_at_most(mut body: aws_sdk_s3::primitives::ByteStream, limit: usize) -> Option<Bytes> {
+    let mut gathered = bytes::BytesMut::new();
+    while let Some(chunk) = body.try_next().await.ok()? {
+        if gathered.len() + chunk.len() > limit {
+            return None;
+        }
+        gathered.extend_from_slice(&chunk);
+    }
+    Some(gathered.freeze())
 }
 
 /// Keeps the `x-oss-hash-crc64ecma` header of a response, which Aliyun OSS
