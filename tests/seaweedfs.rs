@@ -265,29 +265,14 @@ impl PartSource for Failing {
 async fn objects_up_to_the_probe_size_come_whole_with_the_probe() {
     let weed = Weed::start().await;
     let limit = storage::PROBE_BYTES as usize;
-    for (size, whole) in [
+    let cases = [
         (0, false),
         (40 << 10, true),
         (limit, true),
         (limit + 1, false),
         (3 << 20, false),
-    ] {
-        let data = text(size, size as u64);
-        let url = S3Url::parse(&format!("s3://{BUCKET}/compat/probe-{size}.bin")).unwrap();
-        let put = weed.s3.put_object().bucket(BUCKET).key(url.key());
-        put.body(data.clone().into()).send().await.unwrap();
-        let probed = storage::probe(&weed.s3, &url).await.unwrap();
-        assert_eq!(probed.info.size, size as u64, "{size} bytes");
-        assert_eq!(probed.body.is_some(), whole, "{size} bytes");
-        let out = tempfile::tempfile().unwrap();
-        let done = storage::download_probed(&weed.s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {})
-            .await
-            .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
-        assert_eq!(done.checksum(), crc64nvme(&data), "{size} bytes");
-        let mut written = Vec::new();
-        std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
-        assert!(written == data, "{size} bytes: the file differs");
-    }
+    ];
+    check_probe_sizes(&weed.s3, BUCKET, "compat/probe-", &cases).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,6 +227,17 @@ async fn probe_and_download(object: Object) -> (bool, (usize, usize), Result<Vec
     (probed.body.is_some(), object.requests(), got)
 }
 
+/// Checks a download: the bytes of `good` if given, else an error that
+/// says `complaint`.
+fn expect(got: Result<Vec<u8>, String>, good: Option<&[u8]>, complaint: &str) {
+    match (got, good) {
+        (Ok(written), Some(data)) => assert!(written == data, "the file differs"),
+        (Ok(_), None) => panic!("a download passed that should fail with {complaint:?}"),
+        (Err(e), Some(_)) => panic!("{e}"),
+        (Err(e), None) => assert!(e.contains(complaint), "{e}"),
+    }
+}
+
 fn md5_etag(data: &[u8]) -> String {
     use md5::Digest;
     format!("\"{}\"", hex::encode(md5::Md5::digest(data)))
@@ -244,16 +255,7 @@ async fn a_small_object_comes_whole_with_one_get_and_is_checked_against_its_md5(
         let (kept, requests, got) = probe_and_download(object).await;
         assert!(kept, "the probe keeps a small object");
         assert_eq!(requests, (0, 1), "one GET, no HEAD");
-        match got {
-            Ok(written) => {
-                assert!(ok, "a wrong MD5 passed");
-                assert!(written == data, "the file differs");
-            }
-            Err(e) => {
-                assert!(!ok, "{e}");
-                assert!(e.contains("MD5 checksum mismatch"), "{e}");
-            }
-        }
+        expect(got, ok.then_some(&data[..]), "MD5 checksum mismatch");
     }
 }
 
@@ -276,16 +278,11 @@ async fn a_small_object_whose_tag_is_no_md5_is_checked_against_the_stores_crc() 
         let (kept, requests, got) = probe_and_download(object).await;
         assert!(kept, "the HEAD describes the same version: the bytes are kept");
         assert_eq!(requests, (1, 1), "one GET and one HEAD");
-        match got {
-            Ok(written) => {
-                assert!(ok, "a wrong CRC passed");
-                assert!(written == data, "the file differs");
-            }
-            Err(e) => {
-                assert!(!ok, "{e}");
-                assert!(e.contains("CRC-64/XZ (OSS crc64ecma) checksum mismatch"), "{e}");
-            }
-        }
+        expect(
+            got,
+            ok.then_some(&data[..]),
+            "CRC-64/XZ (OSS crc64ecma) checksum mismatch",
+        );
     }
 }
 
@@ -314,30 +311,14 @@ async fn a_store_that_ignores_ranges_is_served_all_the_same() {
 async fn the_embedded_store_brings_objects_up_to_the_probe_size_whole() {
     let stack = Stack::start().await;
     let limit = storage::PROBE_BYTES as usize;
-    for (size, whole) in [
+    let cases = [
         (0, false),
         (1, true),
         (limit, true),
         (limit + 1, false),
         (3 << 20, false),
-    ] {
-        let data = text(size, size as u64);
-        let key = format!("probe/{size}.bin");
-        let put = stack.s3.put_object().bucket(INPUT_BUCKET).key(&key);
-        put.body(data.clone().into()).send().await.expect("put input");
-        let url = S3Url::parse(&format!("s3://{INPUT_BUCKET}/{key}")).unwrap();
-        let probed = storage::probe(&stack.s3, &url).await.unwrap();
-        assert_eq!(probed.info.size, size as u64, "{size} bytes");
-        assert_eq!(probed.body.is_some(), whole, "{size} bytes");
-        let out = tempfile::tempfile().unwrap();
-        let done = storage::download_probed(&stack.s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {})
-            .await
-            .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
-        assert_eq!(done.checksum(), crc64nvme(&data), "{size} bytes");
-        let mut written = Vec::new();
-        std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
-        assert!(written == data, "{size} bytes: the file differs");
-    }
+    ];
+    check_probe_sizes(&stack.s3, INPUT_BUCKET, "probe/", &cases).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

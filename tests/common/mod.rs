@@ -462,3 +462,29 @@ pub fn big_text(mib: usize, seed: u64) -> Vec<u8> {
     }
     data
 }
+
+/// Puts objects of each size under `prefix` in `bucket`, probes them and
+/// downloads what the probe found: the body comes with the probe exactly
+/// when `whole` says, and every download is byte-identical with the right
+/// CRC-64/NVME.
+pub async fn check_probe_sizes(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, cases: &[(usize, bool)]) {
+    use prefab::storage;
+    for &(size, whole) in cases {
+        let data = text(size, size as u64);
+        let key = format!("{prefix}{size}.bin");
+        let put = s3.put_object().bucket(bucket).key(&key);
+        put.body(data.clone().into()).send().await.expect("put input");
+        let url = storage::S3Url::parse(&format!("s3://{bucket}/{key}")).unwrap();
+        let probed = storage::probe(s3, &url).await.unwrap();
+        assert_eq!(probed.info.size, size as u64, "{size} bytes");
+        assert_eq!(probed.body.is_some(), whole, "{size} bytes");
+        let out = tempfile::tempfile().unwrap();
+        let done = storage::download_probed(s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
+        assert_eq!(done.checksum(), crc64nvme(&data), "{size} bytes");
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
+        assert!(written == data, "{size} bytes: the file differs");
+    }
+}
