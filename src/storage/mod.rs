@@ -129,15 +129,18 @@ fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>, sse_c: Opt
 
 /// Takes a first look at an object with a GET of its first
 /// [`PROBE_BYTES`] instead of a HEAD: a small object comes whole in that
-/// one request, halving the requests for many small inputs.
+/// one request, halving the requests for many small inputs; a larger one
+/// costs that small GET more. At most 64 probes run at once in the
+/// process, and each reads at most [`PROBE_BYTES`], whatever the reply
+/// says of its length.
 ///
 /// The bytes are kept only if they can be verified when saved: the reply
 /// must give the object's size and hold all of it, and its entity tag must
-/// be the MD5 of those bytes. A ranged reply carries no whole-object
-/// checksum, so a small object whose tag is no MD5 (encrypted with KMS or
-/// a customer key) is looked up with a HEAD too, and its bytes kept if the
-/// HEAD describes the same version. Larger objects, and any reply that
-/// breaks off, fall back to a HEAD alone.
+/// be a plain MD5, which the bytes are checked against. A ranged reply
+/// carries no whole-object checksum, so a small object whose tag is no MD5
+/// (encrypted with KMS or a customer key) is looked up with a HEAD too, and
+/// its bytes kept if the HEAD describes the same version. Larger objects,
+/// and any reply that breaks off, fall back to a HEAD alone.
 pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, StorageError> {
     let _permit = PROBES
         .acquire()
