@@ -127,7 +127,7 @@ async fn downloads_check_the_crc64_that_oss_keeps() {
     // A small object (one GET) and a ranged one.
     for size in [300 << 10, 40 << 20] {
         let data = Bytes::from(text(size, 11));
-        let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
+        let crc64ecma = crc64xz(&data);
         for (claimed, ok) in [(crc64ecma, true), (crc64ecma ^ 0x10, false)] {
             let object = Object {
                 data: data.clone(),
@@ -238,6 +238,25 @@ fn expect(got: Result<Vec<u8>, String>, good: Option<&[u8]>, complaint: &str) {
     }
 }
 
+/// Aliyun OSS's CRC-64 of `data`.
+fn crc64xz(data: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, data)
+}
+
+/// `data` encrypted with a KMS key, as OSS keeps it: a tag that is not the
+/// MD5, and the CRC-64 it `claimed`.
+fn kms_object(data: &Bytes, claimed: u64) -> Object {
+    Object {
+        data: data.clone(),
+        headers: vec![
+            ("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1\"".into()),
+            ("x-amz-server-side-encryption", "aws:kms".into()),
+            ("x-oss-hash-crc64ecma", claimed.to_string()),
+        ],
+        ..Object::default()
+    }
+}
+
 fn md5_etag(data: &[u8]) -> String {
     use md5::Digest;
     format!("\"{}\"", hex::encode(md5::Md5::digest(data)))
@@ -264,17 +283,9 @@ async fn a_small_object_whose_tag_is_no_md5_is_checked_against_the_stores_crc() 
     // Encrypted with a KMS key: the tag is not the MD5, and only a HEAD
     // brings the store's CRC.
     let data = Bytes::from(text(40 << 10, 14));
-    let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
+    let crc64ecma = crc64xz(&data);
     for (claimed, ok) in [(crc64ecma, true), (crc64ecma ^ 0x10, false)] {
-        let object = Object {
-            data: data.clone(),
-            headers: vec![
-                ("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1\"".into()),
-                ("x-amz-server-side-encryption", "aws:kms".into()),
-                ("x-oss-hash-crc64ecma", claimed.to_string()),
-            ],
-            ..Object::default()
-        };
+        let object = kms_object(&data, claimed);
         let (kept, requests, got) = probe_and_download(object).await;
         assert!(kept, "the HEAD describes the same version: the bytes are kept");
         assert_eq!(requests, (1, 1), "one GET and one HEAD");
@@ -351,16 +362,9 @@ async fn a_refused_look_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_of_a_version_the_head_does_not_describe_are_not_kept() {
     let data = Bytes::from(text(40 << 10, 16));
-    let crc64ecma = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &data);
     let object = Object {
-        data: data.clone(),
-        headers: vec![
-            ("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1\"".into()),
-            ("x-amz-server-side-encryption", "aws:kms".into()),
-            ("x-oss-hash-crc64ecma", crc64ecma.to_string()),
-        ],
         head_etag: Some("\"77c0e1fb5c8a0c1ad3a2f7e59e2b6a10\""),
-        ..Object::default()
+        ..kms_object(&data, crc64xz(&data))
     };
     let (kept, requests, got) = probe_and_download(object).await;
     assert!(!kept, "the probe's bytes are of another version than the HEAD's");

@@ -45,10 +45,8 @@ impl Looked {
     fn new(mut probed: Probed, kept: &mut u64) -> Self {
         let size = probed.body.as_ref().map_or(0, |b| b.len() as u64);
         let share = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
-        let permit = match (size, *kept + size <= KEPT_PER_RUN) {
-            (0, _) | (_, false) => None,
-            (_, true) => KEPT.try_acquire_many(share).ok(),
-        };
+        let fits = size > 0 && *kept + size <= KEPT_PER_RUN;
+        let permit = fits.then(|| KEPT.try_acquire_many(share).ok()).flatten();
         if permit.is_some() {
             *kept += size;
         } else {
