@@ -8,6 +8,7 @@ pub mod download;
 mod error;
 pub mod ranged;
 pub mod upload;
+mod upload_file;
 mod url;
 
 pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};

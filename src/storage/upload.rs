@@ -4,9 +4,9 @@
 //! cancelled run never leaves an open upload behind.
 //!
 //! Memory: parts of a local file are never held whole. Each is read once
-//! to checksum it and again, 256 KiB at a time, as it goes to the socket,
-//! so an upload holds a few small buffers per part in flight whatever the
-//! part size; the second read usually comes from the page cache.
+//! to checksum it and again, 256 KiB at a time, as it goes to the socket
+//! (see `upload_file`), so an upload holds a few small buffers per part in
+//! flight whatever the part size.
 //!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
@@ -14,7 +14,7 @@
 //! keeps. The payload itself is not hashed again for the signature
 //! (`UNSIGNED-PAYLOAD`): the checksums cover it at a fraction of the cost.
 
-use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+use std::{fs::File, sync::Arc};
 
 use aws_sdk_s3::{
     primitives::ByteStream,
@@ -26,8 +26,9 @@ use tokio::task::JoinSet;
 
 use super::{
     Crc64, S3Url, StorageError, Transfer,
-    checksum::{Crc64Stream, to_base64},
+    checksum::to_base64,
     download::backoff,
+    upload_file::{FileRange, UploadFile},
 };
 
 /// Files up to this size go up in a single PUT.
@@ -67,7 +68,7 @@ pub struct Part(PartData);
 enum PartData {
     Memory(Bytes),
     File {
-        file: Arc<File>,
+        file: Arc<UploadFile>,
         offset: u64,
         crc: Crc64,
     },
@@ -128,15 +129,12 @@ impl Part {
 
 /// Bodies up to this size are checksummed on the calling thread.
 const INLINE_CHECKSUM: usize = 256 << 10;
-/// Bytes per read when checksumming or sending part of a file: small enough
-/// to stay in the CPU cache between the page cache and the socket.
-const FILE_CHUNK: usize = 256 << 10;
 
 /// Parts of a local file, checksummed on a blocking thread when taken and
 /// read again, chunk by chunk, as they are sent.
 #[derive(Debug)]
 pub struct FileSource {
-    file: Arc<File>,
+    file: Arc<UploadFile>,
     offset: u64,
     size: u64,
 }
@@ -145,7 +143,7 @@ impl FileSource {
     /// Reads the first `size` bytes of `file`.
     pub fn new(file: File, size: u64) -> Self {
         Self {
-            file: Arc::new(file),
+            file: UploadFile::new(file),
             offset: 0,
             size,
         }
@@ -159,117 +157,14 @@ impl PartSource for FileSource {
             return Ok(None);
         }
         let (file, offset) = (Arc::clone(&self.file), self.offset);
-        let crc = tokio::task::spawn_blocking(move || {
-            let mut crc = Crc64Stream::default();
-            let mut buf = vec![0u8; FILE_CHUNK.min(len as usize)];
-            let mut at = offset;
-            while at < offset + len {
-                let n = buf.len().min((offset + len - at) as usize);
-                file.read_exact_at(&mut buf[..n], at)?;
-                crc.update(&buf[..n]);
-                at += n as u64;
-            }
-            Ok::<_, std::io::Error>(crc.finish())
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|e| StorageError::io("the file being uploaded", e))?;
-        let file = Arc::clone(&self.file);
+        let crc = tokio::task::spawn_blocking(move || file.checksum(offset, len))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| StorageError::io("the file being uploaded", e))?;
         self.offset += len;
+        let file = Arc::clone(&self.file);
         Ok(Some(Part(PartData::File { file, offset, crc })))
-    }
-}
-
-/// A request body streaming `len` bytes of a file from `offset`, one
-/// [`FILE_CHUNK`] read ahead of the socket.
-struct FileRange {
-    file: Arc<File>,
-    /// Where the next read starts, and the bytes after it.
-    offset: u64,
-    remaining: u64,
-    /// The read in progress and its length.
-    reading: Option<(tokio::task::JoinHandle<std::io::Result<Bytes>>, u64)>,
-}
-
-impl FileRange {
-    /// A body that starts reading when first polled: the SDK builds copies
-    /// of a body it may never send.
-    fn new(file: Arc<File>, offset: u64, len: u64) -> Self {
-        Self {
-            file,
-            offset,
-            remaining: len,
-            reading: None,
-        }
-    }
-
-    /// Starts reading the next chunk, if any is left.
-    fn read_ahead(&mut self) {
-        let n = (FILE_CHUNK as u64).min(self.remaining) as usize;
-        if n == 0 {
-            return;
-        }
-        let (file, at) = (Arc::clone(&self.file), self.offset);
-        self.offset += n as u64;
-        self.remaining -= n as u64;
-        let read = tokio::task::spawn_blocking(move || read_fresh(&file, at, n));
-        self.reading = Some((read, n as u64));
-    }
-}
-
-/// Reads `len` bytes of `file` at `offset` into a new buffer, which is not
-/// zeroed first: the read fills it.
-fn read_fresh(file: &File, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = offset + buf.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    buf.truncate(len);
-    Ok(Bytes::from(buf))
-}
-
-impl http_body::Body for FileRange {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        if self.reading.is_none() {
-            self.read_ahead();
-        }
-        let Some((reading, _)) = self.reading.as_mut() else {
-            return std::task::Poll::Ready(None);
-        };
-        let read = std::task::ready!(std::pin::Pin::new(reading).poll(cx));
-        self.reading = None;
-        let chunk = read.map_err(std::io::Error::other).and_then(|r| r)?;
-        self.read_ahead();
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.reading.is_none() && self.remaining == 0
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let reading = self.reading.as_ref().map_or(0, |(_, len)| *len);
-        http_body::SizeHint::with_exact(self.remaining + reading)
-    }
-}
-
-impl Drop for FileRange {
-    fn drop(&mut self) {
-        if let Some((reading, _)) = self.reading.take() {
-            reading.abort();
-        }
     }
 }
 
@@ -572,23 +467,5 @@ async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String)
             let e = StorageError::from_sdk(&url, "AbortMultipartUpload", e);
             tracing::error!(%url, error = %e, "could not abort multipart upload");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::Write;
-
-    use super::*;
-
-    #[test]
-    fn a_fresh_read_returns_exactly_the_bytes_at_its_offset() {
-        let mut file = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
-        file.write_all(&data).unwrap();
-        let read = read_fresh(&file, 1_000, 70_000).unwrap();
-        assert_eq!(&read[..], &data[1_000..71_000]);
-        let past_end = read_fresh(&file, 90_000, 20_000).unwrap_err();
-        assert_eq!(past_end.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }
