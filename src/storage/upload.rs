@@ -6,7 +6,7 @@
 //! Memory: parts of a local file are never held whole. Each is read once
 //! to checksum it and again, 256 KiB at a time, as it goes to the socket
 //! (see `upload_file`), so an upload holds a few small buffers per part in
-//! flight whatever the part size.
+//! flight (at most 4 MiB kept for reuse) whatever the part size.
 //!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion

@@ -5,17 +5,23 @@
 //!
 //! The second read usually comes from the page cache (the file was just
 //! written, or just checksummed). A chunk the page cache holds is read right
-//! where the socket asks for it, with `RWF_NOWAIT`, which fails instead of
-//! waiting for the disk: no hand-off to a blocking thread, and the bytes are
-//! still in the CPU cache when the socket copies them. Only a chunk that must
-//! come from the disk is read on a blocking thread. Chunk buffers are reused
+//! where the socket asks for it, with `RWF_NOWAIT`: the kernel returns what
+//! is cached and never starts or waits for disk I/O (the read can still wait
+//! briefly for memory, like any allocation). That saves a hand-off to a
+//! blocking thread per chunk, and the bytes are still in the CPU cache when
+//! the socket copies them. Bytes that must come from the disk, and every
+//! read on a file system without `RWF_NOWAIT` (NFS, FUSE), are read on a
+//! blocking thread, one chunk ahead of the socket. Chunk buffers are reused
 //! as the socket releases them, so those copies land in warm memory too.
 
 use std::{
     fs::File,
     os::unix::fs::FileExt,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -28,8 +34,9 @@ use super::{Crc64, checksum::Crc64Stream};
 /// to stay in the CPU cache between the page cache and the socket.
 pub(super) const CHUNK: usize = 256 << 10;
 
-/// Chunk buffers an upload keeps for reuse: about what its parts in flight
-/// hold at once (a chunk being read, a couple queued for the socket).
+/// Chunk buffers an upload keeps for reuse (4 MiB). A part being sent holds
+/// about three: hyper queues two 256 KiB chunks (up to ~400 KiB) per
+/// connection while the next is read, and four parts are in flight.
 const POOLED: usize = 16;
 
 /// A file being uploaded, with the chunk buffers its reads reuse.
@@ -37,6 +44,9 @@ const POOLED: usize = 16;
 pub(super) struct UploadFile {
     file: File,
     free: Mutex<Vec<Vec<u8>>>,
+    /// Whether the file system takes `RWF_NOWAIT` reads; cleared on the
+    /// first refusal.
+    nowait: AtomicBool,
 }
 
 impl UploadFile {
@@ -44,12 +54,14 @@ impl UploadFile {
         Arc::new(Self {
             file,
             free: Mutex::default(),
+            nowait: AtomicBool::new(true),
         })
     }
 
-    /// A buffer of at least `len` (at most [`CHUNK`]) bytes: a free one if
-    /// any, else a new one of exactly `len`.
+    /// A buffer of at least `len` bytes (`len` ≤ [`CHUNK`]): a free one if
+    /// any (free ones are whole chunks), else a new one of exactly `len`.
     fn buffer(&self, len: usize) -> Vec<u8> {
+        debug_assert!(len <= CHUNK);
         let free = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
         free.unwrap_or_else(|| vec![0; len])
     }
@@ -64,13 +76,18 @@ impl UploadFile {
         }
     }
 
+    fn nowait(&self) -> bool {
+        self.nowait.load(Ordering::Relaxed)
+    }
+
     /// The CRC-64/NVME of `len` bytes from `offset`, read on the calling
     /// thread (a blocking one).
     ///
-    /// The buffer is its own, not one of the pool's: a buffer passed between
-    /// this thread and the socket's made both copies from the page cache
-    /// about three times slower (measured: 2.2 CPU-s per GiB uploaded
-    /// against 1.2).
+    /// The buffer is its own, not one of the pool's: handing pool buffers
+    /// between this thread and the socket's made both copies from the page
+    /// cache about three times slower (measured: 2.2 CPU-s per GiB uploaded
+    /// against 1.2). The blocking reads of [`FileRange`] do share the pool,
+    /// but they are the exception (bytes not in the page cache).
     pub(super) fn checksum(&self, offset: u64, len: u64) -> std::io::Result<Crc64> {
         let mut crc = Crc64Stream::default();
         let mut buf = vec![0; CHUNK.min(len as usize)];
@@ -85,18 +102,22 @@ impl UploadFile {
     }
 }
 
-/// A request body streaming `len` bytes of a file from `offset`,
-/// [`CHUNK`] bytes per frame.
+/// A request body streaming `len` bytes of a file from `offset`, in frames
+/// of at most [`CHUNK`] bytes (fewer where the page cache holds only part of
+/// a chunk).
 pub(super) struct FileRange {
     file: Arc<UploadFile>,
     /// Where the next read starts, and the bytes after it.
     offset: u64,
     remaining: u64,
-    /// A read waiting for the disk on a blocking thread, and its length.
+    /// A read on a blocking thread, and its length.
     reading: Option<(JoinHandle<std::io::Result<Bytes>>, u64)>,
-    /// Whether to try reading from the page cache without blocking; off
-    /// where the file system does not support it.
-    nowait: bool,
+    /// The failure that ended the body, returned again if it is polled on.
+    failed: Option<std::io::ErrorKind>,
+    /// Chunks read from the page cache without blocking, and on a blocking
+    /// thread.
+    cached_reads: u32,
+    blocking_reads: u32,
 }
 
 impl FileRange {
@@ -108,14 +129,16 @@ impl FileRange {
             offset,
             remaining: len,
             reading: None,
-            nowait: true,
+            failed: None,
+            cached_reads: 0,
+            blocking_reads: 0,
         }
     }
 
     /// Reads as much of the next chunk as the page cache holds, if any,
     /// without blocking.
     fn read_cached(&mut self) -> Option<Bytes> {
-        if !self.nowait {
+        if !self.file.nowait() {
             return None;
         }
         let want = (CHUNK as u64).min(self.remaining) as usize;
@@ -130,14 +153,20 @@ impl FileRange {
             Ok(n) if n > 0 => {
                 self.offset += n as u64;
                 self.remaining -= n as u64;
+                self.cached_reads += 1;
                 return Some(Chunk::bytes(buf, n, &self.file));
             }
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
-                self.nowait = false;
+            // Not in the page cache, or the file cut short (0): the blocking
+            // read waits for the disk, or reports the end.
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+            // No RWF_NOWAIT here (EOPNOTSUPP), or no preadv2 (ENOSYS).
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                self.file.nowait.store(false, Ordering::Relaxed);
             }
-            // Not in the page cache (EAGAIN), the file cut short (0), or a
-            // failure: the blocking read waits for the disk or reports it.
-            _ => {}
+            // The blocking read meets it again and reports it if it lasts.
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a cached chunk failed; reading it on a blocking thread")
+            }
         }
         self.file.give_back(buf);
         None
@@ -149,6 +178,7 @@ impl FileRange {
         let (file, at) = (Arc::clone(&self.file), self.offset);
         self.offset += n as u64;
         self.remaining -= n as u64;
+        self.blocking_reads += 1;
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = file.buffer(n);
             match file.file.read_exact_at(&mut buf[..n], at) {
@@ -171,6 +201,9 @@ impl http_body::Body for FileRange {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if let Some(kind) = self.failed {
+            return Poll::Ready(Some(Err(kind.into())));
+        }
         if self.reading.is_none() {
             if self.remaining == 0 {
                 return Poll::Ready(None);
@@ -183,12 +216,24 @@ impl http_body::Body for FileRange {
         let (reading, _) = self.reading.as_mut().expect("a read was just started");
         let read = ready!(Pin::new(reading).poll(cx));
         self.reading = None;
-        let chunk = read.map_err(std::io::Error::other).and_then(|r| r)?;
-        Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+        match read.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(chunk) => {
+                // Where every read blocks, the next one starts while this
+                // chunk goes to the socket.
+                if self.remaining > 0 && !self.file.nowait() {
+                    self.read_blocking();
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            Err(e) => {
+                self.failed = Some(e.kind());
+                Poll::Ready(Some(Err(e)))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reading.is_none() && self.remaining == 0
+        self.failed.is_none() && self.reading.is_none() && self.remaining == 0
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -239,46 +284,74 @@ impl Drop for Chunk {
 mod tests {
     use std::io::Write;
 
+    use http_body::Body as _;
     use http_body_util::BodyExt;
 
     use super::*;
-
-    fn file_of(data: &[u8]) -> Arc<UploadFile> {
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(data).unwrap();
-        UploadFile::new(file)
-    }
-
-    /// The frames of a body, and their bytes joined.
-    async fn frames(mut body: FileRange) -> std::io::Result<(usize, Vec<u8>)> {
-        let (mut count, mut all) = (0, Vec::new());
-        while let Some(frame) = body.frame().await {
-            all.extend_from_slice(&frame?.into_data().unwrap());
-            count += 1;
-        }
-        Ok((count, all))
-    }
 
     fn data(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 4099) as u8).collect()
     }
 
+    /// A file holding `data`, written out to the disk.
+    fn file_of(data: &[u8]) -> (File, Arc<UploadFile>) {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(data).unwrap();
+        file.sync_all().unwrap();
+        let upload = UploadFile::new(file.try_clone().unwrap());
+        (file, upload)
+    }
+
+    /// Whether this file system serves `RWF_NOWAIT` reads (tmpfs and
+    /// overlayfs on older kernels do not); the cached path is checked only
+    /// where it is taken.
+    fn takes_nowait(file: &File) -> bool {
+        let mut byte = [0u8];
+        let read = rustix::io::preadv2(
+            file,
+            &mut [std::io::IoSliceMut::new(&mut byte)],
+            0,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        );
+        if matches!(read, Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS)) {
+            eprintln!("the test directory's file system has no RWF_NOWAIT: only blocking reads are checked");
+            return false;
+        }
+        true
+    }
+
+    /// Polls `body` to its end or its first error: the bytes sent, and the
+    /// error. Frames are dropped as they come, like a socket does.
+    async fn drain(body: &mut FileRange) -> (Vec<u8>, Option<std::io::Error>) {
+        let mut sent = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => sent.extend_from_slice(&frame.into_data().unwrap()),
+                Err(e) => return (sent, Some(e)),
+            }
+        }
+        (sent, None)
+    }
+
     #[tokio::test]
-    async fn a_range_streams_exactly_its_bytes_from_the_page_cache_or_from_blocking_reads() {
+    async fn a_range_streams_exactly_its_bytes_on_either_read_path() {
         let data = data(3 * CHUNK + 1234);
-        let file = file_of(&data);
-        for (offset, len) in [(0, data.len()), (1000, 2 * CHUNK), (CHUNK + 5, 1), (7, 0)] {
-            let expected = &data[offset..offset + len];
-            for nowait in [true, false] {
+        let (raw, file) = file_of(&data);
+        let nowait = takes_nowait(&raw);
+        for blocking_only in [false, true] {
+            file.nowait.store(!blocking_only, Ordering::Relaxed);
+            for (offset, len) in [(0, data.len()), (1000, 2 * CHUNK), (CHUNK + 5, 1), (7, 0)] {
                 let mut body = FileRange::new(Arc::clone(&file), offset as u64, len as u64);
-                body.nowait = nowait;
-                let (count, got) = frames(body).await.unwrap();
-                assert_eq!(got, expected, "offset {offset} len {len} nowait {nowait}");
-                assert_eq!(
-                    count,
-                    len.div_ceil(CHUNK),
-                    "offset {offset} len {len} nowait {nowait}"
-                );
+                let (sent, failed) = drain(&mut body).await;
+                assert!(failed.is_none(), "offset {offset} len {len}: {failed:?}");
+                assert_eq!(sent, &data[offset..offset + len], "offset {offset} len {len}");
+                assert!(body.is_end_stream());
+                let chunks = len.div_ceil(CHUNK) as u32;
+                if blocking_only || !nowait {
+                    assert_eq!((body.cached_reads, body.blocking_reads), (0, chunks));
+                } else {
+                    assert_eq!(body.cached_reads, chunks, "all of a fresh file is cached");
+                }
             }
         }
         let crc = file.checksum(1000, 2 * CHUNK as u64).unwrap();
@@ -286,15 +359,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn chunk_buffers_are_reused_once_sent_and_at_most_a_few_are_kept() {
-        let file = file_of(&data(40 * CHUNK));
-        let (_, got) = frames(FileRange::new(Arc::clone(&file), 0, 40 * CHUNK as u64))
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 40 * CHUNK);
-        // Each frame was dropped before the next was read: one buffer served all.
-        assert_eq!(file.free.lock().unwrap().len(), 1);
+    async fn chunks_the_page_cache_lacks_are_read_from_the_disk_in_between() {
+        let data = data(32 * CHUNK);
+        let (raw, file) = file_of(&data);
+        if !takes_nowait(&raw) {
+            return;
+        }
+        // Drop the whole file from the page cache (a range can be kept
+        // whole in a large folio), then read its first chunk back: the body
+        // finds the start cached (and whatever the kernel read ahead), then
+        // has to wait for the disk.
+        rustix::fs::fadvise(&raw, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        raw.read_exact_at(&mut vec![0; CHUNK], 0).unwrap();
+        let mut body = FileRange::new(Arc::clone(&file), 100, (32 * CHUNK - 200) as u64);
+        let (sent, failed) = drain(&mut body).await;
+        assert!(failed.is_none(), "{failed:?}");
+        assert_eq!(sent, &data[100..32 * CHUNK - 100]);
+        let reads = (body.cached_reads, body.blocking_reads);
+        assert!(reads.0 > 0 && reads.1 > 0, "{reads:?} cached and blocking reads");
+    }
 
+    #[tokio::test]
+    async fn chunk_buffers_are_reused_once_sent_and_at_most_a_few_are_kept() {
+        let (raw, file) = file_of(&data(40 * CHUNK));
+        let free = || file.free.lock().unwrap().len();
+        // Frames dropped as they come: one buffer serves every cached read;
+        // blocking reads, one chunk ahead, take two (three if the next read
+        // takes its buffer before the last frame is dropped).
+        for (blocking_only, buffers) in [(false, 1..=1), (true, 2..=3)] {
+            if !blocking_only && !takes_nowait(&raw) {
+                continue;
+            }
+            file.free.lock().unwrap().clear();
+            file.nowait.store(!blocking_only, Ordering::Relaxed);
+            let mut body = FileRange::new(Arc::clone(&file), 0, 40 * CHUNK as u64);
+            assert_eq!(drain(&mut body).await.0.len(), 40 * CHUNK);
+            assert!(
+                buffers.contains(&free()),
+                "blocking only: {blocking_only}, {} buffers",
+                free()
+            );
+        }
+        // Frames all held until the end: only POOLED buffers are kept.
         let mut body = FileRange::new(Arc::clone(&file), 0, 40 * CHUNK as u64);
         let mut held = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -302,19 +408,29 @@ mod tests {
         }
         assert_eq!(held.len(), 40);
         drop(held);
-        assert_eq!(file.free.lock().unwrap().len(), POOLED);
+        assert_eq!(free(), POOLED);
+        // A short last chunk's buffer is not kept for whole chunks.
+        file.free.lock().unwrap().clear();
+        let mut body = FileRange::new(Arc::clone(&file), 0, 100);
+        drain(&mut body).await;
+        assert_eq!(free(), 0);
     }
 
     #[tokio::test]
-    async fn a_file_cut_short_fails_the_body_instead_of_sending_less() {
-        let mut tmp = tempfile::tempfile().unwrap();
-        tmp.write_all(&data(2 * CHUNK)).unwrap();
-        let file = UploadFile::new(tmp.try_clone().unwrap());
-        let body = FileRange::new(Arc::clone(&file), 0, 2 * CHUNK as u64);
-        tmp.set_len(CHUNK as u64 + 10).unwrap();
-        let err = frames(body).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
-        let err = file.checksum(0, 2 * CHUNK as u64).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    async fn a_file_cut_short_fails_the_body_and_it_stays_failed() {
+        for blocking_only in [false, true] {
+            let (raw, file) = file_of(&data(2 * CHUNK));
+            file.nowait.store(!blocking_only, Ordering::Relaxed);
+            let mut body = FileRange::new(Arc::clone(&file), 0, 2 * CHUNK as u64);
+            raw.set_len(CHUNK as u64 + 10).unwrap();
+            let (sent, failed) = drain(&mut body).await;
+            assert_eq!(failed.unwrap().kind(), std::io::ErrorKind::UnexpectedEof);
+            assert!(sent.len() <= CHUNK + 10, "sent {} bytes", sent.len());
+            assert!(!body.is_end_stream());
+            let again = body.frame().await.unwrap().unwrap_err();
+            assert_eq!(again.kind(), std::io::ErrorKind::UnexpectedEof);
+            let err = file.checksum(0, 2 * CHUNK as u64).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
     }
 }
