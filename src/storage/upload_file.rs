@@ -156,9 +156,9 @@ impl FileRange {
                 self.cached_reads += 1;
                 return Some(Chunk::bytes(buf, n, &self.file));
             }
-            // Not in the page cache, or the file cut short (0): the blocking
-            // read waits for the disk, or reports the end.
-            Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+            // Not in the page cache, interrupted, or the file cut short (0):
+            // the blocking read waits for the disk, or reports the end.
+            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
             // No RWF_NOWAIT here (EOPNOTSUPP), or no preadv2 (ENOSYS).
             Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
                 self.file.nowait.store(false, Ordering::Relaxed);
