@@ -1,7 +1,8 @@
 //! Faults between the gateway and object storage, injected by a real TCP
 //! proxy: a connection cut mid-download is resumed; corrupted bytes fail
-//! the run with a checksum error and leave nothing behind; an upload given
-//! up while the store is still answering is aborted all the same.
+//! the run with a checksum error and leave nothing behind; a part cut
+//! mid-upload is sent again; an upload given up while the store is still
+//! answering is aborted all the same.
 
 mod common;
 
@@ -226,4 +227,33 @@ async fn an_upload_given_up_while_the_store_creates_it_is_aborted() {
         open_multipart_uploads(&stack).is_empty()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_cut_mid_part_sends_the_part_again_and_is_byte_identical() {
+    let stack = Stack::start().await;
+    // The first connection to carry 3 MiB of requests is cut there: inside
+    // the body of an 8 MiB part.
+    let proxy = Proxy::start(s3_addr(&stack), Fault::CutRequestAfter(3 << 20)).await;
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let data = text(40 << 20, 11);
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let url = format!("s3://{BUCKET}/outputs/cut/big.bin");
+    let dest = prefab::storage::S3Url::parse(&url).unwrap();
+
+    let mut progress = |_| {};
+    let done = prefab::storage::upload(&s3, file, data.len() as u64, &dest, &mut progress)
+        .await
+        .expect("the upload recovers from the cut");
+    assert!(proxy.fired(), "the connection was never cut");
+    assert_eq!(done.size, data.len() as u64);
+    assert_eq!(
+        aws_smithy_types::base64::encode(done.crc64nvme.to_be_bytes()),
+        crc64nvme(&data)
+    );
+    assert!(stack.get(&url).await == data, "the stored object differs");
+    assert!(open_multipart_uploads(&stack).is_empty());
 }

@@ -12,7 +12,7 @@ use std::{os::unix::fs::FileExt, process::Stdio, time::Duration};
 
 use aws_sdk_s3::types::{ChecksumMode, ChecksumType};
 use bytes::Bytes;
-use common::*;
+use common::{proxy, *};
 use prefab::{
     dev,
     storage::{
@@ -318,6 +318,34 @@ async fn a_failed_or_cancelled_multipart_upload_leaves_no_open_upload() {
         weed.open_uploads().await,
         0,
         "ListMultipartUploads after a cancel"
+    );
+    assert!(!weed.exists(&url).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn bytes_corrupted_on_the_way_up_fail_the_upload_and_leave_nothing() {
+    let weed = Weed::start().await;
+    // One byte flipped 4 MiB into the requests of the first connection to
+    // carry that much: inside the body of an 8 MiB part.
+    let upstream = weed.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(upstream, proxy::Fault::FlipRequestAt(4 << 20)).await;
+    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, text(40 << 20, 21)).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let url = S3Url::parse(&format!("s3://{BUCKET}/compat/corrupted.bin")).unwrap();
+
+    let failed = storage::upload(&s3, file, 40 << 20, &url, &mut |_| {}).await;
+    assert!(proxy.fired(), "no byte was flipped");
+    let err = failed.expect_err("SeaweedFS refuses a part that does not match its checksum");
+    assert!(err.to_string().contains("BadDigest"), "{err}");
+    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    assert_eq!(
+        weed.open_uploads().await,
+        0,
+        "ListMultipartUploads after the failure"
     );
     assert!(!weed.exists(&url).await);
 }

@@ -38,7 +38,7 @@ pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
     let mut b = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(args.region().to_owned()))
-        .http_client(http)
+        .http_client(super::sendfile::Client::wrap(http))
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .retry_config(RetryConfig::standard().with_max_attempts(3))

@@ -7,6 +7,7 @@ mod client;
 pub mod download;
 mod error;
 pub mod ranged;
+mod sendfile;
 pub mod upload;
 mod upload_file;
 mod url;

@@ -4,9 +4,11 @@
 //! cancelled run never leaves an open upload behind.
 //!
 //! Memory: parts of a local file are never held whole. Each is read once
-//! to checksum it and again, 256 KiB at a time, as it goes to the socket
-//! (see `upload_file`), so an upload holds a few small buffers per part in
-//! flight (at most 4 MiB kept for reuse) whatever the part size.
+//! to checksum it, then sent: to a plain-HTTP store straight from the page
+//! cache with `sendfile` (see `sendfile`), over TLS read again 256 KiB at a
+//! time as it goes to the socket (see `upload_file`). An upload holds a few
+//! small buffers per part in flight (at most 4 MiB kept for reuse) whatever
+//! the part size.
 //!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
@@ -20,6 +22,7 @@ use aws_sdk_s3::{
     primitives::ByteStream,
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
 use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 use tokio::task::JoinSet;
@@ -28,6 +31,7 @@ use super::{
     Crc64, S3Url, StorageError, Transfer,
     checksum::to_base64,
     download::backoff,
+    sendfile::FileBody,
     upload_file::{FileRange, UploadFile},
 };
 
@@ -109,6 +113,25 @@ impl Part {
                 tokio::task::spawn_blocking(move || Crc64::of(&bytes))
                     .await
                     .map_err(std::io::Error::other)
+            }
+        }
+    }
+
+    /// Marks a request as carrying this part so that, if the part is in a
+    /// file and the store is reached by plain HTTP, it goes by `sendfile`
+    /// rather than through [`Part::body`].
+    fn mark(&self) -> impl Fn(&mut HttpRequest) + Send + Sync + 'static {
+        let body = match &self.0 {
+            PartData::File { file, offset, crc } => Some(FileBody {
+                file: Arc::clone(file),
+                offset: *offset,
+                len: crc.len(),
+            }),
+            PartData::Memory(_) => None,
+        };
+        move |request| {
+            if let Some(body) = &body {
+                request.add_extension(body.clone());
             }
         }
     }
@@ -219,6 +242,7 @@ pub async fn upload_from(
             .body(first.body())
             .customize()
             .disable_payload_signing()
+            .mutate_request(first.mark())
             .send()
             .await
             .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
@@ -367,6 +391,7 @@ impl Multipart {
                     .body(part.body())
                     .customize()
                     .disable_payload_signing()
+                    .mutate_request(part.mark())
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));

@@ -1,7 +1,8 @@
 //! Reading a local file for upload: each part is read once to checksum it
-//! (its CRC goes in the request's headers, before the body) and again, a
-//! chunk at a time, as it goes to the socket. An upload holds a few chunk
-//! buffers per part in flight, whatever the part size.
+//! (its CRC goes in the request's headers, before the body) and, unless it
+//! goes by `sendfile` to a plain-HTTP store (see `sendfile`), again, a chunk
+//! at a time, as it goes to the socket. An upload holds a few chunk buffers
+//! per part in flight, whatever the part size.
 //!
 //! The second read usually comes from the page cache (the file was just
 //! written, or just checksummed). A chunk the page cache holds is read right
@@ -74,6 +75,11 @@ impl UploadFile {
                 free.push(buf);
             }
         }
+    }
+
+    /// The file itself.
+    pub(super) fn file(&self) -> &File {
+        &self.file
     }
 
     fn nowait(&self) -> bool {

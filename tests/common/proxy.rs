@@ -1,6 +1,6 @@
 //! A TCP proxy on loopback that injects one fault into the first response
-//! stream that grows past a threshold: it cuts the connection, flips a
-//! byte, or holds the response back a while. Everything else passes
+//! (or request) stream that grows past a threshold: it cuts the connection,
+//! flips a byte, or holds the response back a while. Everything else passes
 //! through untouched.
 
 use std::{
@@ -25,6 +25,10 @@ pub enum Fault {
     FlipAt(u64),
     /// Hold the first response back this long.
     DelayFirst(std::time::Duration),
+    /// Close both sides after this many request bytes.
+    CutRequestAfter(u64),
+    /// Invert the bits of the request byte at this offset.
+    FlipRequestAt(u64),
 }
 
 /// A running proxy.
@@ -66,41 +70,87 @@ impl Drop for Proxy {
 }
 
 async fn relay(client: TcpStream, server: TcpStream, fault: Fault, fired: Arc<AtomicBool>) {
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut server_rx, mut server_tx) = server.into_split();
-    let upstream = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
-        let _ = server_tx.shutdown().await;
-    });
+    let (client_rx, client_tx) = client.into_split();
+    let (server_rx, server_tx) = server.into_split();
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let upstream = tokio::spawn(pass(
+        client_rx,
+        server_tx,
+        Direction::Request,
+        fault,
+        Arc::clone(&fired),
+        Arc::clone(&cut),
+    ));
+    let downstream = pass(
+        server_rx,
+        client_tx,
+        Direction::Response,
+        fault,
+        fired,
+        Arc::clone(&cut),
+    );
+    tokio::select! {
+        () = downstream => {}
+        () = cut.notified() => {}
+    }
+    upstream.abort();
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Request,
+    Response,
+}
+
+/// Copies `rx` to `tx`, injecting `fault` if it is one for `direction`;
+/// a cut is signalled on `cut` so that both directions stop.
+async fn pass(
+    mut rx: tokio::net::tcp::OwnedReadHalf,
+    mut tx: tokio::net::tcp::OwnedWriteHalf,
+    direction: Direction,
+    fault: Fault,
+    fired: Arc<AtomicBool>,
+    cut: Arc<tokio::sync::Notify>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let mut seen = 0u64;
+    let (cut_after, flip_at) = match (direction, fault) {
+        (Direction::Response, Fault::CutAfter(at)) | (Direction::Request, Fault::CutRequestAfter(at)) => {
+            (Some(at), None)
+        }
+        (Direction::Response, Fault::FlipAt(at)) | (Direction::Request, Fault::FlipRequestAt(at)) => {
+            (None, Some(at))
+        }
+        _ => (None, None),
+    };
     loop {
-        let n = match server_rx.read(&mut buf).await {
+        let n = match rx.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &mut buf[..n];
         let end = seen + n as u64;
-        match fault {
-            Fault::CutAfter(at) if end > at && !fired.swap(true, Ordering::SeqCst) => {
+        match (cut_after, flip_at, fault) {
+            (Some(at), _, _) if end > at && !fired.swap(true, Ordering::SeqCst) => {
                 let keep = (at - seen.min(at)) as usize;
-                let _ = client_tx.write_all(&chunk[..keep.min(n)]).await;
-                upstream.abort();
+                let _ = tx.write_all(&chunk[..keep.min(n)]).await;
+                cut.notify_one();
                 return;
             }
-            Fault::FlipAt(at) if (seen..end).contains(&at) && !fired.swap(true, Ordering::SeqCst) => {
+            (_, Some(at), _) if (seen..end).contains(&at) && !fired.swap(true, Ordering::SeqCst) => {
                 chunk[(at - seen) as usize] ^= 0xff;
             }
-            Fault::DelayFirst(delay) if !fired.swap(true, Ordering::SeqCst) => {
+            (_, _, Fault::DelayFirst(delay))
+                if direction == Direction::Response && !fired.swap(true, Ordering::SeqCst) =>
+            {
                 tokio::time::sleep(delay).await;
             }
             _ => {}
         }
         seen = end;
-        if client_tx.write_all(chunk).await.is_err() {
+        if tx.write_all(chunk).await.is_err() {
             break;
         }
     }
-    let _ = client_tx.shutdown().await;
-    upstream.abort();
+    let _ = tx.shutdown().await;
 }
