@@ -99,6 +99,12 @@ impl StorageError {
                     _ => Self::Rejected { url, op, detail },
                 }
             }
+            // The request's body failed: a local file that changed while
+            // it was uploaded. Sending it again will not help.
+            SdkError::DispatchFailure(d) if d.is_user() => Self::Io {
+                path: url,
+                source: std::io::Error::other(error_chain(&err)),
+            },
             SdkError::ConstructionFailure(_) => Self::Rejected {
                 url,
                 op,

@@ -137,6 +137,7 @@ struct Job {
     pool: Arc<Pool>,
     /// `host:port`, the key of the connection pool.
     addr: String,
+    /// The host to resolve: a name or an IP address.
     host: String,
     port: u16,
     head: Vec<u8>,
@@ -159,6 +160,8 @@ impl Job {
         }
         let host = uri.host()?.to_owned();
         let port = uri.port_u16().unwrap_or(80);
+        // An IPv6 literal is bracketed in URIs, not for the resolver.
+        let ip_or_name = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut head = format!("{} {path} HTTP/1.1\r\n", request.method()).into_bytes();
         if headers.get("host").is_none() {
@@ -176,7 +179,7 @@ impl Job {
         Some(Self {
             pool: Arc::clone(&connector.pool),
             addr: format!("{host}:{port}"),
-            host,
+            host: ip_or_name,
             port,
             head,
             body,
@@ -190,7 +193,7 @@ impl Job {
     fn run(self, abort: &Abort) -> Result<HttpResponse, ConnectorError> {
         let reply = match self.pool.take(&self.addr) {
             Some(kept) => match self.exchange(kept, abort) {
-                Err(Failure::Closed(e)) => {
+                Err(Failure::Closed(e)) if !abort.cancelled() => {
                     tracing::debug!(addr = %self.addr, error = %e, "kept connection closed by the store; sending on a new one");
                     self.exchange(self.connect()?, abort)
                 }
@@ -253,24 +256,24 @@ impl Job {
             .set_write_timeout(Some(self.timeout))
             .map_err(Failure::Io)?;
         stream.set_read_timeout(Some(self.timeout)).map_err(Failure::Io)?;
-        let sent = stream
-            .write_all(&self.head)
-            .map_err(sending)
-            .and_then(|()| send_file(&stream, &self.body));
-        match sent {
-            Ok(()) => {
-                let reply = read_reply(&mut stream)?;
-                let keep = reply.keep_alive;
-                Ok((reply, keep.then_some(stream)))
+        stream.write_all(&self.head).map_err(sending)?;
+        let mut early = Vec::new();
+        let sent = send_file(&stream, &self.body, self.timeout, &mut early);
+        // A store that refuses a request may answer before taking the
+        // whole body, and close: its answer is the one to report.
+        let whole = match sent {
+            Ok(whole) => whole,
+            Err(Failure::Closed(e)) => {
+                return match read_reply(&mut stream, early) {
+                    Ok(reply) => Ok((reply, None)),
+                    Err(_) => Err(Failure::Closed(e)),
+                };
             }
-            // A store may answer and close before taking the whole body (a
-            // refused request): its answer is the one to report.
-            Err(Failure::Closed(e)) => match read_reply(&mut stream) {
-                Ok(reply) => Ok((reply, None)),
-                Err(_) => Err(Failure::Closed(e)),
-            },
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e),
+        };
+        let reply = read_reply(&mut stream, early)?;
+        let keep = whole && reply.keep_alive;
+        Ok((reply, keep.then_some(stream)))
     }
 }
 
@@ -301,24 +304,111 @@ fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
-/// Sends the file's bytes, from the page cache where it can.
-fn send_file(stream: &TcpStream, body: &FileBody) -> Result<(), Failure> {
+/// Sends the file's bytes, from the page cache where it can. Stops early,
+/// with `false`, if the store answers (or closes) before taking them all;
+/// what it sent is left in `early`. Fails if the store takes nothing for
+/// `timeout`.
+fn send_file(
+    stream: &TcpStream,
+    body: &FileBody,
+    timeout: Duration,
+    early: &mut Vec<u8>,
+) -> Result<bool, Failure> {
+    stream.set_nonblocking(true).map_err(Failure::Io)?;
+    let sent = send_until_answered(stream, body, timeout, early);
+    stream.set_nonblocking(false).map_err(Failure::Io)?;
+    sent
+}
+
+/// A store that closes mid-body makes `sendfile` fail with EPIPE, and raise
+/// SIGPIPE, which Rust programs ignore from the start (`sendfile` has no
+/// `MSG_NOSIGNAL`).
+fn send_until_answered(
+    mut stream: &TcpStream,
+    body: &FileBody,
+    timeout: Duration,
+    early: &mut Vec<u8>,
+) -> Result<bool, Failure> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let file = body.file.file();
+    let wait = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: 60,
+        tv_nsec: 0,
+    });
     let (mut at, end) = (body.offset, body.offset + body.len);
     while at < end {
+        let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::OUT)];
+        match poll(&mut fds, Some(&wait)) {
+            Ok(0) => {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the store took no byte for {timeout:?}"),
+                );
+                return Err(Failure::Io(e));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(Failure::Io(e.into())),
+        }
+        let ready = fds[0].revents();
+        if ready.intersects(PollFlags::IN | PollFlags::ERR | PollFlags::HUP) {
+            let mut chunk = [0; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => early.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(sending(e)),
+            }
+            // An interim `1xx` reply asks for the rest of the body; any
+            // other ends the request.
+            loop {
+                match classify(early) {
+                    Early::Interim(len) => drop(early.drain(..len)),
+                    Early::Undecided => break,
+                    Early::Final => return Ok(false),
+                }
+            }
+            continue;
+        }
         let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
         match rustix::fs::sendfile(stream, file, Some(&mut at), want) {
             Ok(0) => return Err(Failure::FileShort(at)),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
+            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
             // File systems that cannot hand over their pages.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => {
-                return copy_file(stream, file, at, end);
+                stream.set_nonblocking(false).map_err(Failure::Io)?;
+                return copy_file(stream, file, at, end).map(|()| true);
             }
             Err(e) => return Err(sending(e.into())),
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// What the bytes a store sent while it was being sent the body are.
+enum Early {
+    /// A whole interim (`1xx`) reply head of this length, then maybe more.
+    Interim(usize),
+    /// Nothing yet, or the start of what may be an interim reply.
+    Undecided,
+    /// A final reply, or bytes that are no reply.
+    Final,
+}
+
+fn classify(bytes: &[u8]) -> Early {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut head = httparse::Response::new(&mut slots);
+    match head.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) if head.code.is_some_and(|c| (100..200).contains(&c)) => {
+            Early::Interim(len)
+        }
+        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD => {
+            let interim = b"HTTP/1.x 1";
+            let may_be = bytes.iter().zip(interim).all(|(b, p)| p == b || *p == b'x');
+            if may_be { Early::Undecided } else { Early::Final }
+        }
+        _ => Early::Final,
+    }
 }
 
 /// Sends bytes `at..end` of `file` through a buffer.
@@ -368,11 +458,11 @@ impl Reply {
 
 /// Reads a reply: its head (after any `1xx` ones) and its body, framed by
 /// `Content-Length`, chunked, or by the end of the connection.
-fn read_reply(stream: &mut TcpStream) -> Result<Reply, Failure> {
+fn read_reply(stream: &mut TcpStream, early: Vec<u8>) -> Result<Reply, Failure> {
     let mut incoming = Incoming {
         stream,
-        buf: Vec::with_capacity(4096),
-        seen: false,
+        seen: !early.is_empty(),
+        buf: early,
     };
     let bad = |what: String| Failure::Io(io::Error::new(io::ErrorKind::InvalidData, what));
     let (status, headers, keep_alive) = loop {
@@ -401,21 +491,30 @@ fn read_reply(stream: &mut TcpStream) -> Result<Reply, Failure> {
         }
         break (status, headers, keep_alive);
     };
-    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice());
-    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-    let chunked = header("transfer-encoding").map(|v| v.to_ascii_lowercase());
+    // The comma-separated tokens of every header named `name`.
+    let tokens = |name: &str| {
+        let values = headers.iter().filter(|(n, _)| n == name);
+        let tokens = values.flat_map(|(_, v)| v.split(|&b| b == b','));
+        tokens
+            .map(|t| t.trim_ascii().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    let close = tokens("connection").iter().any(|t| t == b"close");
+    let codings = tokens("transfer-encoding");
+    let lengths = tokens("content-length");
     let (body, framed) = if status == 204 || status == 304 {
         (Vec::new(), true)
-    } else if let Some(coding) = chunked {
-        if coding.ends_with(b"chunked") {
+    } else if let Some(last) = codings.last() {
+        if last == b"chunked" {
             (incoming.chunked()?, true)
         } else {
             (incoming.until_closed()?, false)
         }
-    } else if let Some(len) = header("content-length") {
+    } else if let Some(len) = lengths.first() {
         let len = std::str::from_utf8(len)
             .ok()
-            .and_then(|l| l.trim().parse::<usize>().ok())
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|_| lengths.iter().all(|l| l == len))
             .ok_or_else(|| bad("malformed Content-Length".into()))?;
         if len > MAX_BODY {
             return Err(bad(format!("the reply's body is too large ({len} bytes)")));
@@ -519,7 +618,7 @@ impl Incoming<'_> {
                 while !self.line()?.is_empty() {}
                 return Ok(body);
             }
-            if body.len() + size > MAX_BODY {
+            if size > MAX_BODY - body.len() {
                 return Err(Failure::Io(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "the reply's body is too large",
@@ -611,6 +710,10 @@ impl Abort {
         }
         *socket = Some(handle);
         Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// Ends the watch; false if the request was cancelled meanwhile.
@@ -810,27 +913,121 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn error_replies_come_back_whole_whatever_their_framing() {
-        let replies: [&[u8]; 3] = [
-            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n6;x=y\r\n<Error\r\n4\r\n/>\n\n\r\n0\r\nA: b\r\n\r\n",
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Slow Down\r\nContent-Length: 9\r\n\r\n<Error/>\n",
-            b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n<Error/>\n\n",
+    async fn replies_come_back_whole_and_only_cleanly_ended_ones_keep_the_connection() {
+        // (reply, the store closes after it, status, body, connection kept)
+        let cases: [(&[u8], bool, u16, &str, bool); 6] = [
+            (
+                b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n6;x=y\r\n<Error\r\n4\r\n/>\n\n\r\n0\r\nA: b\r\n\r\n",
+                false,
+                403,
+                "<Error/>\n\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Slow Down\r\nContent-Length: 9\r\n\r\n<Error/>\n",
+                false,
+                503,
+                "<Error/>\n",
+                true,
+            ),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false, 200, "", false),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+                false,
+                200,
+                "",
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nX", false, 200, "", false),
+            (b"HTTP/1.1 400 Bad Request\r\n\r\n<Error/>\n\n", true, 400, "<Error/>\n\n", false),
         ];
-        let store = Store::start(move |n, stream| {
+        let next = Arc::new(AtomicUsize::new(0));
+        let replies = cases.map(|(reply, close, ..)| (reply, close));
+        let store = Store::start(move |_, stream| {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
-            read_request(&mut reader).unwrap();
-            (&stream).write_all(replies[n]).unwrap();
+            while read_request(&mut reader).is_some() {
+                let (reply, close) = replies[next.fetch_add(1, Ordering::SeqCst)];
+                (&stream).write_all(reply).unwrap();
+                if close {
+                    return;
+                }
+            }
         });
         let file = file_of(&data(100));
         let connector = connector(DEFAULT_TIMEOUT);
         let uri = format!("http://{}/b/k", store.addr);
-        for (status, body) in [(403, "<Error/>\n\n"), (503, "<Error/>\n"), (400, "<Error/>\n\n")] {
+        for (_, _, status, body, kept) in cases {
             let response = connector.call(request(&uri, part(&file, 0, 100))).await.unwrap();
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.body().bytes(), Some(body.as_bytes()));
+            let idle = connector.pool.lock().values().map(Vec::len).sum::<usize>();
+            assert_eq!(idle, usize::from(kept), "status {status}: kept or not");
         }
-        // The first two were kept but closed by the store.
-        assert_eq!(store.accepted(), 3);
+        // The first three on one connection, the others on one each.
+        assert_eq!(store.accepted(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_answers_before_taking_the_body_is_heard_at_once() {
+        // It refuses after the head and reads no more, the connection open.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let done_rx = Mutex::new(done_rx);
+        let store = Store::start(move |_, stream| {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let reply = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 8\r\n\r\n<Error/>";
+            (&stream).write_all(reply).unwrap();
+            let _ = done_rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+        });
+        let file = sparse_file(256 << 20);
+        let connector = connector(DEFAULT_TIMEOUT);
+        let uri = format!("http://{}/b/k", store.addr);
+        let started = Instant::now();
+        let response = connector
+            .call(request(&uri, part(&file, 0, 256 << 20)))
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403);
+        assert_eq!(response.body().bytes(), Some(&b"<Error/>"[..]));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited for the send to time out"
+        );
+        assert!(
+            connector.pool.lock().is_empty(),
+            "kept a connection with a body half sent"
+        );
+        done_tx.send(()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_interim_reply_during_the_body_lets_it_go_on() {
+        let data = data(24 << 20);
+        let file = file_of(&data);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let store = Store::start(move |_, stream| {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            (&stream).write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+            let mut body = vec![0; 24 << 20];
+            reader.read_exact(&mut body).unwrap();
+            tx.send(body).unwrap();
+            (&stream).write_all(OK).unwrap();
+        });
+        let connector = connector(DEFAULT_TIMEOUT);
+        let uri = format!("http://{}/b/k", store.addr);
+        let response = connector
+            .call(request(&uri, part(&file, 0, 24 << 20)))
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(rx.recv().unwrap() == data, "the body differs");
     }
 
     #[tokio::test]
@@ -948,10 +1145,6 @@ mod tests {
         // MiB in flight, not after the 60 s timeout.
         let drained = done.recv_timeout(Duration::from_secs(15)).unwrap();
         assert!(drained < Duration::from_secs(15));
-        assert!(
-            connector.pool.lock().is_empty(),
-            "a cancelled connection was kept"
-        );
     }
 
     #[tokio::test]
@@ -970,5 +1163,83 @@ mod tests {
         for request in [tls, plain, other_length, encoded] {
             assert!(wrapped(connector.call(request).await.unwrap_err()));
         }
+    }
+
+    #[test]
+    fn the_head_names_the_host_as_the_signer_did() {
+        let file = file_of(&data(10));
+        let connector = connector(DEFAULT_TIMEOUT);
+        let cases = [
+            (
+                "http://store.example:80/b/k",
+                "host: store.example\r\n",
+                "store.example",
+                "store.example:80",
+            ),
+            (
+                "http://store.example/b/k",
+                "host: store.example\r\n",
+                "store.example",
+                "store.example:80",
+            ),
+            (
+                "http://[::1]:9000/b/k?uploads",
+                "host: [::1]:9000\r\n",
+                "::1",
+                "[::1]:9000",
+            ),
+        ];
+        for (uri, header, host, addr) in cases {
+            let job = Job::of(&request(uri, part(&file, 0, 10)), &connector).unwrap();
+            let head = String::from_utf8(job.head).unwrap();
+            assert!(head.contains(header), "{uri}: {head}");
+            assert_eq!((job.host.as_str(), job.addr.as_str()), (host, addr));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_through_the_sdk_use_it_and_outlast_its_stall_check() {
+        use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, StalledStreamProtectionConfig};
+        // The store answers each request 3 s after taking its body; the
+        // SDK's check of upload speed would give up after 1 s of grace.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let store = Store::start(move |_, stream| {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            while let Some((head, body)) = read_request(&mut reader) {
+                tx.send((head, body)).unwrap();
+                thread::sleep(Duration::from_secs(3));
+                (&stream).write_all(OK).unwrap();
+            }
+        });
+        let http = Client::wrap(aws_smithy_http_client::Builder::new().build_http());
+        let pool = Arc::clone(&http.pool);
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("id", "secret", None, None, "test"))
+            .endpoint_url(format!("http://{}", store.addr))
+            .force_path_style(true)
+            .http_client(http)
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled()
+                    .grace_period(Duration::from_secs(1))
+                    .build(),
+            )
+            .build();
+        let s3 = aws_sdk_s3::Client::from_conf(config);
+        let data = data(3 << 20);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let dest = super::super::S3Url::parse("s3://bucket/slow.bin").unwrap();
+
+        let done = super::super::upload(&s3, file, data.len() as u64, &dest, &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(done.size, data.len() as u64);
+        let (head, body) = rx.recv().unwrap();
+        assert!(head.starts_with("PUT /bucket/slow.bin"), "{head}");
+        assert!(body == data, "the body differs");
+        let idle = pool.lock().values().map(Vec::len).sum::<usize>();
+        assert_eq!(idle, 1, "the part did not go by sendfile");
     }
 }

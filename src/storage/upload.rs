@@ -19,6 +19,7 @@
 use std::{fs::File, sync::Arc};
 
 use aws_sdk_s3::{
+    config::StalledStreamProtectionConfig,
     primitives::ByteStream,
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
@@ -136,6 +137,24 @@ impl Part {
         }
     }
 
+    /// The settings of a request carrying this part. A part in a file is
+    /// exempt from the SDK's check of upload speed, which watches the body
+    /// it sends and would see none of a part sent by `sendfile` (cutting
+    /// every such request after its grace period). The `sendfile` exchange
+    /// fails by itself when the store takes nothing for the read timeout;
+    /// over TLS, hyper's read timeout bounds the whole request.
+    fn config(&self) -> aws_sdk_s3::config::Builder {
+        let config = aws_sdk_s3::config::Builder::default();
+        match &self.0 {
+            PartData::File { .. } => config.stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled()
+                    .upload_enabled(false)
+                    .build(),
+            ),
+            PartData::Memory(_) => config,
+        }
+    }
+
     /// A request body for the part; the SDK can rebuild it to retry.
     fn body(&self) -> ByteStream {
         match &self.0 {
@@ -243,6 +262,7 @@ pub async fn upload_from(
             .customize()
             .disable_payload_signing()
             .mutate_request(first.mark())
+            .config_override(first.config())
             .send()
             .await
             .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
@@ -392,6 +412,7 @@ impl Multipart {
                     .customize()
                     .disable_payload_signing()
                     .mutate_request(part.mark())
+                    .config_override(part.config())
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));

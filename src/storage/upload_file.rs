@@ -374,7 +374,9 @@ mod tests {
         // Drop the whole file from the page cache (a range can be kept
         // whole in a large folio), then read its first chunk back: the body
         // finds the start cached (and whatever the kernel read ahead), then
-        // has to wait for the disk.
+        // has to wait for the disk. Only clean pages can be dropped: the
+        // file is written back first.
+        raw.sync_data().unwrap();
         rustix::fs::fadvise(&raw, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         raw.read_exact_at(&mut vec![0; CHUNK], 0).unwrap();
         let mut body = FileRange::new(Arc::clone(&file), 100, (32 * CHUNK - 200) as u64);
