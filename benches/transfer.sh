@@ -102,18 +102,29 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 # A full Run: stage the big object, sha256 it in the example prefab, clean up.
+# Ports below the ephemeral range (32768-60999 here): one in it may be held
+# by one of the many loopback connections the transfers above opened.
+rt_port=29961 gw_port=29962
 mkdir -p "$work/ws"
-"$rel/prefab" runtime hello --addr 127.0.0.1:50961 --workspace-root "$work/ws" >"$work/rt.log" 2>&1 &
+"$rel/prefab" runtime hello --addr "127.0.0.1:$rt_port" --workspace-root "$work/ws" >"$work/rt.log" 2>&1 &
 pids+=($!)
-"$rel/prefab" gateway --addr 127.0.0.1:50962 --no-auth --workspace-root "$work/ws" \
-  --endpoints hello-world-prefab@1.0.0=http://127.0.0.1:50961 --endpoint-template= >"$work/gw.log" 2>&1 &
+"$rel/prefab" gateway --addr "127.0.0.1:$gw_port" --no-auth --workspace-root "$work/ws" \
+  --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt_port" --endpoint-template= >"$work/gw.log" 2>&1 &
 gw=$!
 pids+=($gw)
-sleep 1
+for _ in $(seq 1 120); do
+  if ! kill -0 "$gw" 2>/dev/null; then
+    echo "the gateway exited; its log:" >&2
+    cat "$work/gw.log" >&2
+    exit 1
+  fi
+  (exec 3<>"/dev/tcp/127.0.0.1/$gw_port") 2>/dev/null && break
+  sleep 0.5
+done
 for run in $(seq 1 "$RUNS"); do
   sync; sleep 1
   read -r secs _ < <(python3 benches/measure.py "$rel/prefab" run hello-world-prefab sha256 \
-    --gateway http://127.0.0.1:50962 -i file=s3://bench/big.bin)
+    --gateway "http://127.0.0.1:$gw_port" -i file=s3://bench/big.bin)
   peak=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
   echo "Run-sha256 prefab-gateway $secs $peak $mb" >>"$samples"
 done

@@ -30,7 +30,9 @@ pub enum ClientError {
 /// which every S3-compatible store accepts; payload integrity is checked by
 /// the transfer code itself. The SDK retries a request up to three times on
 /// transient errors; a download that breaks mid-body is resumed by
-/// [`super::download`] from the bytes it already has.
+/// [`super::download`] from the bytes it already has. Upload parts read from
+/// local files go to an `http://` endpoint by `sendfile` (see
+/// `super::sendfile`); everything else goes through hyper.
 pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
