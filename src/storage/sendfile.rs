@@ -784,6 +784,11 @@ mod tests {
             Self { addr, accepted, stop }
         }
 
+        /// The URI of an object in it.
+        fn uri(&self) -> String {
+            format!("http://{}/b/k", self.addr)
+        }
+
         fn accepted(&self) -> usize {
             self.accepted.load(Ordering::SeqCst)
         }
@@ -955,7 +960,7 @@ mod tests {
         });
         let file = file_of(&data(100));
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         for (_, _, status, body, kept) in cases {
             let response = connector.call(request(&uri, part(&file, 0, 100))).await.unwrap();
             assert_eq!(response.status().as_u16(), status);
@@ -984,7 +989,7 @@ mod tests {
         });
         let file = sparse_file(256 << 20);
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         let started = Instant::now();
         let response = connector
             .call(request(&uri, part(&file, 0, 256 << 20)))
@@ -1021,7 +1026,7 @@ mod tests {
             (&stream).write_all(OK).unwrap();
         });
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         let response = connector
             .call(request(&uri, part(&file, 0, 24 << 20)))
             .await
@@ -1045,7 +1050,7 @@ mod tests {
         });
         let file = file_of(&data(1 << 20));
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         for _ in 0..2 {
             let response = connector
                 .call(request(&uri, part(&file, 0, 1 << 20)))
@@ -1075,7 +1080,7 @@ mod tests {
             tx.send(got).unwrap();
         });
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         let err = connector
             .call(request(&uri, part(&file, 4096, 2 << 20)))
             .await
@@ -1119,7 +1124,7 @@ mod tests {
         let (store, go, _) = deaf_store();
         let file = sparse_file(256 << 20);
         let connector = connector(Duration::from_millis(300));
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         let started = Instant::now();
         let err = connector
             .call(request(&uri, part(&file, 0, 256 << 20)))
@@ -1135,7 +1140,7 @@ mod tests {
         let (store, go, done) = deaf_store();
         let file = sparse_file(256 << 20);
         let connector = connector(DEFAULT_TIMEOUT);
-        let uri = format!("http://{}/b/k", store.addr);
+        let uri = store.uri();
         let call = connector.call(request(&uri, part(&file, 0, 256 << 20)));
         tokio::time::timeout(Duration::from_millis(300), call)
             .await
