@@ -126,9 +126,11 @@ impl HttpConnector for Connector {
         };
         let abort = Arc::new(Abort::default());
         let on_drop = CancelOnDrop(Arc::clone(&abort));
+        // The run's span, so that what the thread logs names the request.
+        let span = tracing::Span::current();
         HttpConnectorFuture::new(async move {
             let _on_drop = on_drop;
-            tokio::task::spawn_blocking(move || job.run(&abort))
+            tokio::task::spawn_blocking(move || span.in_scope(|| job.run(&abort)))
                 .await
                 .map_err(|e| ConnectorError::other(e.into(), None))?
         })
