@@ -670,10 +670,15 @@ impl Pool {
         }
     }
 
+    /// Keeps `stream` for reuse, and closes connections idle too long, to
+    /// any host.
     fn put(&self, addr: &str, stream: TcpStream) {
         let mut idle = self.lock();
+        idle.retain(|_, kept| {
+            kept.retain(|(_, since)| since.elapsed() < IDLE_FOR);
+            !kept.is_empty()
+        });
         let kept = idle.entry(addr.to_owned()).or_default();
-        kept.retain(|(_, since)| since.elapsed() < IDLE_FOR);
         if kept.len() == MAX_IDLE {
             kept.remove(0);
         }
@@ -1251,5 +1256,29 @@ mod tests {
         assert!(body == data, "the body differs");
         let idle = pool.lock().values().map(Vec::len).sum::<usize>();
         assert_eq!(idle, 1, "the part did not go by sendfile");
+    }
+
+    #[test]
+    fn connections_idle_too_long_are_closed_whatever_their_host() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let connect = || TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let pool = Pool::default();
+        let long_ago = Instant::now() - IDLE_FOR - Duration::from_secs(1);
+        pool.lock().insert("old:80".into(), vec![(connect(), long_ago)]);
+        pool.lock().insert(
+            "mixed:80".into(),
+            vec![(connect(), long_ago), (connect(), Instant::now())],
+        );
+        pool.put("new:80", connect());
+        let kept: HashMap<_, _> = pool
+            .lock()
+            .iter()
+            .map(|(host, kept)| (host.clone(), kept.len()))
+            .collect();
+        assert_eq!(
+            kept,
+            HashMap::from([("mixed:80".to_owned(), 1), ("new:80".to_owned(), 1)])
+        );
+        assert!(pool.take("old:80").is_none());
     }
 }
