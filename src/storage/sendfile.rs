@@ -222,10 +222,7 @@ impl Job {
                 )
                 .into(),
             )),
-            Err(Failure::Closed(e) | Failure::Io(e)) if is_timeout(&e) => {
-                Err(ConnectorError::timeout(e.into()))
-            }
-            Err(Failure::Closed(e) | Failure::Io(e)) => Err(ConnectorError::io(e.into())),
+            Err(Failure::Closed(e) | Failure::Io(e)) => Err(connector_error(e)),
         }
     }
 
@@ -233,24 +230,18 @@ impl Job {
         let mut last = None;
         let addrs = (self.host.as_str(), self.port)
             .to_socket_addrs()
-            .map_err(|e| ConnectorError::io(e.into()))?;
+            .map_err(connector_error)?;
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, self.connect_timeout) {
                 Ok(stream) => {
-                    stream
-                        .set_nodelay(true)
-                        .map_err(|e| ConnectorError::io(e.into()))?;
+                    stream.set_nodelay(true).map_err(connector_error)?;
                     return Ok(stream);
                 }
                 Err(e) => last = Some(e),
             }
         }
         let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address"));
-        Err(if is_timeout(&e) {
-            ConnectorError::timeout(e.into())
-        } else {
-            ConnectorError::io(e.into())
-        })
+        Err(connector_error(e))
     }
 
     /// Sends the request on `stream` and reads the reply; the stream comes
@@ -307,6 +298,20 @@ fn sending(e: io::Error) -> Failure {
 
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
+}
+
+/// A failed connection, as the SDK classifies it: both are retried.
+fn connector_error(e: io::Error) -> ConnectorError {
+    if is_timeout(&e) {
+        ConnectorError::timeout(e.into())
+    } else {
+        ConnectorError::io(e.into())
+    }
+}
+
+/// A reply that is no valid HTTP/1.1, or too large.
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
 /// Sends the file's bytes, from the page cache where it can. Stops early,
@@ -445,11 +450,8 @@ struct Reply {
 
 impl Reply {
     fn into_response(self) -> Result<HttpResponse, ConnectorError> {
-        let malformed = |e: &dyn std::fmt::Display| {
-            ConnectorError::io(
-                io::Error::new(io::ErrorKind::InvalidData, format!("malformed reply: {e}")).into(),
-            )
-        };
+        let malformed =
+            |e: &dyn std::fmt::Display| ConnectorError::io(invalid(format!("malformed reply: {e}")).into());
         let mut response = http::Response::builder().status(self.status);
         for (name, value) in &self.headers {
             response = response.header(name.as_str(), value.as_slice());
@@ -469,16 +471,15 @@ fn read_reply(stream: &mut TcpStream, early: Vec<u8>) -> Result<Reply, Failure> 
         seen: !early.is_empty(),
         buf: early,
     };
-    let bad = |what: String| Failure::Io(io::Error::new(io::ErrorKind::InvalidData, what));
     let (status, headers, keep_alive) = loop {
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut head = httparse::Response::new(&mut slots);
         let parsed = head
             .parse(&incoming.buf)
-            .map_err(|e| bad(format!("malformed reply: {e}")))?;
+            .map_err(|e| Failure::Io(invalid(format!("malformed reply: {e}"))))?;
         let httparse::Status::Complete(len) = parsed else {
             if incoming.buf.len() > MAX_HEAD {
-                return Err(bad("the reply's head is too large".into()));
+                return Err(Failure::Io(invalid("the reply's head is too large")));
             }
             incoming.fill()?;
             continue;
@@ -520,9 +521,11 @@ fn read_reply(stream: &mut TcpStream, early: Vec<u8>) -> Result<Reply, Failure> 
             .ok()
             .and_then(|l| l.parse::<usize>().ok())
             .filter(|_| lengths.iter().all(|l| l == len))
-            .ok_or_else(|| bad("malformed Content-Length".into()))?;
+            .ok_or_else(|| Failure::Io(invalid("malformed Content-Length")))?;
         if len > MAX_BODY {
-            return Err(bad(format!("the reply's body is too large ({len} bytes)")));
+            return Err(Failure::Io(invalid(format!(
+                "the reply's body is too large ({len} bytes)"
+            ))));
         }
         (incoming.take(len)?, true)
     } else {
@@ -598,10 +601,7 @@ impl Incoming<'_> {
                 return Ok(line);
             }
             if self.buf.len() > MAX_HEAD {
-                return Err(Failure::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a reply line is too long",
-                )));
+                return Err(Failure::Io(invalid("a reply line is too long")));
             }
             self.fill()?;
         }
@@ -616,25 +616,17 @@ impl Incoming<'_> {
             let size = std::str::from_utf8(size)
                 .ok()
                 .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
-                .ok_or_else(|| {
-                    Failure::Io(io::Error::new(io::ErrorKind::InvalidData, "malformed chunk size"))
-                })?;
+                .ok_or_else(|| Failure::Io(invalid("malformed chunk size")))?;
             if size == 0 {
                 while !self.line()?.is_empty() {}
                 return Ok(body);
             }
             if size > MAX_BODY - body.len() {
-                return Err(Failure::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the reply's body is too large",
-                )));
+                return Err(Failure::Io(invalid("the reply's body is too large")));
             }
             body.extend(self.take(size)?);
             if !self.line()?.is_empty() {
-                return Err(Failure::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "malformed chunk",
-                )));
+                return Err(Failure::Io(invalid("malformed chunk")));
             }
         }
     }
@@ -643,10 +635,7 @@ impl Incoming<'_> {
     fn until_closed(&mut self) -> Result<Vec<u8>, Failure> {
         while self.read_some()? > 0 {
             if self.buf.len() > MAX_BODY {
-                return Err(Failure::Io(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the reply's body is too large",
-                )));
+                return Err(Failure::Io(invalid("the reply's body is too large")));
             }
         }
         Ok(std::mem::take(&mut self.buf))

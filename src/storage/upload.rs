@@ -19,11 +19,11 @@
 use std::{fs::File, sync::Arc};
 
 use aws_sdk_s3::{
+    client::customize::CustomizableOperation,
     config::StalledStreamProtectionConfig,
     primitives::ByteStream,
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
-use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
 use aws_smithy_types::body::SdkBody;
 use bytes::Bytes;
 use tokio::task::JoinSet;
@@ -118,41 +118,31 @@ impl Part {
         }
     }
 
-    /// Marks a request as carrying this part so that, if the part is in a
-    /// file and the store is reached by plain HTTP, it goes by `sendfile`
-    /// rather than through [`Part::body`].
-    fn mark(&self) -> impl Fn(&mut HttpRequest) + Send + Sync + 'static {
-        let body = match &self.0 {
-            PartData::File { file, offset, crc } => Some(FileBody {
-                file: Arc::clone(file),
-                offset: *offset,
-                len: crc.len(),
-            }),
-            PartData::Memory(_) => None,
+    /// Sets up `request` to carry this part. A part in a file is marked for
+    /// `sendfile` (taken when the store is reached by plain HTTP, else the
+    /// request sends [`Part::body`]) and exempt from the SDK's check of
+    /// upload speed, which watches the body it sends itself and would see
+    /// none of a part sent by `sendfile` (cutting every such request after
+    /// its grace period). The `sendfile` exchange fails by itself when the
+    /// store takes nothing for the read timeout; over TLS, hyper's read
+    /// timeout bounds the whole request.
+    fn carried_by<T, E, B>(&self, request: CustomizableOperation<T, E, B>) -> CustomizableOperation<T, E, B> {
+        let PartData::File { file, offset, crc } = &self.0 else {
+            return request;
         };
-        move |request| {
-            if let Some(body) = &body {
-                request.add_extension(body.clone());
-            }
-        }
-    }
-
-    /// The settings of a request carrying this part. A part in a file is
-    /// exempt from the SDK's check of upload speed, which watches the body
-    /// it sends and would see none of a part sent by `sendfile` (cutting
-    /// every such request after its grace period). The `sendfile` exchange
-    /// fails by itself when the store takes nothing for the read timeout;
-    /// over TLS, hyper's read timeout bounds the whole request.
-    fn config(&self) -> aws_sdk_s3::config::Builder {
-        let config = aws_sdk_s3::config::Builder::default();
-        match &self.0 {
-            PartData::File { .. } => config.stalled_stream_protection(
-                StalledStreamProtectionConfig::enabled()
-                    .upload_enabled(false)
-                    .build(),
-            ),
-            PartData::Memory(_) => config,
-        }
+        let body = FileBody {
+            file: Arc::clone(file),
+            offset: *offset,
+            len: crc.len(),
+        };
+        let speed_unchecked = aws_sdk_s3::config::Builder::default().stalled_stream_protection(
+            StalledStreamProtectionConfig::enabled()
+                .upload_enabled(false)
+                .build(),
+        );
+        request
+            .mutate_request(move |request| request.add_extension(body.clone()))
+            .config_override(speed_unchecked)
     }
 
     /// A request body for the part; the SDK can rebuild it to retry.
@@ -173,7 +163,7 @@ impl Part {
 const INLINE_CHECKSUM: usize = 256 << 10;
 
 /// Parts of a local file, checksummed on a blocking thread when taken and
-/// read again, chunk by chunk, as they are sent.
+/// sent from the file: by `sendfile`, or read again chunk by chunk over TLS.
 #[derive(Debug)]
 pub struct FileSource {
     file: Arc<UploadFile>,
@@ -252,7 +242,7 @@ pub async fn upload_from(
     };
     let Some(second) = second else {
         let crc = first.checksum().await.map_err(|e| StorageError::io(dest, e))?;
-        client
+        let request = client
             .put_object()
             .bucket(dest.bucket())
             .key(dest.key())
@@ -260,9 +250,9 @@ pub async fn upload_from(
             .checksum_crc64_nvme(to_base64(crc.value()))
             .body(first.body())
             .customize()
-            .disable_payload_signing()
-            .mutate_request(first.mark())
-            .config_override(first.config())
+            .disable_payload_signing();
+        first
+            .carried_by(request)
             .send()
             .await
             .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
@@ -400,7 +390,7 @@ impl Multipart {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let sent = client
+                let request = client
                     .upload_part()
                     .bucket(url.bucket())
                     .key(url.key())
@@ -410,9 +400,9 @@ impl Multipart {
                     .checksum_crc64_nvme(&encoded)
                     .body(part.body())
                     .customize()
-                    .disable_payload_signing()
-                    .mutate_request(part.mark())
-                    .config_override(part.config())
+                    .disable_payload_signing();
+                let sent = part
+                    .carried_by(request)
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));
