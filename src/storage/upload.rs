@@ -1,7 +1,9 @@
 //! Uploading a local file: one PUT for small files, a multipart upload with
 //! several parts in flight for large ones. The multipart upload is owned by a
-//! guard that aborts it on every exit but completion, so a failure or a
-//! cancelled run never leaves an open upload behind.
+//! guard that aborts it on every exit but completion, once the parts still
+//! in flight have ended (a store may store a part after the abort if its
+//! request was under way), so a failure or a cancelled run never leaves an
+//! open upload or a stray part behind.
 //!
 //! Memory: parts of a local file are never held whole. Each is read once
 //! to checksum it, then sent: to a plain-HTTP store straight from the page
@@ -285,17 +287,17 @@ async fn upload_parts(
     part: usize,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(Vec<CompletedPart>, Crc64), StorageError> {
-    let mut in_flight = JoinSet::new();
     let mut done = Vec::new();
     let mut sent = 0u64;
     let mut number = 1i32;
     for body in read_ahead {
-        in_flight.spawn(upload.part(number, body));
+        let part = upload.part(number, body);
+        upload.in_flight.spawn(part);
         number += 1;
     }
     let mut exhausted = false;
-    while !exhausted || !in_flight.is_empty() {
-        if !exhausted && in_flight.len() < PARTS_IN_FLIGHT {
+    while !exhausted || !upload.in_flight.is_empty() {
+        if !exhausted && upload.in_flight.len() < PARTS_IN_FLIGHT {
             match source.next_part(part).await? {
                 Some(body) => {
                     if number > MAX_PARTS as i32 {
@@ -305,14 +307,16 @@ async fn upload_parts(
                             detail: format!("more than {MAX_PARTS} parts; the object is too large"),
                         });
                     }
-                    in_flight.spawn(upload.part(number, body));
+                    let part = upload.part(number, body);
+                    upload.in_flight.spawn(part);
                     number += 1;
                 }
                 None => exhausted = true,
             }
             continue;
         }
-        let finished = in_flight
+        let finished = upload
+            .in_flight
             .join_next()
             .await
             .expect("loop runs only while parts are in flight or unread");
@@ -336,6 +340,11 @@ struct Multipart {
     url: S3Url,
     upload_id: String,
     open: bool,
+    /// Parts being uploaded. An abort waits for them (a while at most): a
+    /// store may still store a part whose request was dropped once it had
+    /// the whole body, after the abort, leaving it behind (S3 documents
+    /// this; the embedded store did it).
+    in_flight: PartTasks,
     /// Keeps shutdown waiting until a dropped upload has started its abort.
     _pending: tokio_util::task::task_tracker::TaskTrackerToken,
 }
@@ -373,6 +382,7 @@ impl Multipart {
             url,
             upload_id,
             open: true,
+            in_flight: JoinSet::new(),
             _pending: PENDING_ABORTS.token(),
         })
     }
@@ -455,7 +465,14 @@ impl Multipart {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        abort_upload(self.client.clone(), self.url.clone(), self.upload_id.clone()).await;
+        let in_flight = std::mem::take(&mut self.in_flight);
+        abort_upload(
+            self.client.clone(),
+            self.url.clone(),
+            self.upload_id.clone(),
+            in_flight,
+        )
+        .await;
     }
 }
 
@@ -467,7 +484,8 @@ impl Drop for Multipart {
         let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(_) => {
-                PENDING_ABORTS.spawn(abort_upload(client, url, upload_id));
+                let in_flight = std::mem::take(&mut self.in_flight);
+                PENDING_ABORTS.spawn(abort_upload(client, url, upload_id, in_flight));
             }
             Err(_) => {
                 tracing::error!(%url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
@@ -489,7 +507,21 @@ pub async fn wait_for_aborts(limit: std::time::Duration) {
     PENDING_ABORTS.reopen();
 }
 
-async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String) {
+/// Part uploads in flight, each ending with the part and its checksum.
+type PartTasks = JoinSet<Result<(CompletedPart, Crc64), StorageError>>;
+
+/// How long an abort waits for the parts still being uploaded before it
+/// cuts them short.
+const PARTS_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Aborts a multipart upload once the parts `in_flight` have ended.
+async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String, mut in_flight: PartTasks) {
+    let settled = tokio::time::timeout(PARTS_SETTLE, async {
+        while in_flight.join_next().await.is_some() {}
+    });
+    if settled.await.is_err() {
+        in_flight.shutdown().await;
+    }
     let res = client
         .abort_multipart_upload()
         .bucket(url.bucket())
