@@ -10,7 +10,7 @@
 //! CRC-32 or CRC-32C, or Aliyun OSS's CRC-64 (`x-oss-hash-crc64ecma`).
 //! Downloads of such objects compute that one too ([`Sums`]) and check it.
 
-use crc_fast::{CrcAlgorithm, CrcAlgorithm::Crc64Nvme, checksum_combine};
+use crc_fast::{CrcAlgorithm, CrcAlgorithm::Crc64Nvme};
 
 /// The CRC-64/NVME of a run of bytes, with the run's length so that runs
 /// can be joined.
@@ -33,12 +33,11 @@ impl Crc64 {
         stream.finish()
     }
 
-    /// The checksum of this run followed by `next`. Joining costs about as
-    /// much as checksumming a few hundred KiB: join ranges, not small pieces.
+    /// The checksum of this run followed by `next`, in about a microsecond.
     #[must_use]
     pub fn then(self, next: Self) -> Self {
         Self {
-            crc: checksum_combine(Crc64Nvme, self.crc, next.crc, next.len),
+            crc: CRC64_NVME.join(self.crc, next.crc, next.len),
             len: self.len + next.len,
         }
     }
@@ -120,6 +119,15 @@ impl StoreAlgorithm {
             Self::Crc32c => CrcAlgorithm::Crc32Iscsi,
             Self::Crc32 => CrcAlgorithm::Crc32IsoHdlc,
             Self::Crc64Ecma => CrcAlgorithm::Crc64Xz,
+        }
+    }
+
+    fn joiner(self) -> &'static Joiner {
+        match self {
+            Self::Crc64Nvme => &CRC64_NVME,
+            Self::Crc32c => &CRC32C,
+            Self::Crc32 => &CRC32,
+            Self::Crc64Ecma => &CRC64_XZ,
         }
     }
 
@@ -205,7 +213,7 @@ impl Summed {
     #[must_use]
     pub fn then(self, next: Self) -> Self {
         let other = match (self.other, next.other) {
-            (Some((a, x)), Some((_, y))) => Some((a, checksum_combine(a.crc(), x, y, next.crc64.len()))),
+            (Some((a, x)), Some((_, y))) => Some((a, a.joiner().join(x, y, next.crc64.len()))),
             (other, None) | (None, other) => other,
         };
         Self {
@@ -231,6 +239,71 @@ impl Summed {
             )),
         }
     }
+}
+
+/// Joins the CRCs of two runs of bytes into the CRC of both, for a reflected
+/// CRC whose initial value and final XOR are all ones (all four here).
+///
+/// Mark Adler's method, as in zlib's `crc32_combine`: the CRC of A‖B is
+/// crc(A)·x^(8·|B|) + crc(B) modulo the polynomial, and x^(8·|B|) is the
+/// product of the powers x^(2^k) for the set bits of 8·|B|, kept in a table.
+/// A join costs at most 64 small products, about a microsecond;
+/// `crc_fast::checksum_combine` takes some 250 µs, which summed to ~30 ms at
+/// the end of every 1 GiB transfer in 8 MiB parts.
+struct Joiner {
+    /// The polynomial, bit-reversed, without its x^width term.
+    poly: u64,
+    /// x^0: the register's top bit.
+    one: u64,
+    /// x^(2^k) modulo the polynomial; 8·|B| < 2^67.
+    x2k: [u64; 67],
+}
+
+const CRC64_NVME: Joiner = Joiner::new(0x9a6c_9329_ac4b_c9b5, 64);
+const CRC64_XZ: Joiner = Joiner::new(0xc96c_5795_d787_0f42, 64);
+const CRC32C: Joiner = Joiner::new(0x82f6_3b78, 32);
+const CRC32: Joiner = Joiner::new(0xedb8_8320, 32);
+
+impl Joiner {
+    const fn new(poly: u64, width: u32) -> Self {
+        let one = 1 << (width - 1);
+        let mut x2k = [0; 67];
+        x2k[0] = one >> 1;
+        let mut k = 1;
+        while k < x2k.len() {
+            x2k[k] = mul(poly, one, x2k[k - 1], x2k[k - 1]);
+            k += 1;
+        }
+        Self { poly, one, x2k }
+    }
+
+    fn join(&self, head: u64, tail: u64, tail_len: u64) -> u64 {
+        let mut shift = self.one;
+        let mut bits = tail_len;
+        let mut k = 3; // bytes to bits
+        while bits != 0 {
+            if bits & 1 != 0 {
+                shift = mul(self.poly, self.one, self.x2k[k], shift);
+            }
+            bits >>= 1;
+            k += 1;
+        }
+        mul(self.poly, self.one, shift, head) ^ tail
+    }
+}
+
+/// a·b modulo `poly`, both bit-reversed with x^0 at `one`.
+const fn mul(poly: u64, one: u64, a: u64, mut b: u64) -> u64 {
+    let mut product = 0;
+    let mut bit = one;
+    while bit != 0 {
+        if a & bit != 0 {
+            product ^= b;
+        }
+        b = if b & 1 != 0 { (b >> 1) ^ poly } else { b >> 1 };
+        bit >>= 1;
+    }
+    product
 }
 
 /// The form S3 uses in headers and the gateway in events: base64 of the
@@ -297,6 +370,37 @@ mod tests {
         assert_eq!(StoreAlgorithm::Crc32c.parse("DYFc1g==-128"), None);
         assert_eq!(StoreAlgorithm::Crc64Ecma.parse("-1"), None);
         assert_eq!(StoreAlgorithm::Crc64Ecma.parse("+1"), None);
+    }
+
+    #[test]
+    fn joins_agree_with_crc_fast_for_every_algorithm() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let algorithms = [
+            StoreAlgorithm::Crc64Nvme,
+            StoreAlgorithm::Crc32c,
+            StoreAlgorithm::Crc32,
+            StoreAlgorithm::Crc64Ecma,
+        ];
+        for algorithm in algorithms {
+            let crc = |bytes: &[u8]| crc_fast::checksum(algorithm.crc(), bytes);
+            for cut in [0, 1, 7, 4096, 65_537, 70_000] {
+                let (a, b) = data.split_at(cut);
+                let joined = algorithm.joiner().join(crc(a), crc(b), b.len() as u64);
+                assert_eq!(joined, crc(&data), "{} cut at {cut}", algorithm.name());
+            }
+            // Lengths no test file has: up to the top bit of a u64.
+            for len in [8 << 20, 5 << 30, (1 << 40) + 12_345, u64::MAX] {
+                let width_mask = u64::MAX >> (63 - algorithm.joiner().one.trailing_zeros());
+                let head = 0x0123_4567_89ab_cdef & width_mask;
+                let tail = 0xfedc_ba98_7654_3210 & width_mask;
+                assert_eq!(
+                    algorithm.joiner().join(head, tail, len),
+                    crc_fast::checksum_combine(algorithm.crc(), head, tail, len),
+                    "{} after {len} bytes",
+                    algorithm.name()
+                );
+            }
+        }
     }
 
     #[test]
