@@ -6,7 +6,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     StalledStreamProtectionConfig,
 };
-use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore, rustls_provider::CryptoMode};
 use aws_smithy_types::{retry::RetryConfig, timeout::TimeoutConfig};
 
 use crate::config::S3Args;
@@ -34,9 +34,21 @@ pub enum ClientError {
 /// local files go to an `http://` endpoint by `sendfile` (see
 /// `super::sendfile`); everything else goes through hyper.
 pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https();
+    let mut http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
+    if args
+        .endpoint_url
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"))
+    {
+        // A plain-HTTP endpoint never makes a TLS connection: leave out the
+        // system's root certificates, whose loading is most of a CLI
+        // command's start-up (~50 ms). Any TLS connection would be refused.
+        let plain = TlsContext::builder()
+            .with_trust_store(TrustStore::empty())
+            .build();
+        http = http.tls_context(plain.expect("an empty trust store is valid"));
+    }
+    let http = http.build_https();
     let mut b = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(args.region().to_owned()))
