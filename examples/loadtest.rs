@@ -27,6 +27,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    prefab::storage::keep_freed_buffers();
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
     let small_runs = args.next().transpose()?.unwrap_or(200);
     let big_runs = args.next().transpose()?.unwrap_or(8);

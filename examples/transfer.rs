@@ -50,6 +50,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    prefab::storage::keep_freed_buffers();
     let cli = Cli::parse();
     let client = storage::connect(&cli.s3)?;
     let started = Instant::now();

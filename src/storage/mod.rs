@@ -21,6 +21,24 @@ pub use url::{S3Url, UrlError};
 
 use bytes::Bytes;
 
+/// Has the allocator keep freed transfer buffers for reuse rather than give
+/// them back to the system at once. Call it first thing in `main`.
+///
+/// Each body chunk hyper receives lands in a fresh allocation of up to a few
+/// hundred KiB, freed once written out. glibc returns such memory as soon as
+/// a little sits free, so a 1 GiB download faulted in and zeroed some 200 MiB
+/// of new pages (40 000 page faults, ~10 % of its CPU). With allocations
+/// under 4 MiB kept on the heap and up to 16 MiB free per arena kept, it
+/// faults 9 000 times and costs ~0.13 CPU-s less, for ~5 MiB more peak RSS.
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc malloc's tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+    }
+}
+
 /// What the store says of an object: from a HEAD, or from the reply to a
 /// [`probe`] (which brings no whole-object checksum).
 #[derive(Debug, Clone, PartialEq, Eq)]
