@@ -259,10 +259,10 @@ struct Joiner {
     x2k: [u64; 67],
 }
 
-const CRC64_NVME: Joiner = Joiner::new(0x9a6c_9329_ac4b_c9b5, 64);
-const CRC64_XZ: Joiner = Joiner::new(0xc96c_5795_d787_0f42, 64);
-const CRC32C: Joiner = Joiner::new(0x82f6_3b78, 32);
-const CRC32: Joiner = Joiner::new(0xedb8_8320, 32);
+static CRC64_NVME: Joiner = Joiner::new(0x9a6c_9329_ac4b_c9b5, 64);
+static CRC64_XZ: Joiner = Joiner::new(0xc96c_5795_d787_0f42, 64);
+static CRC32C: Joiner = Joiner::new(0x82f6_3b78, 32);
+static CRC32: Joiner = Joiner::new(0xedb8_8320, 32);
 
 impl Joiner {
     const fn new(poly: u64, width: u32) -> Self {
