@@ -373,11 +373,14 @@ mod tests {
         }
         // Drop the whole file from the page cache (a range can be kept
         // whole in a large folio), then read its first chunk back: the body
-        // finds the start cached (and whatever the kernel read ahead), then
-        // has to wait for the disk. Only clean pages can be dropped: the
-        // file is written back first.
+        // finds the start cached, then has to wait for the disk. Only clean
+        // pages can be dropped: the file is written back first. Readahead is
+        // turned off for the file (the body shares its open file): with it,
+        // the kernel may read the whole file back in before the body gets
+        // there (read_ahead_kb is 8 MiB on the dev machine's disk).
         raw.sync_data().unwrap();
         rustix::fs::fadvise(&raw, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        rustix::fs::fadvise(&raw, 0, None, rustix::fs::Advice::Random).unwrap();
         raw.read_exact_at(&mut vec![0; CHUNK], 0).unwrap();
         let mut body = FileRange::new(Arc::clone(&file), 100, (32 * CHUNK - 200) as u64);
         let (sent, failed) = drain(&mut body).await;
