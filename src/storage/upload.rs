@@ -291,8 +291,7 @@ async fn upload_parts(
     let mut sent = 0u64;
     let mut number = 1i32;
     for body in read_ahead {
-        let part = upload.part(number, body);
-        upload.in_flight.spawn(part);
+        upload.start_part(number, body);
         number += 1;
     }
     let mut exhausted = false;
@@ -307,8 +306,7 @@ async fn upload_parts(
                             detail: format!("more than {MAX_PARTS} parts; the object is too large"),
                         });
                     }
-                    let part = upload.part(number, body);
-                    upload.in_flight.spawn(part);
+                    upload.start_part(number, body);
                     number += 1;
                 }
                 None => exhausted = true,
@@ -387,14 +385,11 @@ impl Multipart {
         })
     }
 
-    /// A task uploading one part, retrying transient failures.
-    fn part(
-        &self,
-        number: i32,
-        part: Part,
-    ) -> impl Future<Output = Result<(CompletedPart, Crc64), StorageError>> + Send + 'static {
+    /// Starts uploading one part among those in flight, retrying transient
+    /// failures.
+    fn start_part(&mut self, number: i32, part: Part) {
         let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
-        async move {
+        self.in_flight.spawn(async move {
             let crc = part.checksum().await.map_err(|e| StorageError::io(&url, e))?;
             let encoded = to_base64(crc.value());
             let mut attempt = 0;
@@ -432,7 +427,7 @@ impl Multipart {
                     Err(e) => return Err(e),
                 }
             }
-        }
+        });
     }
 
     /// Completes the upload of parts whose bytes have checksum `whole`.
