@@ -2,7 +2,7 @@
 //! proxy: a connection cut mid-download is resumed; corrupted bytes fail
 //! the run with a checksum error and leave nothing behind; a part cut
 //! mid-upload is sent again; an upload given up while the store is still
-//! answering is aborted all the same.
+//! answering, or while it is being aborted, is aborted all the same.
 
 mod common;
 
@@ -223,6 +223,63 @@ async fn an_upload_given_up_while_the_store_creates_it_is_aborted() {
         done = upload => panic!("the upload ended before it was given up: {:?}", done.map(|t| t.size)),
         () = created => {}
     }
+    wait_for("the multipart upload to be aborted", || {
+        open_multipart_uploads(&stack).is_empty()
+    })
+    .await;
+}
+
+/// Three parts of 8 MiB, then a failure, as from a client that went away.
+struct FailingSource {
+    parts: u32,
+    failed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl prefab::storage::upload::PartSource for FailingSource {
+    async fn next_part(
+        &mut self,
+        max: usize,
+    ) -> Result<Option<prefab::storage::upload::Part>, prefab::storage::StorageError> {
+        if self.parts == 0 {
+            self.failed.notify_one();
+            return Err(prefab::storage::StorageError::io(
+                "the client's stream",
+                std::io::Error::other("the client went away"),
+            ));
+        }
+        self.parts -= 1;
+        Ok(Some(prefab::storage::upload::Part::memory(bytes::Bytes::from(
+            vec![b'p'; max],
+        ))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_dropped_while_it_aborts_is_aborted_all_the_same() {
+    let stack = Stack::start().await;
+    // Every answer comes late: when the source fails, parts are still in
+    // flight, and the abort waits for them.
+    let proxy = Proxy::start(s3_addr(&stack), Fault::DelayEach(Duration::from_millis(1500))).await;
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dest = prefab::storage::S3Url::new(BUCKET, "outputs/dropped/big.bin").unwrap();
+    let failed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let source = FailingSource {
+        parts: 3,
+        failed: failed.clone(),
+    };
+    let mut progress = |_| {};
+    let upload = prefab::storage::upload::upload_from(&s3, source, Some(40 << 20), &dest, &mut progress);
+    tokio::select! {
+        done = upload => panic!("the upload ended before it was dropped: {:?}", done.map(|t| t.size)),
+        () = async {
+            failed.notified().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        } => {}
+    }
+    assert!(
+        !open_multipart_uploads(&stack).is_empty(),
+        "the upload was aborted before it was dropped"
+    );
     wait_for("the multipart upload to be aborted", || {
         open_multipart_uploads(&stack).is_empty()
     })

@@ -456,18 +456,23 @@ impl Multipart {
         }
     }
 
+    /// Aborts the upload and waits for the abort to end.
     async fn abort(&mut self) {
+        if let Some(task) = self.start_abort() {
+            let _ = task.await;
+        }
+    }
+
+    /// Starts aborting the upload, unless it is over. The abort runs in a
+    /// task of its own: a caller dropped while it waits for the parts in
+    /// flight does not cut it short.
+    fn start_abort(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         if !std::mem::replace(&mut self.open, false) {
-            return;
+            return None;
         }
         let in_flight = std::mem::take(&mut self.in_flight);
-        abort_upload(
-            self.client.clone(),
-            self.url.clone(),
-            self.upload_id.clone(),
-            in_flight,
-        )
-        .await;
+        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
+        Some(PENDING_ABORTS.spawn(abort_upload(client, url, upload_id, in_flight)))
     }
 }
 
@@ -476,15 +481,10 @@ impl Drop for Multipart {
         if !self.open {
             return;
         }
-        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => {
-                let in_flight = std::mem::take(&mut self.in_flight);
-                PENDING_ABORTS.spawn(abort_upload(client, url, upload_id, in_flight));
-            }
-            Err(_) => {
-                tracing::error!(%url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
-            }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.start_abort();
+        } else {
+            tracing::error!(url = %self.url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
         }
     }
 }

@@ -25,6 +25,8 @@ pub enum Fault {
     FlipAt(u64),
     /// Hold the first response back this long.
     DelayFirst(std::time::Duration),
+    /// Hold every piece of every response back this long.
+    DelayEach(std::time::Duration),
     /// Close both sides after this many request bytes.
     CutRequestAfter(u64),
     /// Invert the bits of the request byte at this offset.
@@ -143,6 +145,10 @@ async fn pass(
             (_, _, Fault::DelayFirst(delay))
                 if direction == Direction::Response && !fired.swap(true, Ordering::SeqCst) =>
             {
+                tokio::time::sleep(delay).await;
+            }
+            (_, _, Fault::DelayEach(delay)) if direction == Direction::Response => {
+                fired.store(true, Ordering::SeqCst);
                 tokio::time::sleep(delay).await;
             }
             _ => {}
