@@ -194,3 +194,49 @@ async fn an_upload_carries_its_checksum_for_the_store_to_check() {
     // The store verified the checksum sent with the PUT and keeps it.
     assert_eq!(stack.stored_checksum(&stored.url).await, Some(crc64nvme(&data)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_file_reads_only_what_the_gateway_wrote_or_runs_may_read() {
+    let stack = Stack::start().await;
+    // The gateway's own bucket is not in PREFAB_ALLOWED_BUCKETS: only its
+    // outputs and uploads may be read from it.
+    let (mut gateway, mut client) = stack.gateway_process().await;
+    for key in ["outputs/r1/out.txt", "uploads/u1/in.txt", "private/secret.txt"] {
+        stack
+            .s3
+            .put_object()
+            .bucket(BUCKET)
+            .key(key)
+            .body(key.as_bytes().to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let get = |url: String| proto::GetFileRequest {
+        url,
+        ..Default::default()
+    };
+    for key in ["outputs/r1/out.txt", "uploads/u1/in.txt"] {
+        let mut stream = client
+            .get_file(get(format!("s3://{BUCKET}/{key}")))
+            .await
+            .unwrap_or_else(|s| panic!("{key}: {s:?}"))
+            .into_inner();
+        let c = stream.message().await.unwrap().unwrap();
+        assert_eq!(&c.data[..], key.as_bytes());
+    }
+    for url in [
+        format!("s3://{BUCKET}/private/secret.txt"),
+        format!("s3://{BUCKET}/outputs-not/x"),
+        "s3://elsewhere/outputs/r1/out.txt".to_owned(),
+    ] {
+        let status = client.get_file(get(url.clone())).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{url}: {status:?}");
+        assert!(status.message().contains("PREFAB_ALLOWED_BUCKETS"), "{status:?}");
+    }
+    // What runs may read stays readable.
+    let input = stack.put_input("in/a.txt", b"input".to_vec()).await;
+    let mut stream = client.get_file(get(input)).await.unwrap().into_inner();
+    assert_eq!(&stream.message().await.unwrap().unwrap().data[..], b"input");
+    gateway.kill().await.unwrap();
+}

@@ -173,6 +173,11 @@ impl PartSource for ChunkSource {
     }
 }
 
+/// Where the gateway writes in its own bucket: runs' outputs and `PutFile`
+/// uploads. `GetFile` reads these without `PREFAB_ALLOWED_BUCKETS` naming
+/// them; the rest of the bucket only if it does.
+const WRITTEN_HERE: [&str; 2] = ["outputs/", "uploads/"];
+
 /// Streams an object (or a range of it) as chunks of at most [`GET_CHUNK`].
 pub async fn get_file(
     state: &State,
@@ -180,8 +185,9 @@ pub async fn get_file(
 ) -> Result<mpsc::Receiver<Result<proto::FileChunk, Status>>, GatewayError> {
     let url =
         S3Url::parse(&req.url).map_err(|e| GatewayError::InvalidArgument(format!("{:?}: {e}", req.url)))?;
-    let own_output = url.bucket() == state.bucket;
-    if !own_output && !state.buckets.allows(&url) {
+    let written_here =
+        url.bucket() == state.bucket && WRITTEN_HERE.iter().any(|prefix| url.key().starts_with(prefix));
+    if !written_here && !state.buckets.allows(&url) {
         return Err(GatewayError::PermissionDenied(format!(
             "{url}: the bucket or prefix is not in PREFAB_ALLOWED_BUCKETS"
         )));
