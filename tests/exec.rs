@@ -31,6 +31,11 @@ parameters = [{ name = "pidfile", type = "string" }]
 exec = { command = ["sh", "-c", "echo $$ > \"$0\"; echo '::progress 0.1 sleeping'; exec sleep 600", "{pidfile}"] }
 
 [[function]]
+name = "quiet_then_slow"
+parameters = [{ name = "marker", type = "string" }]
+exec = { command = ["sh", "-c", "sleep 3; exec >&- 2>&-; sleep 3; touch \"$0\"; sleep 600", "{marker}"], timeout_seconds = 4 }
+
+[[function]]
 name = "report"
 parameters = []
 outputs = [{ name = "answer", type = "number" }, { name = "note", type = "string" }]
@@ -163,5 +168,28 @@ async fn a_disconnect_terminates_the_program_and_leaves_no_process() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     })
     .await;
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_time_limit_holds_when_the_program_closes_its_output() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let marker = stack.tmp.path().join("ran-past-its-limit");
+    let mut client = stack.client().await;
+    let status = run_to_end(
+        &mut client,
+        call_request(
+            "tools",
+            "quiet_then_slow",
+            serde_json::json!({ "marker": marker.display().to_string() }),
+        ),
+    )
+    .await
+    .expect_err("the program runs past its limit");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // Stopped at its 4 s limit, not 4 s after it closed its output (at
+    // 3 s): the marker it would leave at 6 s never appears.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert!(!marker.exists(), "the program ran on after its limit");
     stack.wait_idle().await;
 }

@@ -255,13 +255,16 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
             );
         };
         let mut io = std::pin::pin!(io);
+        // One limit for the whole run: the loop goes round again when the
+        // program closes its output, and must not start a new one then.
+        let mut limit = std::pin::pin!(sleep_opt(timeout));
         let mut drained = false;
         let exited = loop {
             tokio::select! {
                 () = &mut io, if !drained => drained = true,
                 status = child.wait() => break Ok(status?),
                 () = call.cancellation().cancelled() => break Err(PrefabError::Cancelled),
-                () = sleep_opt(timeout) => break Err(PrefabError::TimedOut(timeout.unwrap_or_default())),
+                () = &mut limit => break Err(PrefabError::TimedOut(timeout.unwrap_or_default())),
             }
         };
         if exited.is_err() {
