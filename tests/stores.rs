@@ -10,7 +10,7 @@
 //! `x-oss-hash-crc64ecma`, which the S3 SDK does not model: downloads check
 //! it (the right value passes, a wrong one is a checksum error). A CRC-32C
 //! of a multipart object's parts, sent without saying so, is not mistaken
-//! for the object's.
+//! for the object's. A reply cut after its last byte loses nothing.
 
 mod common;
 
@@ -24,8 +24,11 @@ use std::{
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Request, Response,
+    body::{Frame, Incoming},
+};
 use hyper_util::rt::TokioIo;
 use prefab::storage::{self, S3Url, StoreAlgorithm};
 
@@ -41,6 +44,9 @@ struct Object {
     head_etag: Option<&'static str>,
     /// Answer every request with this status and S3 error code.
     refuse: Option<(u16, &'static str)>,
+    /// Send GET bodies chunked, and close the connection after the last
+    /// byte instead of ending the body.
+    cut_after_body: bool,
     /// Requests answered: HEADs and GETs.
     heads: AtomicUsize,
     gets: AtomicUsize,
@@ -79,7 +85,7 @@ async fn serve(object: Object) -> (String, Arc<Object>, tokio::task::JoinHandle<
 }
 
 /// HEAD: the object's headers; GET: the range asked for (206) or all.
-fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(object: &Object, req: &Request<Incoming>) -> Response<Body> {
     let size = object.data.len();
     let (mut start, mut end) = (0, size);
     let range = req.headers().get("range").and_then(|r| r.to_str().ok());
@@ -100,7 +106,7 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let response = Response::builder()
             .status(status)
             .header("content-type", "application/xml");
-        return response.body(Full::new(Bytes::from(body))).unwrap();
+        return response.body(whole(Bytes::from(body))).unwrap();
     }
     let mut response = Response::builder().header("last-modified", "Sun, 29 Nov 2026 10:00:00 GMT");
     let head = req.method() == hyper::Method::HEAD;
@@ -119,7 +125,55 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     } else {
         (response.status(200), object.data.clone())
     };
-    response.body(Full::new(body)).unwrap()
+    if object.cut_after_body && !head {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(body))).await;
+            // Time for hyper to hand every byte to the socket, which
+            // delivers them before it closes.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let _ = tx
+                .send(Err(std::io::Error::other("the test store stops here")))
+                .await;
+        });
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx);
+        return response.body(StreamBody::new(frames).boxed()).unwrap();
+    }
+    response.body(whole(body)).unwrap()
+}
+
+/// A reply body: whole, or cut by the store.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn whole(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_after_its_last_byte_loses_nothing() {
+    let data = Bytes::from(text(40 << 20, 16));
+    let object = Object {
+        data: data.clone(),
+        headers: vec![("etag", "\"4d2c0e1fb5c8a0c1ad3a2f7e59e2b6a1-3\"".into())],
+        cut_after_body: true,
+        ..Object::default()
+    };
+    let (endpoint, object, server) = serve(object).await;
+    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let url = S3Url::parse("s3://bucket/videos/cut.bin").unwrap();
+    let info = storage::head(&s3, &url).await.unwrap();
+    let out = tempfile::tempfile().unwrap();
+    let got = storage::download(&s3, &url, &info, out.try_clone().unwrap(), &mut |_| {}).await;
+    server.abort();
+    assert_eq!(got.unwrap().checksum(), crc64nvme(&data));
+    let mut written = Vec::new();
+    std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
+    assert!(written == data, "the file differs");
+    let (_, gets) = object.requests();
+    assert!(
+        gets <= 16,
+        "{gets} GETs: a range that had all its bytes was asked for again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

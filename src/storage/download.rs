@@ -216,6 +216,9 @@ pub(crate) async fn fetch_range(
         total += 1;
         let (reached, failure) = match fetch_from(spec, start, pos, end, sink).await {
             Ok(reached) if reached == end => return Ok(()),
+            // Every byte came: a reply cut after its last one (a chunked
+            // body without its end) lost nothing.
+            Err((reached, e)) if reached == end && e.is_transient() => return Ok(()),
             Ok(reached) => (reached, "the body ended early".to_owned()),
             Err((reached, e)) if e.is_transient() => (reached, e.to_string()),
             Err((_, e)) => return Err(e),
