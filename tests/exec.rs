@@ -36,6 +36,11 @@ parameters = [{ name = "marker", type = "string" }]
 exec = { command = ["sh", "-c", "sleep 3; exec >&- 2>&-; sleep 3; touch \"$0\"; sleep 600", "{marker}"], timeout_seconds = 4 }
 
 [[function]]
+name = "chatty"
+parameters = []
+exec = { command = ["sh", "-c", "line=$(head -c 20000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 300 ]; do echo \"$line\" >&2; i=$((i+1)); done"] }
+
+[[function]]
 name = "report"
 parameters = []
 outputs = [{ name = "answer", type = "number" }, { name = "note", type = "string" }]
@@ -191,5 +196,50 @@ async fn the_time_limit_holds_when_the_program_closes_its_output() {
     // 3 s): the marker it would leave at 6 s never appears.
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     assert!(!marker.exists(), "the program ran on after its limit");
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chatty_program_costs_the_gateway_a_bounded_journal() {
+    use prost::Message as _;
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let mut client = stack.client().await;
+    // 300 lines of 20 000 bytes on stderr: 6 MB of logs.
+    let events = run_to_end(
+        &mut client,
+        call_request("tools", "chatty", serde_json::json!({})),
+    )
+    .await
+    .expect("chatty runs");
+    let Some(Event::Accepted(accepted)) = events.first() else {
+        panic!("the first event is not RunAccepted: {events:?}")
+    };
+    let lines: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RuntimeLog(l) => Some(l.line.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines.iter().all(|l| l.len() <= 17 << 10),
+        "a log line was passed on whole"
+    );
+    // What a late Watch finds of the finished run: its milestones, and the
+    // latest lines within the run's budget.
+    let watch = prefab::proto::WatchRequest {
+        request_id: accepted.request_id.clone(),
+        after_sequence: 0,
+    };
+    let mut stream = client.watch(authed(watch)).await.unwrap().into_inner();
+    let mut kept = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        kept.push(event);
+    }
+    let bytes: usize = kept.iter().map(|e| e.encoded_len()).sum();
+    assert!(bytes <= 1 << 20, "{bytes} bytes kept for a finished run");
+    assert!(matches!(kept[0].event, Some(Event::Accepted(_))));
+    assert!(matches!(kept.last().unwrap().event, Some(Event::RunCompleted(_))));
     stack.wait_idle().await;
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use prost::Message as _;
 use serde_json::{Map, Value};
 use tonic::Code;
 
@@ -45,11 +46,26 @@ pub async fn invoke(
         .into_inner();
     while let Some(msg) = stream.message().await.map_err(failed)? {
         match msg.event {
-            Some(invoke_event::Event::Progress(p)) => {
+            Some(invoke_event::Event::Progress(mut p)) => {
+                clip(&mut p.message, MAX_TEXT);
                 events.send(plan.index, Event::RuntimeProgress(p)).await?
             }
-            Some(invoke_event::Event::Log(l)) => events.send(plan.index, Event::RuntimeLog(l)).await?,
+            Some(invoke_event::Event::Log(mut l)) => {
+                clip(&mut l.line, MAX_TEXT);
+                events.send(plan.index, Event::RuntimeLog(l)).await?
+            }
             Some(invoke_event::Event::Result(r)) => {
+                let size = r.encoded_len();
+                if size > MAX_RESULT {
+                    return Err(GatewayError::Contract {
+                        prefab: prefab.name.clone(),
+                        message: format!(
+                            "{} returned a result of {size} bytes; results are limited to {MAX_RESULT} bytes: \
+                             return large values as output files",
+                            plan.function.name
+                        ),
+                    });
+                }
                 return Ok(r.outputs.map(proto::struct_to_json).unwrap_or_default());
             }
             None => {}
@@ -59,6 +75,29 @@ pub async fn invoke(
         prefab: prefab.name.clone(),
         message: format!("Invoke of {} ended without a result", plan.function.name),
     })
+}
+
+/// Longest log line or progress message passed on, in bytes; the rest is
+/// cut, so that a chatty prefab cannot fill the run's journal with a few
+/// events.
+const MAX_TEXT: usize = 16 << 10;
+/// Largest result (its output values, encoded) a call may return: well
+/// under the gRPC message limit, which the event carrying it must fit.
+const MAX_RESULT: usize = 1 << 20;
+
+/// Cuts `text` to at most `max` bytes (on a character boundary), saying
+/// how much was cut.
+fn clip(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" [{cut} more bytes cut]"));
 }
 
 fn runtime_error(plan: &CallPlan, status: tonic::Status) -> GatewayError {
@@ -80,5 +119,20 @@ fn runtime_error(plan: &CallPlan, status: tonic::Status) -> GatewayError {
         function: plan.function.name.clone(),
         code: status.code(),
         message: status.message().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_keeps_whole_characters_and_says_how_much_went() {
+        let mut short = "héllo".to_owned();
+        clip(&mut short, 16);
+        assert_eq!(short, "héllo");
+        let mut long = "é".repeat(10);
+        clip(&mut long, 5);
+        assert_eq!(long, "éé [16 more bytes cut]");
     }
 }

@@ -1,8 +1,8 @@
 //! The journal of a run: its events in order, buffered so that the `Run`
 //! stream and any later `Watch` can read them at their own pace, and the
 //! token that cancels the run. The run never waits for a slow reader: the
-//! buffer is bounded, and when it is full the oldest progress, log and
-//! heartbeat-like events make room first.
+//! buffer is bounded in events and in bytes, and when it is full the
+//! oldest progress, log and heartbeat-like events make room first.
 
 use std::{
     collections::VecDeque,
@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -18,6 +19,10 @@ use crate::proto::{self, run_event::Event};
 
 /// Events kept per run.
 const CAPACITY: usize = 2048;
+/// Bytes of events kept per run (encoded), beyond which the oldest lossy
+/// events make room: a chatty prefab's logs cost the gateway this much per
+/// run at most, for as long as the run is kept.
+const BYTE_BUDGET: usize = 1 << 20;
 /// Heartbeat period of a quiet stream.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 
@@ -33,6 +38,8 @@ pub struct Journal {
 #[derive(Debug, Default)]
 struct State {
     events: VecDeque<proto::RunEvent>,
+    /// Encoded size of `events`.
+    bytes: usize,
     next: u64,
     end: Option<Result<(), Status>>,
 }
@@ -67,17 +74,16 @@ impl Journal {
             if state.end.is_some() {
                 return;
             }
-            if state.events.len() == CAPACITY {
-                let lossy = state.events.iter().position(|e| is_lossy(e.event.as_ref()));
-                state.events.remove(lossy.unwrap_or(0));
-            }
             let sequence = state.next;
             state.next += 1;
-            state.events.push_back(proto::RunEvent {
+            let event = proto::RunEvent {
                 call_index,
                 sequence,
                 event: Some(event),
-            });
+            };
+            state.make_room(event.encoded_len());
+            state.bytes += event.encoded_len();
+            state.events.push_back(event);
             sequence
         };
         self.latest.send_replace(seq);
@@ -91,6 +97,11 @@ impl Journal {
             state.next
         };
         self.latest.send_replace(seq);
+    }
+
+    /// Encoded size of the events kept.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// The token that cancels the run.
@@ -160,6 +171,26 @@ impl Journal {
     }
 }
 
+impl State {
+    /// Drops the oldest lossy events (the oldest of all if the journal is
+    /// full of milestones) until an event of `len` bytes fits.
+    fn make_room(&mut self, len: usize) {
+        while self.events.len() >= CAPACITY || self.bytes + len > BYTE_BUDGET {
+            let lossy = self.events.iter().position(|e| is_lossy(e.event.as_ref()));
+            let victim = match lossy {
+                Some(i) => i,
+                // Over the byte budget with milestones only: they are few
+                // and small (results are capped), so keep them.
+                None if self.events.len() < CAPACITY => return,
+                None => 0,
+            };
+            if let Some(dropped) = self.events.remove(victim) {
+                self.bytes -= dropped.encoded_len();
+            }
+        }
+    }
+}
+
 /// Events a reader may miss without losing track of the run.
 fn is_lossy(event: Option<&Event>) -> bool {
     matches!(
@@ -209,6 +240,31 @@ mod tests {
         let (events, _) = j.read_after(0);
         assert_eq!(events.len(), CAPACITY);
         assert!(matches!(events[0].event, Some(Event::Accepted(_))));
+    }
+
+    #[test]
+    fn a_chatty_run_keeps_a_bounded_number_of_bytes() {
+        let j = Journal::new(Vec::new());
+        j.push(0, Event::Accepted(proto::RunAccepted::default()));
+        let line = "x".repeat(16 << 10);
+        for _ in 0..1000 {
+            let log = proto::LogLine {
+                line: line.clone(),
+                ..Default::default()
+            };
+            j.push(0, Event::RuntimeLog(log));
+        }
+        j.push(0, Event::RunCompleted(proto::RunCompleted::default()));
+        let (events, _) = j.read_after(0);
+        let bytes: usize = events.iter().map(|e| e.encoded_len()).sum();
+        assert!(bytes <= BYTE_BUDGET, "{bytes} bytes kept");
+        assert!(events.len() > 50, "only {} events kept", events.len());
+        assert!(matches!(events[0].event, Some(Event::Accepted(_))));
+        assert!(matches!(
+            events.last().unwrap().event,
+            Some(Event::RunCompleted(_))
+        ));
+        assert_eq!(events.last().unwrap().sequence, 1002);
     }
 
     #[tokio::test]

@@ -68,6 +68,8 @@ pub struct State {
     lease_ttl: Duration,
     retention: Duration,
     runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
+    /// Finished runs whose journals are kept, oldest first.
+    retired: Mutex<Retired>,
     secrets_dir: Option<std::path::PathBuf>,
     max_input_bytes: u64,
     max_output_bytes: u64,
@@ -115,6 +117,7 @@ impl State {
             lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
             retention: Duration::from_secs(args.run_retention_seconds),
             runs: Mutex::default(),
+            retired: Mutex::default(),
             secrets_dir: args.secrets_dir.clone(),
             max_input_bytes: args.max_input_bytes,
             max_output_bytes: args.max_output_bytes,
@@ -153,6 +156,42 @@ impl State {
     fn journals(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Arc<journal::Journal>>> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Keeps the journal of finished run `id` for late `Watch` calls: for
+    /// the retention period, and while the journals kept stay within
+    /// [`RETAINED_BYTES`] (the oldest go first).
+    fn retire(self: &Arc<Self>, id: RequestId, bytes: usize) {
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            retired.runs.push_back((id, bytes));
+            retired.bytes += bytes;
+            let mut journals = self.journals();
+            while let Some(&(oldest, size)) = retired.runs.front() {
+                let expired = !journals.contains_key(&oldest);
+                if !expired && retired.bytes <= RETAINED_BYTES {
+                    break;
+                }
+                retired.runs.pop_front();
+                retired.bytes -= size;
+                journals.remove(&oldest);
+            }
+        }
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(state.retention).await;
+            state.journals().remove(&id);
+        });
+    }
+}
+
+/// Bytes of events kept for finished runs, in all.
+const RETAINED_BYTES: usize = 64 << 20;
+
+/// The finished runs whose journals are kept, and their size.
+#[derive(Debug, Default)]
+struct Retired {
+    runs: std::collections::VecDeque<(RequestId, usize)>,
+    bytes: usize,
 }
 
 /// The gateway service.

@@ -85,11 +85,7 @@ impl Run {
                 journal.finish(Err(e.into()));
             }
         }
-        // Keep the journal for late `Watch` calls, then forget it.
-        tokio::spawn(async move {
-            tokio::time::sleep(state.retention).await;
-            state.journals().remove(&id);
-        });
+        state.retire(id, journal.bytes());
     }
 
     /// Creates the workspace, runs the calls, and removes the workspace.
