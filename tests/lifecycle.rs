@@ -386,3 +386,24 @@ async fn a_deadline_cancels_and_cleans_the_run() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     stack.wait_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
+    use common::proxy::{Fault, Proxy};
+    let stack = Stack::start().await;
+    // The runtime's first answer (to the gateway's Describe) comes 2 s late.
+    let proxy = Proxy::start(stack.runtime_addr, Fault::DelayFirst(Duration::from_secs(2))).await;
+    let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{}", proxy.addr);
+    let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
+    // 2 s of describing and 2 s of sleeping do not fit in 3 s.
+    let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 2 })));
+    req.set_timeout(Duration::from_secs(3));
+    let status = match client.run(req).await {
+        Ok(resp) => drain(&mut resp.into_inner()).await.1,
+        Err(status) => status,
+    };
+    assert!(proxy.fired(), "the runtime was not reached through the proxy");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    gateway.kill().await.unwrap();
+    stack.wait_idle().await;
+}

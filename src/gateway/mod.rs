@@ -246,7 +246,7 @@ impl proto::gateway_server::Gateway for Gateway {
     type RunStream = Boxed<proto::RunEvent>;
 
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        let deadline = deadline_of(&req);
+        let deadline = deadline_of(&req).map(run::Deadline::starting_now);
         let grant = Grant::of(&req);
         let req = req.into_inner();
         if let Some(call) = req.calls.iter().find(|c| !grant.may_run(&c.prefab_id)) {
@@ -256,15 +256,26 @@ impl proto::gateway_server::Gateway for Gateway {
             )));
         }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
-        let plans = self.state.plan(&req).await?;
-        let probes = stage::probe_all(&self.state.s3, &plans).await?;
-        let sizes: Vec<(String, u64)> = probes
-            .iter()
-            .flatten()
-            .zip(plans.iter().flat_map(|plan| &plan.inputs))
-            .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
-            .collect();
-        let reservation = self.state.admission.admit(&sizes).await?;
+        // Describing the prefabs, looking at the inputs and waiting for
+        // admission count against the caller's deadline too.
+        let admitted = async {
+            let plans = self.state.plan(&req).await?;
+            let probes = stage::probe_all(&self.state.s3, &plans).await?;
+            let sizes: Vec<(String, u64)> = probes
+                .iter()
+                .flatten()
+                .zip(plans.iter().flat_map(|plan| &plan.inputs))
+                .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
+                .collect();
+            let reservation = self.state.admission.admit(&sizes).await?;
+            Ok::<_, Status>((plans, probes, reservation))
+        };
+        let (plans, probes, reservation) = match deadline {
+            Some(d) => tokio::time::timeout_at(d.at.into(), admitted)
+                .await
+                .map_err(|_| Status::from(d.exceeded()))??,
+            None => admitted.await?,
+        };
 
         let id = RequestId::new();
         let prefabs = req.calls.iter().map(|c| c.prefab_id.clone()).collect();

@@ -37,9 +37,34 @@ pub struct Run {
     /// What was found of every input, per call (small ones whole).
     pub probes: Probes,
     /// The caller's deadline.
-    pub deadline: Option<Duration>,
+    pub deadline: Option<Deadline>,
     /// Workspace space held for the run.
     pub reservation: Reservation,
+}
+
+/// A caller's deadline: the time it gave, counted from the request's
+/// arrival.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// The time given (`grpc-timeout`).
+    pub given: Duration,
+    /// When it runs out.
+    pub at: Instant,
+}
+
+impl Deadline {
+    /// A deadline of `given` from now.
+    pub fn starting_now(given: Duration) -> Self {
+        Self {
+            given,
+            at: Instant::now() + given,
+        }
+    }
+
+    /// The error of a run that ran out of time.
+    pub fn exceeded(&self) -> GatewayError {
+        GatewayError::DeadlineExceeded(self.given)
+    }
 }
 
 impl Run {
@@ -98,16 +123,19 @@ impl Run {
         let renewing = renew_lease(&workspace, &state.replica, state.lease_ttl).await?;
         let deadline = async {
             match self.deadline {
-                Some(d) => tokio::time::sleep(d).await,
+                Some(d) => {
+                    tokio::time::sleep_until(d.at.into()).await;
+                    d.exceeded()
+                }
                 None => std::future::pending().await,
             }
         };
         let cancelled = events.journal().cancellation().clone();
-        let deadline_at = self.deadline.map(|d| Instant::now() + d);
+        let deadline_at = self.deadline.map(|d| d.at);
         let outcome = tokio::select! {
             outcome = calls(state, &workspace, &self.plans, probes, events, deadline_at) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
-            () = deadline => Err(GatewayError::DeadlineExceeded(self.deadline.unwrap_or_default())),
+            exceeded = deadline => Err(exceeded),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
