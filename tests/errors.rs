@@ -233,3 +233,35 @@ async fn health_and_reflection_need_no_token() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runtime_that_cannot_see_the_workspace_is_a_deployment_fault() {
+    let stack = Stack::start().await;
+    // A runtime that mounts the shared volume somewhere else.
+    let elsewhere = stack.tmp.path().join("not-the-volume");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let runtime =
+        prefab::runtime::RuntimeService::new(std::sync::Arc::new(prefab::prefabs::hello::Hello), elsewhere)
+            .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(runtime.serve(listener, shutdown.clone()));
+    let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{addr}");
+    let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
+    let input = stack.put_input("deploy/a.txt", b"abc".to_vec()).await;
+    let status = run_to_end(
+        &mut client,
+        run_request("uppercase", serde_json::json!({ "text": input })),
+    )
+    .await
+    .expect_err("the runtime cannot see the workspace");
+    assert_status(
+        &status,
+        Code::FailedPrecondition,
+        &["hello-world-prefab", "uppercase"],
+    );
+    gateway.kill().await.unwrap();
+    shutdown.cancel();
+    let _ = served.await;
+}

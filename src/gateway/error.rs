@@ -32,7 +32,8 @@ pub enum GatewayError {
     /// Object storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
-    /// The prefab's runtime returned an error; its code is kept.
+    /// The prefab's runtime returned an error; its code is kept, unless it
+    /// would blame the caller for the deployment.
     #[error("prefab {prefab} function {function} failed: {message}")]
     Runtime {
         /// `id@version`.
@@ -81,6 +82,12 @@ impl GatewayError {
                 // A transport failure between gateway and runtime.
                 Code::Unavailable => Code::Unavailable,
                 Code::Ok => Code::Unknown,
+                // About what the gateway sent (a workspace the runtime
+                // cannot see, a function it lacks) or the function's own
+                // credentials, not the caller's: a deployment to fix.
+                Code::NotFound | Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented => {
+                    Code::FailedPrecondition
+                }
                 c => *c,
             },
             GatewayError::Contract { .. } => Code::FailedPrecondition,
