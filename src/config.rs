@@ -27,6 +27,47 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Masks secret values in text bound for a log, an error or a caller: a
+/// program that prints its environment must not hand its secrets on.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor(Vec<Secret>);
+
+impl Redactor {
+    /// Values shorter than this are not masked: they would mask ordinary
+    /// words, and are no secret anyway.
+    pub const MIN_LEN: usize = 4;
+
+    /// Masks `values`.
+    pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut values: Vec<Secret> = values
+            .into_iter()
+            .filter(|v| v.len() >= Self::MIN_LEN)
+            .map(Secret::new)
+            .collect();
+        // The longest first, so that one value inside another is masked whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.0.len()));
+        Self(values)
+    }
+
+    /// `text` with every secret value replaced by `[secret]`.
+    pub fn redact<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        let mut text = std::borrow::Cow::Borrowed(text);
+        for value in &self.0 {
+            if text.contains(value.expose()) {
+                text = std::borrow::Cow::Owned(text.replace(value.expose(), "[secret]"));
+            }
+        }
+        text
+    }
+
+    /// Masks the secret values in `text` in place.
+    pub fn redact_in_place(&self, text: &mut String) {
+        if let std::borrow::Cow::Owned(masked) = self.redact(text) {
+            *text = masked;
+        }
+    }
+}
+
 impl FromStr for Secret {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -196,6 +237,20 @@ impl GatewayArgs {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn redaction_masks_every_secret_and_leaves_the_rest() {
+        let r = Redactor::new(["sk-live-123", "sk-live-123-extended", "abc"]);
+        assert_eq!(
+            r.redact("key sk-live-123-extended and sk-live-123, abc"),
+            "key [secret] and [secret], abc"
+        );
+        assert!(matches!(r.redact("nothing here"), std::borrow::Cow::Borrowed(_)));
+        let mut line = "x=sk-live-123".to_owned();
+        r.redact_in_place(&mut line);
+        assert_eq!(line, "x=[secret]");
+    }
+
     use super::*;
 
     #[test]

@@ -230,6 +230,15 @@ parameters = []
 exec = { command = ["sh", "-c", "test \"$API_KEY\" = 'sk-live-AAAA-1111-only-for-prefab-a' || {{ echo wrong secret >&2; exit 1; }}"] }
 "#;
 
+const LEAKY: &str = r#"
+id = "prefab-a"
+version = "1.0.0"
+[[function]]
+name = "leak"
+parameters = []
+exec = { command = ["sh", "-c", "echo \"::progress 0.5 using $API_KEY\"; echo \"key=$API_KEY\" >&2; exit 1"] }
+"#;
+
 const PREFAB_B: &str = r#"
 id = "prefab-b"
 version = "1.0.0"
@@ -373,4 +382,40 @@ async fn no_token_or_secret_reaches_the_logs() {
     for needle in [token, wrong, prefab::dev::s3::SECRET_KEY] {
         assert!(!text.contains(needle), "{needle} leaked into the log");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefab_that_prints_its_secret_does_not_hand_it_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("prefab-a")).unwrap();
+    std::fs::write(secrets.join("prefab-a/API_KEY"), format!("{SECRET_A}\n")).unwrap();
+    let stack = Stack::start_full(&[&format!("--secrets-dir={}", secrets.display())], &[LEAKY]).await;
+    let mut client = stack.client().await;
+    let mut stream = client
+        .run(authed(call_request("prefab-a", "leak", serde_json::json!({}))))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut said = Vec::new();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(msg)) => match msg.event {
+                Some(proto::run_event::Event::RuntimeLog(l)) => said.push(l.line),
+                Some(proto::run_event::Event::RuntimeProgress(p)) => said.push(p.message),
+                _ => {}
+            },
+            Ok(None) => panic!("the run must fail"),
+            Err(status) => break status,
+        }
+    };
+    said.push(status.message().to_owned());
+    assert!(
+        said.iter().all(|s| !s.contains(SECRET_A)),
+        "the secret was passed on: {said:?}"
+    );
+    assert!(said.contains(&"key=[secret]".to_owned()), "{said:?}");
+    assert!(said.contains(&"using [secret]".to_owned()), "{said:?}");
+    assert!(status.message().contains("key=[secret]"), "{status:?}");
+    stack.wait_idle().await;
 }

@@ -10,6 +10,7 @@ use tonic::Code;
 
 use super::{GatewayError, events::Events, plan::CallPlan};
 use crate::{
+    config::Redactor,
     proto::{self, invoke_event, run_event::Event},
     workspace::RequestId,
 };
@@ -29,6 +30,9 @@ pub async fn invoke(
         function_name: plan.function.name.clone(),
     };
     events.send(plan.index, Event::Invoking(invoking)).await?;
+    // What the runtime says goes to the caller and the logs: without the
+    // secrets it was given.
+    let redactor = Redactor::new(secrets.values().map(String::as_str));
     let request = proto::InvokeRequest {
         workspace: id.to_string(),
         function_name: plan.function.name.clone(),
@@ -36,7 +40,7 @@ pub async fn invoke(
         secrets,
         timeout_ms: budget.map_or(0, |b| b.as_millis().min(u128::from(u64::MAX)) as u64),
     };
-    let failed = |status: tonic::Status| runtime_error(plan, status);
+    let failed = |status: tonic::Status| runtime_error(plan, status, &redactor);
     let mut stream = prefab
         .client
         .clone()
@@ -47,10 +51,12 @@ pub async fn invoke(
     while let Some(msg) = stream.message().await.map_err(failed)? {
         match msg.event {
             Some(invoke_event::Event::Progress(mut p)) => {
+                redactor.redact_in_place(&mut p.message);
                 clip(&mut p.message, MAX_TEXT);
                 events.send(plan.index, Event::RuntimeProgress(p)).await?
             }
             Some(invoke_event::Event::Log(mut l)) => {
+                redactor.redact_in_place(&mut l.line);
                 clip(&mut l.line, MAX_TEXT);
                 events.send(plan.index, Event::RuntimeLog(l)).await?
             }
@@ -100,25 +106,23 @@ fn clip(text: &mut String, max: usize) {
     text.push_str(&format!(" [{cut} more bytes cut]"));
 }
 
-fn runtime_error(plan: &CallPlan, status: tonic::Status) -> GatewayError {
+fn runtime_error(plan: &CallPlan, status: tonic::Status, redactor: &Redactor) -> GatewayError {
     let prefab = &plan.prefab;
+    let message = redactor.redact(status.message());
     // Transport failures surface as UNAVAILABLE (or UNKNOWN with a source).
     let transport = status.code() == Code::Unavailable
         || (status.code() == Code::Unknown && std::error::Error::source(&status).is_some());
     if transport {
         return GatewayError::Unavailable(format!(
             "prefab {} at {} became unreachable during {}: {}",
-            prefab.name,
-            prefab.endpoint,
-            plan.function.name,
-            status.message()
+            prefab.name, prefab.endpoint, plan.function.name, message
         ));
     }
     GatewayError::Runtime {
         prefab: prefab.name.clone(),
         function: plan.function.name.clone(),
         code: status.code(),
-        message: status.message().to_owned(),
+        message: message.into_owned(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Secrets for prefabs: the files of `PREFAB_SECRETS_DIR/<prefab_id>/`
 //! (a mounted Kubernetes Secret), read at each call and sent only to that
-//! prefab's runtime. Values never reach logs, errors or events.
+//! prefab's runtime. The gateway never logs them, and masks them in what
+//! the runtime says (log lines, progress, errors) before passing it on.
 
 use std::{collections::HashMap, path::Path};
 

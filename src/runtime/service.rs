@@ -251,6 +251,7 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
             .expect("prepare checked the function exists")
             .clone();
         let (args, workspace) = (call.args.clone(), call.workspace.clone());
+        let redactor = crate::config::Redactor::new(call.secrets().map(|(_, value)| value));
         let prefab = Arc::clone(&self.prefab);
         let active = Arc::clone(&self.active);
         let span = tracing::info_span!("invoke", function = %spec.name, workspace = %workspace.display());
@@ -264,7 +265,10 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
                     Some(Ok(mut outputs)) => add_output_files(&spec, &args, &workspace, &mut outputs)
                         .await
                         .map(|()| outputs),
-                    Some(Err(e)) => Err(Status::from(e)),
+                    Some(Err(e)) => {
+                        let status = Status::from(e);
+                        Err(Status::new(status.code(), redactor.redact(status.message())))
+                    }
                     None => return, // the caller is gone
                 };
                 let event = result.map(|outputs| proto::InvokeEvent {
