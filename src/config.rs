@@ -199,6 +199,11 @@ pub struct GatewayArgs {
     /// Seconds a finished run's events stay available to `Watch`.
     #[arg(long, env = "PREFAB_RUN_RETENTION_SECONDS", default_value_t = 300)]
     pub run_retention_seconds: u64,
+    /// Longest a run may take, in seconds, whatever deadline its caller set
+    /// (or none, as a detached run may have): a hung prefab is cancelled
+    /// and cleaned up then. 0 for no limit.
+    #[arg(long, env = "PREFAB_MAX_RUN_SECONDS", default_value_t = 6 * 3600)]
+    pub max_run_seconds: u64,
     /// TLS of the gRPC listener.
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,

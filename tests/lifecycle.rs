@@ -407,3 +407,25 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
     gateway.kill().await.unwrap();
     stack.wait_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_detached_run_ends_at_the_gateways_limit() {
+    let stack = Stack::start_with(&["--max-run-seconds=1"]).await;
+    let mut client = stack.client().await;
+    // No deadline from the caller, who may leave: the gateway's limit ends it.
+    let mut req = run_request("sleep", serde_json::json!({ "seconds": 30 }));
+    req.on_disconnect = proto::OnDisconnect::Detach as i32;
+    let (_, status) = drain(&mut client.run(authed(req)).await.unwrap().into_inner()).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("PREFAB_MAX_RUN_SECONDS"), "{status:?}");
+    // A caller's shorter deadline is still its own.
+    let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 30 })));
+    req.set_timeout(Duration::from_millis(500));
+    let status = match client.run(req).await {
+        Ok(resp) => drain(&mut resp.into_inner()).await.1,
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(!status.message().contains("PREFAB_MAX_RUN_SECONDS"), "{status:?}");
+    stack.wait_idle().await;
+}

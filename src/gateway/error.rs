@@ -29,6 +29,12 @@ pub enum GatewayError {
     /// The caller's deadline passed.
     #[error("the run passed its deadline of {0:?}; it was cancelled and cleaned up")]
     DeadlineExceeded(std::time::Duration),
+    /// The run took longer than the gateway allows any run.
+    #[error(
+        "the run took longer than the {0:?} this gateway allows a run (PREFAB_MAX_RUN_SECONDS); \
+         it was cancelled and cleaned up"
+    )]
+    TooLong(std::time::Duration),
     /// Object storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -69,7 +75,7 @@ impl GatewayError {
             GatewayError::ResourceExhausted(_) => Code::ResourceExhausted,
             GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::Cancelled => Code::Cancelled,
-            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            GatewayError::DeadlineExceeded(_) | GatewayError::TooLong(_) => Code::DeadlineExceeded,
             GatewayError::Storage(s) => match s {
                 StorageError::NotFound { .. } => Code::NotFound,
                 StorageError::AccessDenied { .. } => Code::PermissionDenied,

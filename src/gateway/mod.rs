@@ -67,6 +67,8 @@ pub struct State {
     replica: String,
     lease_ttl: Duration,
     retention: Duration,
+    /// Longest a run may take, if limited.
+    max_run: Option<Duration>,
     runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
     /// Finished runs whose journals are kept, oldest first.
     retired: Mutex<Retired>,
@@ -116,6 +118,7 @@ impl State {
             replica,
             lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
             retention: Duration::from_secs(args.run_retention_seconds),
+            max_run: Some(Duration::from_secs(args.max_run_seconds)).filter(|d| !d.is_zero()),
             runs: Mutex::default(),
             retired: Mutex::default(),
             secrets_dir: args.secrets_dir.clone(),
@@ -246,7 +249,7 @@ impl proto::gateway_server::Gateway for Gateway {
     type RunStream = Boxed<proto::RunEvent>;
 
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        let deadline = deadline_of(&req).map(run::Deadline::starting_now);
+        let deadline = run::Deadline::starting_now(deadline_of(&req), self.state.max_run);
         let grant = Grant::of(&req);
         let req = req.into_inner();
         if let Some(call) = req.calls.iter().find(|c| !grant.may_run(&c.prefab_id)) {

@@ -42,28 +42,41 @@ pub struct Run {
     pub reservation: Reservation,
 }
 
-/// A caller's deadline: the time it gave, counted from the request's
-/// arrival.
+/// A run's deadline, counted from the request's arrival: the caller's
+/// (`grpc-timeout`) or the gateway's own limit, whichever comes first.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
-    /// The time given (`grpc-timeout`).
+    /// The time given.
     pub given: Duration,
     /// When it runs out.
     pub at: Instant,
+    /// Whether it is the gateway's limit rather than the caller's.
+    pub gateways: bool,
 }
 
 impl Deadline {
-    /// A deadline of `given` from now.
-    pub fn starting_now(given: Duration) -> Self {
-        Self {
+    /// The earlier of the caller's deadline and the gateway's `limit`, from
+    /// now; `None` if there is neither.
+    pub fn starting_now(callers: Option<Duration>, limit: Option<Duration>) -> Option<Self> {
+        let (given, gateways) = match (callers, limit) {
+            (Some(c), Some(l)) if l < c => (l, true),
+            (Some(c), _) => (c, false),
+            (None, Some(l)) => (l, true),
+            (None, None) => return None,
+        };
+        Some(Self {
             given,
             at: Instant::now() + given,
-        }
+            gateways,
+        })
     }
 
     /// The error of a run that ran out of time.
     pub fn exceeded(&self) -> GatewayError {
-        GatewayError::DeadlineExceeded(self.given)
+        match self.gateways {
+            true => GatewayError::TooLong(self.given),
+            false => GatewayError::DeadlineExceeded(self.given),
+        }
     }
 }
 
