@@ -2,7 +2,8 @@
 //! proxy: a connection cut mid-download is resumed; corrupted bytes fail
 //! the run with a checksum error and leave nothing behind; a part cut
 //! mid-upload is sent again; an upload given up while the store is still
-//! answering, or while it is being aborted, is aborted all the same.
+//! answering, or while it is being aborted, is aborted all the same; one
+//! whose completion went through but whose reply was lost succeeds.
 
 mod common;
 
@@ -284,6 +285,35 @@ async fn an_upload_dropped_while_it_aborts_is_aborted_all_the_same() {
         open_multipart_uploads(&stack).is_empty()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_whose_completion_reply_is_lost_still_succeeds() {
+    let stack = Stack::start().await;
+    let key = "outputs/lost-reply/big.bin";
+    // The store completes the upload, but its reply never arrives: the
+    // retry finds no upload to complete.
+    let complete: &'static str = Box::leak(format!("POST /{BUCKET}/{key}?uploadId=").into_boxed_str());
+    let proxy = Proxy::start(s3_addr(&stack), Fault::LoseReplyTo(complete)).await;
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let data = text(20 << 20, 12);
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let dest = prefab::storage::S3Url::new(BUCKET, key).unwrap();
+
+    let mut progress = |_| {};
+    let done = prefab::storage::upload(&s3, file, data.len() as u64, &dest, &mut progress)
+        .await
+        .expect("the object was completed");
+    assert!(proxy.fired(), "the reply was never lost");
+    assert_eq!(done.size, data.len() as u64);
+    assert!(
+        stack.get(&format!("s3://{BUCKET}/{key}")).await == data,
+        "the stored object differs"
+    );
+    assert!(open_multipart_uploads(&stack).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

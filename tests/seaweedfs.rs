@@ -352,6 +352,33 @@ async fn bytes_corrupted_on_the_way_up_fail_the_upload_and_leave_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs SeaweedFS: bash .ci/compat"]
+async fn an_upload_whose_completion_reply_is_lost_is_found_complete() {
+    let weed = Weed::start().await;
+    let key = "compat/lost-reply.bin";
+    // SeaweedFS completes the upload; its reply is lost, and the retry
+    // finds no such upload.
+    let complete: &'static str = Box::leak(format!("POST /{BUCKET}/{key}?uploadId=").into_boxed_str());
+    let upstream = weed.endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = proxy::Proxy::start(upstream, proxy::Fault::LoseReplyTo(complete)).await;
+    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let data = text(20 << 20, 22);
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let url = S3Url::parse(&format!("s3://{BUCKET}/{key}")).unwrap();
+
+    let done = storage::upload(&s3, file, data.len() as u64, &url, &mut |_| {})
+        .await
+        .expect("the object was completed");
+    assert!(proxy.fired(), "the reply was never lost");
+    assert_eq!(done.size, data.len() as u64);
+    assert!(weed.exists(&url).await);
+    assert_eq!(weed.open_uploads().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SeaweedFS: bash .ci/compat"]
 async fn a_run_stages_from_and_uploads_to_seaweedfs() {
     let weed = Weed::start().await;
     let stack = Stack::start().await;

@@ -432,6 +432,7 @@ impl Multipart {
 
     /// Completes the upload of parts whose bytes have checksum `whole`.
     async fn complete(mut self, parts: Vec<CompletedPart>, whole: Crc64) -> Result<(), StorageError> {
+        let etag = multipart_etag(&parts);
         let done = self
             .client
             .complete_multipart_upload()
@@ -450,10 +451,37 @@ impl Multipart {
             }
             Err(e) => {
                 let err = StorageError::from_sdk(&self.url, "CompleteMultipartUpload", e);
+                // The reply to a completion that went through can be lost;
+                // its retry then finds no upload (some stores say "access
+                // denied" to an upload id they do not know), but the object
+                // is there.
+                let no_upload = matches!(
+                    err,
+                    StorageError::NotFound { .. } | StorageError::AccessDenied { .. }
+                );
+                if no_upload && self.completed_anyway(whole, etag.as_deref()).await {
+                    tracing::info!(url = %self.url, "completion's reply was lost; the object is complete");
+                    self.open = false;
+                    return Ok(());
+                }
                 self.abort().await;
                 Err(err)
             }
         }
+    }
+
+    /// Whether the object is already the one this upload makes: its size,
+    /// and its CRC-64/NVME if the store reports one, else the entity tag
+    /// made of this upload's parts' tags.
+    async fn completed_anyway(&self, whole: Crc64, etag: Option<&str>) -> bool {
+        let Ok(info) = super::head(&self.client, &self.url).await else {
+            return false;
+        };
+        let same = match info.checksum {
+            Some(c) if c.algorithm == super::StoreAlgorithm::Crc64Nvme => c.value == whole.value(),
+            _ => etag.is_some() && info.etag.as_deref() == etag,
+        };
+        info.size == whole.len() && same
     }
 
     /// Aborts the upload and waits for the abort to end.
@@ -487,6 +515,18 @@ impl Drop for Multipart {
             tracing::error!(url = %self.url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
         }
     }
+}
+
+/// The entity tag most stores give an object made of `parts`: the MD5 of
+/// their MD5s, and their count (`None` if a part's tag is no MD5).
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::Digest as _;
+    let mut md5 = md5::Md5::new();
+    for part in parts {
+        let tag = part.e_tag()?.trim_matches('"');
+        md5.update(hex::decode(tag).ok().filter(|d| d.len() == 16)?);
+    }
+    Some(format!("\"{}-{}\"", hex::encode(md5.finalize()), parts.len()))
 }
 
 /// Requests that outlive the upload that made them (the creation of a
@@ -530,5 +570,28 @@ async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String,
             let e = StorageError::from_sdk(&url, "AbortMultipartUpload", e);
             tracing::error!(%url, error = %e, "could not abort multipart upload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multipart_tag_is_the_md5_of_the_parts_md5s() {
+        let part = |n, tag: &str| CompletedPart::builder().part_number(n).e_tag(tag).build();
+        let parts = [
+            part(1, "\"0cc175b9c0f1b6a831c399e269772661\""), // MD5 of "a"
+            part(2, "92eb5ffee6ae2fec3ad71c777531578f"),     // of "b", unquoted
+        ];
+        assert_eq!(
+            multipart_etag(&parts).as_deref(),
+            Some("\"96e024ba2074fe77e8e965ba43a704be-2\"")
+        );
+        assert_eq!(multipart_etag(&[part(1, "\"not-an-md5\"")]), None);
+        assert_eq!(
+            multipart_etag(&[CompletedPart::builder().part_number(1).build()]),
+            None
+        );
     }
 }

@@ -27,6 +27,10 @@ pub enum Fault {
     DelayFirst(std::time::Duration),
     /// Hold every piece of every response back this long.
     DelayEach(std::time::Duration),
+    /// Close the connection instead of passing on the reply to the first
+    /// request whose first line starts with this (the request itself
+    /// reaches the store).
+    LoseReplyTo(&'static str),
     /// Close both sides after this many request bytes.
     CutRequestAfter(u64),
     /// Invert the bits of the request byte at this offset.
@@ -75,6 +79,7 @@ async fn relay(client: TcpStream, server: TcpStream, fault: Fault, fired: Arc<At
     let (client_rx, client_tx) = client.into_split();
     let (server_rx, server_tx) = server.into_split();
     let cut = Arc::new(tokio::sync::Notify::new());
+    let doomed = Arc::new(AtomicBool::new(false));
     let upstream = tokio::spawn(pass(
         client_rx,
         server_tx,
@@ -82,6 +87,7 @@ async fn relay(client: TcpStream, server: TcpStream, fault: Fault, fired: Arc<At
         fault,
         Arc::clone(&fired),
         Arc::clone(&cut),
+        Arc::clone(&doomed),
     ));
     let downstream = pass(
         server_rx,
@@ -90,6 +96,7 @@ async fn relay(client: TcpStream, server: TcpStream, fault: Fault, fired: Arc<At
         fault,
         fired,
         Arc::clone(&cut),
+        doomed,
     );
     tokio::select! {
         () = downstream => {}
@@ -105,7 +112,8 @@ enum Direction {
 }
 
 /// Copies `rx` to `tx`, injecting `fault` if it is one for `direction`;
-/// a cut is signalled on `cut` so that both directions stop.
+/// a cut is signalled on `cut` so that both directions stop. A request
+/// whose reply is to be lost marks the connection `doomed`.
 async fn pass(
     mut rx: tokio::net::tcp::OwnedReadHalf,
     mut tx: tokio::net::tcp::OwnedWriteHalf,
@@ -113,6 +121,7 @@ async fn pass(
     fault: Fault,
     fired: Arc<AtomicBool>,
     cut: Arc<tokio::sync::Notify>,
+    doomed: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
     let mut seen = 0u64;
@@ -146,6 +155,19 @@ async fn pass(
                 if direction == Direction::Response && !fired.swap(true, Ordering::SeqCst) =>
             {
                 tokio::time::sleep(delay).await;
+            }
+            (_, _, Fault::LoseReplyTo(start))
+                if direction == Direction::Request
+                    && chunk.starts_with(start.as_bytes())
+                    && !fired.swap(true, Ordering::SeqCst) =>
+            {
+                doomed.store(true, Ordering::SeqCst);
+            }
+            (_, _, Fault::LoseReplyTo(_))
+                if direction == Direction::Response && doomed.load(Ordering::SeqCst) =>
+            {
+                cut.notify_one();
+                return;
             }
             (_, _, Fault::DelayEach(delay)) if direction == Direction::Response => {
                 fired.store(true, Ordering::SeqCst);
