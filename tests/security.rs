@@ -86,8 +86,14 @@ impl Prefab for Evil {
             }
             "many" => {
                 std::fs::write(&out, b"x")?;
-                Ok((0..100_000)
+                Ok((0..10_000)
                     .map(|i| (format!("extra{i}"), serde_json::json!(i)))
+                    .collect())
+            }
+            "huge" => {
+                std::fs::write(&out, b"x")?;
+                Ok([("output".to_owned(), serde_json::json!("x".repeat(2 << 20)))]
+                    .into_iter()
                     .collect())
             }
             _ => Err(PrefabError::InvalidArgument("unknown mode".into())),
@@ -135,6 +141,7 @@ async fn a_prefab_cannot_make_the_gateway_upload_what_is_not_its_output() {
         ("fifo", "not a regular file"),
         ("device", "does not exist"),
         ("many", "undeclared"),
+        ("huge", "results are limited"),
     ] {
         let req = call_request("evil", "attack", serde_json::json!({ "mode": mode }));
         let status = run_to_end(&mut client, req).await.expect_err(mode);
