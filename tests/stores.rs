@@ -475,3 +475,44 @@ async fn a_probe_reply_longer_than_it_said_is_not_read_to_its_end() {
     let sent = sent.load(Ordering::SeqCst);
     assert!(sent < 64 << 20, "the probe kept reading: {sent} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_file_relays_a_reply_cut_after_its_last_byte_and_refuses_an_ignored_range() {
+    let stack = Stack::start().await;
+    let data = Bytes::from(text(3 << 20, 17));
+    for (cut_after_body, ignore_range) in [(true, false), (false, true)] {
+        let object = Object {
+            data: data.clone(),
+            headers: vec![("etag", md5_etag(&data))],
+            cut_after_body,
+            ignore_range,
+            ..Object::default()
+        };
+        let (endpoint, _, server) = serve(object).await;
+        let (mut gateway, mut client) = stack
+            .gateway_process_via(&endpoint, &["--allowed-buckets=bucket"], None)
+            .await;
+        let get = prefab::proto::GetFileRequest {
+            url: "s3://bucket/videos/relayed.bin".into(),
+            offset: 1000,
+            length: 0,
+        };
+        let got = async {
+            let mut stream = client.get_file(authed(get)).await?.into_inner();
+            let mut got = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                got.extend_from_slice(&chunk.data);
+            }
+            Ok::<_, tonic::Status>(got)
+        }
+        .await;
+        gateway.kill().await.unwrap();
+        server.abort();
+        match (cut_after_body, got) {
+            (true, Ok(got)) => assert!(got == data[1000..], "the relayed bytes differ"),
+            (true, Err(status)) => panic!("a reply with every byte failed: {status:?}"),
+            (false, Ok(_)) => panic!("the whole object was relayed as a range"),
+            (false, Err(status)) => assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}"),
+        }
+    }
+}

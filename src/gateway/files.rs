@@ -216,42 +216,84 @@ pub async fn get_file(
     if let Some(etag) = &info.etag {
         get = get.if_match(etag);
     }
-    let body = get
+    let resp = get
         .send()
         .await
-        .map_err(|e| StorageError::from_sdk(&url, "GetObject", e))?
-        .body;
-    tokio::spawn(relay(body, tx, url, req.offset, info.size));
+        .map_err(|e| StorageError::from_sdk(&url, "GetObject", e))?;
+    // A store that ignores the range sends more than asked; one that sends
+    // no length (chunked) is held to the range as the bytes come.
+    let want = end - req.offset;
+    if resp
+        .content_length()
+        .is_some_and(|n| u64::try_from(n).ok() != Some(want))
+    {
+        return Err(StorageError::Rejected {
+            url: url.to_string(),
+            op: "GetObject",
+            detail: format!(
+                "asked for {want} bytes at offset {}, the store answered with {:?}",
+                req.offset,
+                resp.content_length()
+            ),
+        }
+        .into());
+    }
+    tokio::spawn(relay(resp.body, tx, url, req.offset..end, info.size));
     Ok(rx)
 }
 
+/// Sends the bytes of `range` as they come, in chunks of [`GET_CHUNK`].
 async fn relay(
     mut body: aws_sdk_s3::primitives::ByteStream,
     tx: mpsc::Sender<Result<proto::FileChunk, Status>>,
     url: S3Url,
-    mut offset: u64,
+    range: std::ops::Range<u64>,
     object_size: u64,
 ) {
+    let mut offset = range.start;
     let mut batch = BytesMut::with_capacity(GET_CHUNK);
     loop {
         let next = tokio::select! {
             next = body.try_next() => next,
             () = tx.closed() => return,
         };
+        let received = offset + batch.len() as u64;
         let done = match next {
+            Ok(Some(chunk)) if received + chunk.len() as u64 > range.end => {
+                let detail = "the store sent more bytes than the range has".to_owned();
+                return fail(
+                    &tx,
+                    StorageError::Integrity {
+                        url: url.to_string(),
+                        detail,
+                    },
+                )
+                .await;
+            }
             Ok(Some(chunk)) => {
                 batch.extend_from_slice(&chunk);
                 false
             }
-            Ok(None) => true,
-            Err(e) => {
+            Ok(None) if received < range.end => {
+                let detail = format!("the reply ended at byte {received} of {}", range.end);
                 let err = StorageError::Unavailable {
                     url: url.to_string(),
                     op: "GetObject",
-                    detail: e.to_string(),
+                    detail,
                 };
-                let _ = tx.send(Err(GatewayError::from(err).into())).await;
-                return;
+                return fail(&tx, err).await;
+            }
+            Ok(None) => true,
+            // Every byte came: a reply cut after its last one lost nothing.
+            Err(_) if received == range.end => true,
+            Err(e) => {
+                let detail = e.to_string();
+                let err = StorageError::Unavailable {
+                    url: url.to_string(),
+                    op: "GetObject",
+                    detail,
+                };
+                return fail(&tx, err).await;
             }
         };
         while batch.len() >= GET_CHUNK || (done && !batch.is_empty()) {
@@ -271,6 +313,10 @@ async fn relay(
             return;
         }
     }
+}
+
+async fn fail(tx: &mpsc::Sender<Result<proto::FileChunk, Status>>, err: StorageError) {
+    let _ = tx.send(Err(GatewayError::from(err).into())).await;
 }
 
 #[cfg(test)]
