@@ -37,10 +37,13 @@ impl Redactor {
     /// words, and are no secret anyway.
     pub const MIN_LEN: usize = 4;
 
-    /// Masks `values`.
+    /// Masks `values`, and each line of those with several (a key file
+    /// printed line by line).
     pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
         let mut values: Vec<Secret> = values
             .into_iter()
+            .flat_map(|v| std::iter::once(v).chain(v.lines().filter(move |line| line.len() < v.len())))
+            .map(|v| v.trim_end_matches('\r'))
             .filter(|v| v.len() >= Self::MIN_LEN)
             .map(Secret::new)
             .collect();
@@ -245,7 +248,14 @@ mod tests {
 
     #[test]
     fn redaction_masks_every_secret_and_leaves_the_rest() {
-        let r = Redactor::new(["sk-live-123", "sk-live-123-extended", "abc"]);
+        let r = Redactor::new([
+            "sk-live-123",
+            "sk-live-123-extended",
+            "abc",
+            "line-one\r\nline-two\n",
+        ]);
+        assert_eq!(r.redact("line-one"), "[secret]");
+        assert_eq!(r.redact("a line-two"), "a [secret]");
         assert_eq!(
             r.redact("key sk-live-123-extended and sk-live-123, abc"),
             "key [secret] and [secret], abc"

@@ -244,6 +244,12 @@ version = "1.0.0"
 name = "leak"
 parameters = []
 exec = { command = ["sh", "-c", "echo \"::progress 0.5 using $API_KEY\"; echo \"key=$API_KEY\" >&2; exit 1"] }
+
+[[function]]
+name = "tell"
+parameters = []
+outputs = [{ name = "note", type = "string" }]
+exec = { command = ["sh", "-c", "echo \"::output note the key is $API_KEY\""] }
 "#;
 
 const PREFAB_B: &str = r#"
@@ -424,5 +430,13 @@ async fn a_prefab_that_prints_its_secret_does_not_hand_it_on() {
     assert!(said.contains(&"key=[secret]".to_owned()), "{said:?}");
     assert!(said.contains(&"using [secret]".to_owned()), "{said:?}");
     assert!(status.message().contains("key=[secret]"), "{status:?}");
+    // Nor in an output value.
+    let events = run_to_end(
+        &mut client,
+        call_request("prefab-a", "tell", serde_json::json!({})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(call_outputs(&events)["note"], "the key is [secret]");
     stack.wait_idle().await;
 }

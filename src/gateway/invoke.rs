@@ -72,7 +72,11 @@ pub async fn invoke(
                         ),
                     });
                 }
-                return Ok(r.outputs.map(proto::struct_to_json).unwrap_or_default());
+                let mut outputs = r.outputs.map(proto::struct_to_json).unwrap_or_default();
+                outputs
+                    .values_mut()
+                    .for_each(|value| redact_json(&redactor, value));
+                return Ok(outputs);
             }
             None => {}
         }
@@ -104,6 +108,16 @@ fn clip(text: &mut String, max: usize) {
     let cut = text.len() - end;
     text.truncate(end);
     text.push_str(&format!(" [{cut} more bytes cut]"));
+}
+
+/// Masks the secrets in every string of `value`.
+fn redact_json(redactor: &Redactor, value: &mut Value) {
+    match value {
+        Value::String(text) => redactor.redact_in_place(text),
+        Value::Array(items) => items.iter_mut().for_each(|item| redact_json(redactor, item)),
+        Value::Object(fields) => fields.values_mut().for_each(|field| redact_json(redactor, field)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
 }
 
 fn runtime_error(plan: &CallPlan, status: tonic::Status, redactor: &Redactor) -> GatewayError {

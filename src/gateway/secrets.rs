@@ -25,6 +25,9 @@ pub async fn for_prefab(dir: Option<&Path>, prefab_id: &str) -> std::io::Result<
         let mut value = tokio::fs::read_to_string(entry.path()).await?;
         if value.ends_with('\n') {
             value.pop();
+            if value.ends_with('\r') {
+                value.pop();
+            }
         }
         secrets.insert(name, value);
     }
