@@ -415,7 +415,10 @@ async fn a_detached_run_ends_at_the_gateways_limit() {
     // No deadline from the caller, who may leave: the gateway's limit ends it.
     let mut req = run_request("sleep", serde_json::json!({ "seconds": 30 }));
     req.on_disconnect = proto::OnDisconnect::Detach as i32;
-    let (_, status) = drain(&mut client.run(authed(req)).await.unwrap().into_inner()).await;
+    let status = match client.run(authed(req)).await {
+        Ok(resp) => drain(&mut resp.into_inner()).await.1,
+        Err(status) => status,
+    };
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("PREFAB_MAX_RUN_SECONDS"), "{status:?}");
     // A caller's shorter deadline is still its own.

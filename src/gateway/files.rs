@@ -174,8 +174,8 @@ impl PartSource for ChunkSource {
 }
 
 /// Where the gateway writes in its own bucket: runs' outputs and `PutFile`
-/// uploads. `GetFile` reads these without `PREFAB_ALLOWED_BUCKETS` naming
-/// them; the rest of the bucket only if it does.
+/// uploads. `GetFile` reads these whatever `PREFAB_ALLOWED_BUCKETS` says;
+/// other objects only where runs may read (by default the whole bucket).
 const WRITTEN_HERE: [&str; 2] = ["outputs/", "uploads/"];
 
 /// Streams an object (or a range of it) as chunks of at most [`GET_CHUNK`].

@@ -329,7 +329,8 @@ impl proto::gateway_server::Gateway for Gateway {
         let id = RequestId::parse(&req.request_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let journal = self.state.journals().get(&id).cloned().ok_or_else(|| {
             Status::not_found(format!(
-                "run {id} is unknown to this gateway replica: it ran elsewhere, or finished more than {} s ago",
+                "run {id} is unknown to this gateway replica: it ran elsewhere, or finished more than {} s ago \
+                 (or before many others whose events filled what is kept)",
                 self.state.retention.as_secs()
             ))
         })?;

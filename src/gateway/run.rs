@@ -36,11 +36,14 @@ pub struct Run {
     pub plans: Vec<CallPlan>,
     /// What was found of every input, per call (small ones whole).
     pub probes: Probes,
-    /// The caller's deadline.
+    /// When the run must end, if ever.
     pub deadline: Option<Deadline>,
     /// Workspace space held for the run.
     pub reservation: Reservation,
 }
+
+/// How much longer than the gateway's deadline a runtime is given.
+const RUNTIME_SLACK: Duration = Duration::from_millis(500);
 
 /// A run's deadline, counted from the request's arrival: the caller's
 /// (`grpc-timeout`) or the gateway's own limit, whichever comes first.
@@ -64,11 +67,9 @@ impl Deadline {
             (None, Some(l)) => (l, true),
             (None, None) => return None,
         };
-        Some(Self {
-            given,
-            at: Instant::now() + given,
-            gateways,
-        })
+        // A limit too far to count is no limit.
+        let at = Instant::now().checked_add(given)?;
+        Some(Self { given, at, gateways })
     }
 
     /// The error of a run that ran out of time.
@@ -218,11 +219,9 @@ async fn calls(
             .map_err(|e| {
                 GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
             })?;
-        // The runtime gets what is left of the caller's deadline.
-        let budget = deadline_at.map(|at| {
-            at.saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        });
+        // The runtime gets what is left of the deadline, and a moment more:
+        // the gateway's own deadline ends the call first, and says which.
+        let budget = deadline_at.map(|at| at.saturating_duration_since(Instant::now()) + RUNTIME_SLACK);
         let reported = invoke(plan, ws.id(), events, secrets, budget)
             .await
             .inspect_err(|e| {
