@@ -90,6 +90,12 @@ impl Prefab for Evil {
                     .map(|i| (format!("extra{i}"), serde_json::json!(i)))
                     .collect())
             }
+            "loud" => {
+                // Far longer than any line the gateway passes on.
+                call.log(proto::LogStream::Stderr, "y".repeat(1 << 20)).await;
+                std::fs::write(&out, b"harmless")?;
+                Ok(Outputs::new())
+            }
             "huge" => {
                 std::fs::write(&out, b"x")?;
                 Ok([("output".to_owned(), serde_json::json!("x".repeat(2 << 20)))]
@@ -154,6 +160,19 @@ async fn a_prefab_cannot_make_the_gateway_upload_what_is_not_its_output() {
         assert!(status.message().contains(needle), "{mode}: {}", status.message());
         assert!(!status.message().contains("TOP-SECRET"), "{mode}");
     }
+    // A megabyte-long log line reaches the caller cut to 16 KiB.
+    let req = call_request("evil", "attack", serde_json::json!({ "mode": "loud" }));
+    let events = run_to_end(&mut client, req).await.expect("loud");
+    let lines: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            proto::run_event::Event::RuntimeLog(l) => Some(l.line.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].len() < 17 << 10, "{} bytes passed on", lines[0].len());
+    assert!(lines[0].ends_with(&format!(" [{} more bytes cut]", (1 << 20) - (16 << 10))));
     // The race: whatever the gateway got, it never uploads the secret.
     for _ in 0..20 {
         let req = call_request("evil", "attack", serde_json::json!({ "mode": "swap" }));
