@@ -278,7 +278,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub download: Option<PathBuf>,
     /// Keep the run going if this client disconnects (follow it again with
-    /// the request id); default: a disconnect cancels the run.
+    /// the Watch RPC and the request id, e.g. through grpcurl); default: a
+    /// disconnect cancels the run.
     #[arg(long)]
     pub detach: bool,
 }
