@@ -46,7 +46,26 @@ struct Booked {
 #[derive(Debug)]
 pub struct Reservation {
     admission: Arc<Admission>,
-    bytes: u64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Reservation {
+    /// Notes that the run wrote `bytes` to the volume. Measured volumes
+    /// count them in their usage from now on, so the reservation shrinks by
+    /// as much instead of counting them twice; a configured capacity has
+    /// no usage to count them, so the reservation stays.
+    pub fn written(&self, bytes: u64) {
+        if self.admission.limits.capacity_bytes.is_some() {
+            return;
+        }
+        let mut booked = self.admission.lock();
+        let held = self.bytes.load(std::sync::atomic::Ordering::SeqCst);
+        let freed = bytes.min(held);
+        self.bytes
+            .store(held - freed, std::sync::atomic::Ordering::SeqCst);
+        booked.bytes -= freed;
+        self.admission.metrics.reserved_bytes.set(booked.bytes as i64);
+    }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -116,7 +135,7 @@ impl Admission {
         self.metrics.runs_in_flight.set(booked.runs as i64);
         Ok(Reservation {
             admission: Arc::clone(self),
-            bytes: need,
+            bytes: need.into(),
         })
     }
 }
@@ -125,7 +144,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         let mut booked = self.admission.lock();
         booked.runs -= 1;
-        booked.bytes -= self.bytes;
+        booked.bytes -= *self.bytes.get_mut();
         self.admission.metrics.reserved_bytes.set(booked.bytes as i64);
         self.admission.metrics.runs_in_flight.set(booked.runs as i64);
     }
@@ -136,14 +155,49 @@ mod tests {
     use super::*;
 
     fn admission(capacity: u64, max_runs: usize) -> Arc<Admission> {
+        admission_of(Some(capacity), max_runs)
+    }
+
+    fn admission_of(capacity: Option<u64>, max_runs: usize) -> Arc<Admission> {
         let limits = Limits {
             max_runs,
             max_input_bytes: 1000,
             reserve_factor: 2.0,
             high_water: 0.9,
-            capacity_bytes: Some(capacity),
+            capacity_bytes: capacity,
         };
-        Admission::new(limits, PathBuf::from("/"), Arc::default())
+        Admission::new(limits, std::env::temp_dir(), Arc::default())
+    }
+
+    #[tokio::test]
+    async fn bytes_written_leave_the_reservation_only_where_the_volume_counts_them() {
+        let measured = admission_of(None, 10);
+        let run = measured.admit(&[("s3://b/a".into(), 300)]).await.unwrap();
+        assert_eq!(measured.lock().bytes, 600);
+        run.written(300);
+        assert_eq!(
+            measured.lock().bytes,
+            300,
+            "staged inputs count in the volume's usage"
+        );
+        run.written(1000);
+        assert_eq!(measured.lock().bytes, 0);
+        drop(run);
+        {
+            let booked = measured.lock();
+            assert_eq!((booked.runs, booked.bytes), (0, 0));
+        }
+
+        let budgeted = admission_of(Some(10_000), 10);
+        let run = budgeted.admit(&[("s3://b/a".into(), 300)]).await.unwrap();
+        run.written(300);
+        assert_eq!(
+            budgeted.lock().bytes,
+            600,
+            "a configured capacity counts no usage"
+        );
+        drop(run);
+        assert_eq!(budgeted.lock().bytes, 0);
     }
 
     #[tokio::test]

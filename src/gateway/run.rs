@@ -147,7 +147,7 @@ impl Run {
         let cancelled = events.journal().cancellation().clone();
         let deadline_at = self.deadline.map(|d| d.at);
         let outcome = tokio::select! {
-            outcome = calls(state, &workspace, &self.plans, probes, events, deadline_at) => outcome,
+            outcome = calls(state, &workspace, &self.plans, probes, events, deadline_at, &self.reservation) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             exceeded = deadline => Err(exceeded),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
@@ -194,6 +194,7 @@ async fn calls(
     probes: Probes,
     events: &Events,
     deadline_at: Option<Instant>,
+    reservation: &Reservation,
 ) -> Result<(), GatewayError> {
     let accepted = proto::RunAccepted {
         request_id: ws.id().to_string(),
@@ -211,6 +212,7 @@ async fn calls(
         let t = Instant::now();
         let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, probes, events).await?;
         state.metrics.bytes_staged.inc_by(staged);
+        reservation.written(staged);
         phase("stage").observe(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
