@@ -245,6 +245,7 @@ impl GatewayArgs {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn redaction_masks_every_secret_and_leaves_the_rest() {
@@ -265,8 +266,6 @@ mod tests {
         r.redact_in_place(&mut line);
         assert_eq!(line, "x=[secret]");
     }
-
-    use super::*;
 
     #[test]
     fn secrets_do_not_print() {
