@@ -395,9 +395,9 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
     let proxy = Proxy::start(stack.runtime_addr, Fault::DelayFirst(Duration::from_secs(2))).await;
     let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{}", proxy.addr);
     let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
-    // 2 s of describing and 2 s of sleeping do not fit in 3 s.
-    let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 2 })));
-    req.set_timeout(Duration::from_secs(3));
+    // 2 s of describing and 3 s of sleeping do not fit in 4 s.
+    let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 3 })));
+    req.set_timeout(Duration::from_secs(4));
     let status = match client.run(req).await {
         Ok(resp) => drain(&mut resp.into_inner()).await.1,
         Err(status) => status,

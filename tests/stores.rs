@@ -131,7 +131,7 @@ fn respond(object: &Object, req: &Request<Incoming>) -> Response<Body> {
             let _ = tx.send(Ok(Frame::data(body))).await;
             // Time for hyper to hand every byte to the socket, which
             // delivers them before it closes.
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             let _ = tx
                 .send(Err(std::io::Error::other("the test store stops here")))
                 .await;
