@@ -48,6 +48,17 @@ async fn drain(stream: &mut tonic::Streaming<proto::RunEvent>) -> (Vec<proto::Ru
     }
 }
 
+/// The status a run ends with: refused at once, or at the end of its stream.
+async fn end_of(
+    client: &mut prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+    req: tonic::Request<proto::RunRequest>,
+) -> tonic::Status {
+    match client.run(req).await {
+        Ok(resp) => drain(&mut resp.into_inner()).await.1,
+        Err(status) => status,
+    }
+}
+
 fn sigterm(child: &tokio::process::Child) {
     let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -379,10 +390,7 @@ async fn a_deadline_cancels_and_cleans_the_run() {
     let mut client = stack.client().await;
     let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 30 })));
     req.set_timeout(Duration::from_millis(1500));
-    let status = match client.run(req).await {
-        Ok(resp) => drain(&mut resp.into_inner()).await.1,
-        Err(status) => status,
-    };
+    let status = end_of(&mut client, req).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     stack.wait_idle().await;
 }
@@ -398,10 +406,7 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
     // 2 s of describing and 3 s of sleeping do not fit in 4 s.
     let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 3 })));
     req.set_timeout(Duration::from_secs(4));
-    let status = match client.run(req).await {
-        Ok(resp) => drain(&mut resp.into_inner()).await.1,
-        Err(status) => status,
-    };
+    let status = end_of(&mut client, req).await;
     assert!(proxy.fired(), "the runtime was not reached through the proxy");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     gateway.kill().await.unwrap();
@@ -415,19 +420,13 @@ async fn a_detached_run_ends_at_the_gateways_limit() {
     // No deadline from the caller, who may leave: the gateway's limit ends it.
     let mut req = run_request("sleep", serde_json::json!({ "seconds": 30 }));
     req.on_disconnect = proto::OnDisconnect::Detach as i32;
-    let status = match client.run(authed(req)).await {
-        Ok(resp) => drain(&mut resp.into_inner()).await.1,
-        Err(status) => status,
-    };
+    let status = end_of(&mut client, authed(req)).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("PREFAB_MAX_RUN_SECONDS"), "{status:?}");
     // A caller's shorter deadline is still its own.
     let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 30 })));
     req.set_timeout(Duration::from_millis(500));
-    let status = match client.run(req).await {
-        Ok(resp) => drain(&mut resp.into_inner()).await.1,
-        Err(status) => status,
-    };
+    let status = end_of(&mut client, req).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(!status.message().contains("PREFAB_MAX_RUN_SECONDS"), "{status:?}");
     stack.wait_idle().await;

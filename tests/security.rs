@@ -247,6 +247,14 @@ async fn the_runtime_refuses_hostile_handles_and_paths() {
 
 const SECRET_A: &str = "sk-live-AAAA-1111-only-for-prefab-a";
 
+/// A secrets folder under `dir` giving prefab-a its `API_KEY`.
+fn secrets_dir(dir: &Path) -> PathBuf {
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(secrets.join("prefab-a")).unwrap();
+    std::fs::write(secrets.join("prefab-a/API_KEY"), format!("{SECRET_A}\n")).unwrap();
+    secrets
+}
+
 const PREFAB_A: &str = r#"
 id = "prefab-a"
 version = "1.0.0"
@@ -283,9 +291,7 @@ exec = { command = ["sh", "-c", "test -z \"$API_KEY\" || {{ echo leaked >&2; exi
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scopes_secrets_and_logs_hold() {
     let tmp = tempfile::tempdir().unwrap();
-    let secrets = tmp.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("prefab-a")).unwrap();
-    std::fs::write(secrets.join("prefab-a/API_KEY"), format!("{SECRET_A}\n")).unwrap();
+    let secrets = secrets_dir(tmp.path());
     let stack = Stack::start_full(
         &[
             &format!("--secrets-dir={}", secrets.display()),
@@ -419,9 +425,7 @@ async fn no_token_or_secret_reaches_the_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prefab_that_prints_its_secret_does_not_hand_it_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let secrets = tmp.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("prefab-a")).unwrap();
-    std::fs::write(secrets.join("prefab-a/API_KEY"), format!("{SECRET_A}\n")).unwrap();
+    let secrets = secrets_dir(tmp.path());
     let stack = Stack::start_full(&[&format!("--secrets-dir={}", secrets.display())], &[LEAKY]).await;
     let mut client = stack.client().await;
     let mut stream = client

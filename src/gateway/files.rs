@@ -52,7 +52,7 @@ pub async fn put_file(
         )));
     }
     let name = sanitize_name(&header.file_name);
-    let key = format!("uploads/{}/{name}", uuid::Uuid::new_v4());
+    let key = format!("{UPLOADS}/{}/{name}", uuid::Uuid::new_v4());
     let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let fault = Arc::new(Mutex::new(None));
     let source = ChunkSource {
@@ -176,7 +176,9 @@ impl PartSource for ChunkSource {
 /// Where the gateway writes in its own bucket: runs' outputs and `PutFile`
 /// uploads. `GetFile` reads these whatever `PREFAB_ALLOWED_BUCKETS` says;
 /// other objects only where runs may read (by default the whole bucket).
-const WRITTEN_HERE: [&str; 2] = ["outputs/", "uploads/"];
+const WRITTEN_HERE: [&str; 2] = [crate::workspace::OUTPUTS, UPLOADS];
+/// Where `PutFile` uploads go.
+const UPLOADS: &str = "uploads";
 
 /// Streams an object (or a range of it) as chunks of at most [`GET_CHUNK`].
 pub async fn get_file(
@@ -185,8 +187,12 @@ pub async fn get_file(
 ) -> Result<mpsc::Receiver<Result<proto::FileChunk, Status>>, GatewayError> {
     let url =
         S3Url::parse(&req.url).map_err(|e| GatewayError::InvalidArgument(format!("{:?}: {e}", req.url)))?;
-    let written_here =
-        url.bucket() == state.bucket && WRITTEN_HERE.iter().any(|prefix| url.key().starts_with(prefix));
+    let written_here = url.bucket() == state.bucket
+        && WRITTEN_HERE.iter().any(|dir| {
+            url.key()
+                .strip_prefix(dir)
+                .is_some_and(|rest| rest.starts_with('/'))
+        });
     if !written_here && !state.buckets.allows(&url) {
         return Err(GatewayError::PermissionDenied(format!(
             "{url}: the bucket or prefix is not in PREFAB_ALLOWED_BUCKETS"

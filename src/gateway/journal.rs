@@ -81,8 +81,9 @@ impl Journal {
                 sequence,
                 event: Some(event),
             };
-            state.make_room(event.encoded_len());
-            state.bytes += event.encoded_len();
+            let len = event.encoded_len();
+            state.make_room(len);
+            state.bytes += len;
             state.events.push_back(event);
             sequence
         };
