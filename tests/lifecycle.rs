@@ -414,6 +414,25 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_passed_before_the_run_starts_is_named_as_such() {
+    use common::proxy::{Fault, Proxy};
+    let stack = Stack::start().await;
+    // The gateway is still waiting for the runtime's Describe when the
+    // caller's second runs out: the caller hears DEADLINE_EXCEEDED from the
+    // gateway, not the server framework's bare CANCELLED.
+    let proxy = Proxy::start(stack.runtime_addr, Fault::DelayFirst(Duration::from_secs(2))).await;
+    let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{}", proxy.addr);
+    let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
+    let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 0 })));
+    req.set_timeout(Duration::from_secs(1));
+    let status = end_of(&mut client, req).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline of 1s"), "{status:?}");
+    gateway.kill().await.unwrap();
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_detached_run_ends_at_the_gateways_limit() {
     let stack = Stack::start_with(&["--max-run-seconds=1"]).await;
     let mut client = stack.client().await;

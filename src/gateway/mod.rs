@@ -274,7 +274,7 @@ impl proto::gateway_server::Gateway for Gateway {
             Ok::<_, Status>((plans, probes, reservation))
         };
         let (plans, probes, reservation) = match deadline {
-            Some(d) => tokio::time::timeout_at(d.at.into(), admitted)
+            Some(d) => tokio::time::timeout_at(d.before_run().into(), admitted)
                 .await
                 .map_err(|_| Status::from(d.exceeded()))??,
             None => admitted.await?,

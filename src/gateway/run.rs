@@ -45,6 +45,14 @@ pub struct Run {
 /// How much longer than the gateway's deadline a runtime is given.
 const RUNTIME_SLACK: Duration = Duration::from_millis(500);
 
+/// How much before the caller's deadline the work before a run (describing,
+/// probing, admission) gives up. Until the run's stream is returned, tonic
+/// holds the caller to the same deadline, counted from a moment before the
+/// gateway saw the request, and answers with a bare CANCELLED "Timeout
+/// expired"; giving up first keeps the answer DEADLINE_EXCEEDED with its
+/// explanation.
+const FRAMEWORK_MARGIN: Duration = Duration::from_millis(50);
+
 /// A run's deadline, counted from the request's arrival: the caller's
 /// (`grpc-timeout`) or the gateway's own limit, whichever comes first.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +78,14 @@ impl Deadline {
         // A limit too far to count is no limit.
         let at = Instant::now().checked_add(given)?;
         Some(Self { given, at, gateways })
+    }
+
+    /// When the work before the run gives up (see [`FRAMEWORK_MARGIN`]).
+    pub fn before_run(&self) -> Instant {
+        match self.gateways {
+            true => self.at,
+            false => self.at.checked_sub(FRAMEWORK_MARGIN).unwrap_or(self.at),
+        }
     }
 
     /// The error of a run that ran out of time.
