@@ -1,6 +1,7 @@
 //! Generated protobuf messages and gRPC stubs for package `prefab.v1`, the
 //! descriptor set served by reflection, and conversions between
-//! `google.protobuf.Struct` and `serde_json` values.
+//! `google.protobuf.Struct` and `serde_json` values, and statuses whose
+//! message fits in the trailers that carry it.
 
 #[allow(missing_docs, clippy::all)]
 mod generated {
@@ -56,6 +57,36 @@ pub fn json_to_value(v: Json) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// Longest status message sent, in bytes. A status travels in HTTP/2
+/// trailers, where `grpc-message` is percent-encoded (up to three bytes for
+/// one) and peers refuse header blocks over 16 KiB by default: hyper drops
+/// the fields of a larger block, and closes the whole connection past
+/// 64 KiB, failing every call on it.
+pub const MAX_STATUS_MESSAGE: usize = 4 << 10;
+/// What is kept of the start of a longer message; the rest of the budget
+/// goes to its end, where a failed program's last words are.
+const KEPT_HEAD: usize = 1 << 10;
+
+/// A status with `message`, cut in the middle to [`MAX_STATUS_MESSAGE`]
+/// bytes if longer.
+pub fn status(code: tonic::Code, message: &str) -> tonic::Status {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return tonic::Status::new(code, message);
+    }
+    let mut head = KEPT_HEAD;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    // Room for the marker, whose number has at most 20 digits.
+    let mut tail = message.len() - (MAX_STATUS_MESSAGE - KEPT_HEAD - 48);
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    let cut = tail - head;
+    let message = format!("{}\n[{cut} bytes cut]\n{}", &message[..head], &message[tail..]);
+    tonic::Status::new(code, message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +99,26 @@ mod tests {
         };
         let back = Json::Object(struct_to_json(json_to_struct(map)));
         assert_eq!(back, json);
+    }
+
+    #[test]
+    fn long_status_messages_keep_their_start_and_end() {
+        let short = status(tonic::Code::Unknown, "exit status: 3");
+        assert_eq!(short.message(), "exit status: 3");
+        let long = format!("exit status: 3\n{}\nthe last words", "é".repeat(20_000));
+        let cut = status(tonic::Code::Unknown, &long);
+        assert_eq!(cut.code(), tonic::Code::Unknown);
+        assert!(
+            cut.message().len() <= MAX_STATUS_MESSAGE,
+            "{}",
+            cut.message().len()
+        );
+        assert!(cut.message().starts_with("exit status: 3\n"));
+        assert!(cut.message().ends_with("\nthe last words"));
+        let marker = cut.message().split('[').nth(1).unwrap();
+        let dropped: usize = marker.split(' ').next().unwrap().parse().unwrap();
+        let kept = cut.message().len() - format!("\n[{dropped} bytes cut]\n").len();
+        assert_eq!(kept + dropped, long.len());
     }
 
     #[test]

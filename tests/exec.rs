@@ -41,6 +41,16 @@ parameters = []
 exec = { command = ["sh", "-c", "line=$(head -c 20000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 300 ]; do echo \"$line\" >&2; i=$((i+1)); done"] }
 
 [[function]]
+name = "loud_failure"
+parameters = []
+exec = { command = ["sh", "-c", "line=$(head -c 16000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 25 ]; do echo \"$i $line\" >&2; i=$((i+1)); done; echo 'the very last words' >&2; exit 4"] }
+
+[[function]]
+name = "flood"
+parameters = []
+exec = { command = ["sh", "-c", "v=$(head -c 1000 /dev/zero | tr '\\0' v); i=0; while [ $i -lt 1100 ]; do echo \"::output k$i $v\"; i=$((i+1)); done"] }
+
+[[function]]
 name = "report"
 parameters = []
 outputs = [{ name = "answer", type = "number" }, { name = "note", type = "string" }]
@@ -122,6 +132,58 @@ async fn a_failing_program_reports_its_exit_status_and_stderr() {
         status.message()
     );
     assert!(logs.contains(&"starting".to_owned()), "{logs:?}");
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loud_failure_keeps_its_last_words_and_the_connection() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let mut client = stack.client().await;
+    // 400 KB of standard error in its last lines: the failure's message
+    // is cut to fit a gRPC trailer, keeping its start and its end.
+    let status = run_to_end(
+        &mut client,
+        call_request("tools", "loud_failure", serde_json::json!({})),
+    )
+    .await
+    .expect_err("must fail");
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.len() <= prefab::proto::MAX_STATUS_MESSAGE,
+        "{}",
+        message.len()
+    );
+    assert!(message.contains("exit status: 4"), "{message}");
+    assert!(message.ends_with("the very last words"), "{message}");
+    assert!(message.contains("bytes cut]"), "{message}");
+    // The runtime's connection survived: the next call gets its own answer.
+    let status = run_to_end(
+        &mut client,
+        call_request("tools", "broken", serde_json::json!({})),
+    )
+    .await
+    .expect_err("must fail");
+    assert!(
+        status.message().contains("cannot open the frobnicator"),
+        "{status:?}"
+    );
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_program_printing_too_many_values_fails_clearly() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let mut client = stack.client().await;
+    // 1 100 values of 1 000 bytes, more than a result may hold.
+    let status = run_to_end(&mut client, call_request("tools", "flood", serde_json::json!({})))
+        .await
+        .expect_err("must fail");
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    assert!(
+        status.message().contains("bytes of ::output values"),
+        "{status:?}"
+    );
     stack.wait_idle().await;
 }
 

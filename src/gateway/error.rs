@@ -104,6 +104,6 @@ impl GatewayError {
 
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Self {
-        Status::new(e.code(), e.to_string())
+        crate::proto::status(e.code(), &e.to_string())
     }
 }

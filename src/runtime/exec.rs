@@ -35,6 +35,9 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 16 << 10;
 /// Standard error lines quoted when a program fails.
 const STDERR_TAIL: usize = 20;
+/// Most bytes of `::output` names and values a program may print: the
+/// gateway's limit on a call's result.
+const MAX_VALUES: usize = 1 << 20;
 
 /// A prefab defined by an exec manifest.
 #[derive(Debug, Clone)]
@@ -230,6 +233,8 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
     let timeout = exec.timeout_seconds.map(Duration::from_secs);
 
     let mut outputs = Outputs::new();
+    // Bytes of values still allowed; `None` once the program printed more.
+    let mut room = Some(MAX_VALUES);
     let mut tail = VecDeque::with_capacity(STDERR_TAIL);
     let status = {
         let io = async {
@@ -238,7 +243,7 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
                     if let Some(mut out) = stdout {
                         let mut buf = Vec::new();
                         while let Some(line) = read_line(&mut out, &mut buf).await {
-                            handle_stdout(call, line, &mut outputs).await;
+                            handle_stdout(call, line, &mut outputs, &mut room).await;
                         }
                     }
                 },
@@ -287,10 +292,16 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
             lines.join("\n")
         )));
     }
+    if room.is_none() {
+        return Err(PrefabError::Failed(format!(
+            "{program} printed more than {MAX_VALUES} bytes of ::output values; \
+             write large values to an output file"
+        )));
+    }
     Ok(outputs)
 }
 
-async fn handle_stdout(call: &Invocation, line: String, outputs: &mut Outputs) {
+async fn handle_stdout(call: &Invocation, line: String, outputs: &mut Outputs, room: &mut Option<usize>) {
     if let Some(rest) = line.strip_prefix("::progress ") {
         let (fraction, message) = rest.split_once(' ').unwrap_or((rest, ""));
         if let Ok(f) = fraction.parse::<f64>() {
@@ -299,6 +310,11 @@ async fn handle_stdout(call: &Invocation, line: String, outputs: &mut Outputs) {
     }
     if let Some(rest) = line.strip_prefix("::output ") {
         let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        // Every value printed counts, one that replaces another too.
+        *room = room.and_then(|left| left.checked_sub(name.len() + value.len()));
+        if room.is_none() {
+            return;
+        }
         let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
         outputs.insert(name.to_owned(), value);
         return;

@@ -267,7 +267,7 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
                         .map(|()| outputs),
                     Some(Err(e)) => {
                         let status = Status::from(e);
-                        Err(Status::new(status.code(), redactor.redact(status.message())))
+                        Err(proto::status(status.code(), &redactor.redact(status.message())))
                     }
                     None => return, // the caller is gone
                 };
