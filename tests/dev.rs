@@ -141,6 +141,25 @@ async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
     let again = tmp.path().join("again.txt");
     dev.ok(&["get", &output_url, again.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), text.to_uppercase());
+    // Into a folder, under the object's own name, leaving no partial file.
+    let folder = tmp.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    dev.ok(&["get", &output_url, folder.to_str().unwrap()]);
+    let name = output_url.rsplit('/').next().unwrap();
+    assert_eq!(common::list(&folder), vec![folder.join(name)]);
+    assert_eq!(
+        std::fs::read_to_string(folder.join(name)).unwrap(),
+        text.to_uppercase()
+    );
+    // To standard output the object's bytes stand alone, even with --json.
+    assert_eq!(dev.ok(&["get", &output_url, "-", "--json"]), text.to_uppercase());
+    // A folder is not a file to upload; the local error is the one told.
+    let refused = dev.prefab(&["put", folder.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not a regular file"),
+        "{refused:?}"
+    );
     let workspaces = data.join("workspaces");
     wait_for("no workspace left", || common::list(&workspaces).is_empty()).await;
     dev.stop();

@@ -59,11 +59,10 @@ impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
         let exit = match s.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled => 5,
-            Code::InvalidArgument
-            | Code::NotFound
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::FailedPrecondition => 3,
+            Code::InvalidArgument | Code::NotFound | Code::PermissionDenied | Code::Unauthenticated => 3,
+            // The prefab misbehaved or is deployed wrong: not the caller's
+            // request to fix.
+            Code::FailedPrecondition => 4,
             _ => 4,
         };
         Self {
@@ -130,7 +129,14 @@ async fn put_with(
 ) -> Result<proto::FileRef, ClientError> {
     let local = |e: std::io::Error| ClientError::local(format!("{}: {e}", path.display()));
     let mut file = tokio::fs::File::open(path).await.map_err(local)?;
-    let size = file.metadata().await.map_err(local)?.len();
+    let meta = file.metadata().await.map_err(local)?;
+    if !meta.is_file() {
+        return Err(ClientError::local(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    let size = meta.len();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -167,9 +173,10 @@ async fn put_with(
         Ok::<_, ClientError>(())
     };
     let (sent, done) = tokio::join!(send, call);
-    let file_ref = done?.into_inner();
+    // A local read error ends the stream short, which the gateway refuses:
+    // the local error is the one to tell.
     sent?;
-    Ok(file_ref)
+    Ok(done?.into_inner())
 }
 
 /// Downloads an object to `dest` (`-` for standard output).
@@ -204,7 +211,7 @@ async fn get_with(
     };
     let label = format!("get {}", url.rsplit('/').next().unwrap_or(url));
     let (mut received, mut total) = (0u64, 0u64);
-    let result = async {
+    let transfer = async {
         while let Some(chunk) = stream.message().await? {
             if chunk.offset != received {
                 return Err(ClientError::local(format!(
@@ -225,15 +232,21 @@ async fn get_with(
             });
         }
         Ok(received)
-    }
-    .await;
+    };
+    let mut result = tokio::select! {
+        result = transfer => result,
+        _ = tokio::signal::ctrl_c() => Err(ClientError {
+            exit: 130,
+            message: format!("{url}: interrupted"),
+        }),
+    };
     drop(out);
     if !to_stdout {
-        match &result {
-            Ok(_) => tokio::fs::rename(&part, dest).await.map_err(local)?,
-            Err(_) => {
-                let _ = tokio::fs::remove_file(&part).await;
-            }
+        if result.is_ok() {
+            result = tokio::fs::rename(&part, dest).await.map_err(local).and(result);
+        }
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&part).await;
         }
     }
     result

@@ -4,7 +4,7 @@
 pub mod client;
 mod render;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -122,10 +122,21 @@ pub async fn run(cli: Cli) -> u8 {
         }
         Command::Get { url, dest, conn } => {
             let mut render = client(&conn);
-            let dest = dest.unwrap_or_else(|| PathBuf::from(url.rsplit('/').next().unwrap_or("download")));
+            let name = url
+                .rsplit('/')
+                .next()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("download");
+            let dest = match dest {
+                // Into a folder, under the object's own name.
+                Some(dir) if tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) => dir.join(name),
+                Some(dest) => dest,
+                None => PathBuf::from(name),
+            };
             client::get(&conn, &url, &dest, &mut render).await.map(|n| {
                 render.finish();
-                if render.is_json() {
+                // On standard output the object's bytes stand alone.
+                if render.is_json() && dest != Path::new("-") {
                     render.json_line(&serde_json::json!({"url": url, "path": dest, "size": n}));
                 }
             })
