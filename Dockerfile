@@ -12,15 +12,18 @@ COPY examples examples
 # The same release build the README documents.
 RUN cargo build --release --locked --bin prefab && cp target/release/prefab /prefab
 
-# Exec prefabs wrap command-line tools, so their image has them. Add yours here.
+# Exec prefabs wrap command-line tools, so their image has them, and a
+# manifest at /app/prefab.toml (gzip's here). Add yours here. tini is process
+# 1 so that a program's orphaned children are reaped.
 FROM debian:bookworm-slim AS exec
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates gzip \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates gzip tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 65532 --user-group --no-create-home prefab
 COPY --from=build /prefab /usr/local/bin/prefab
+COPY examples/prefabs/gzip.toml /app/prefab.toml
 USER 65532:65532
 EXPOSE 8080
-ENTRYPOINT ["/usr/local/bin/prefab"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/prefab"]
 CMD ["runtime", "exec", "--manifest", "/app/prefab.toml"]
 
 # Default: the gateway and Rust prefabs. No shell, no package manager, non-root.

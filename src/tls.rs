@@ -71,16 +71,17 @@ impl RuntimeTlsArgs {
     }
 }
 
-/// A client configuration trusting `ca` (or, without one, nothing but what
-/// the caller adds) and presenting `identity` (cert, key) if given.
+/// A client configuration trusting `ca` (or, without one, the system's
+/// certificate authorities) and presenting `identity` (cert, key) if given.
 pub fn client_config(
     ca: Option<&Path>,
     identity: Option<(&Path, &Path)>,
 ) -> Result<ClientTlsConfig, BoxError> {
     let mut config = ClientTlsConfig::new();
-    if let Some(ca) = ca {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
+    config = match ca {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => config.with_native_roots(),
+    };
     if let Some((cert, key)) = identity {
         config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
     }

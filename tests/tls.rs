@@ -112,6 +112,22 @@ async fn tls_and_mutual_tls_end_to_end() {
     let outputs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outputs["words"], serde_json::json!(3.0));
 
+    // Without PREFAB_TLS_CA the client trusts the system's authorities:
+    // not the test CA, unless the system's bundle (SSL_CERT_FILE) holds it.
+    let system = |bundle: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_prefab"));
+        cmd.arg("health")
+            .env("PREFAB_GATEWAY", &gateway_url)
+            .env_remove("PREFAB_TLS_CA");
+        if let Some(bundle) = bundle {
+            cmd.env("SSL_CERT_FILE", bundle);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(!system(None).status.success());
+    let out = system(Some(&ca));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     // Plain text is refused by the TLS gateway.
     let plain = std::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
         .arg("health")
