@@ -36,6 +36,11 @@ parameters = [{ name = "marker", type = "string" }]
 exec = { command = ["sh", "-c", "sleep 3; exec >&- 2>&-; sleep 3; touch \"$0\"; sleep 600", "{marker}"], timeout_seconds = 4 }
 
 [[function]]
+name = "pipeline"
+parameters = [{ name = "marker", type = "string" }]
+exec = { command = ["sh", "-c", "(trap 'sleep 0.5; echo finished > \"$0\"; exit 0' TERM; while :; do sleep 0.1; done) & wait", "{marker}"], timeout_seconds = 1 }
+
+[[function]]
 name = "chatty"
 parameters = []
 exec = { command = ["sh", "-c", "line=$(head -c 20000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 300 ]; do echo \"$line\" >&2; i=$((i+1)); done"] }
@@ -235,6 +240,28 @@ async fn a_disconnect_terminates_the_program_and_leaves_no_process() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     })
     .await;
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_shell_leaves_its_worker_the_grace_to_finish() {
+    let stack = Stack::start_full(&[], &[TOOLS]).await;
+    let marker = stack.tmp.path().join("worker-finished");
+    let mut client = stack.client().await;
+    // At its time limit the shell dies of SIGTERM at once; the worker it
+    // started takes half a second to finish, well within the grace.
+    let status = run_to_end(
+        &mut client,
+        call_request(
+            "tools",
+            "pipeline",
+            serde_json::json!({ "marker": marker.display().to_string() }),
+        ),
+    )
+    .await
+    .expect_err("must time out");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap_or_default(), "finished\n");
     stack.wait_idle().await;
 }
 

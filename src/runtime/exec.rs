@@ -357,10 +357,18 @@ async fn sleep_opt(limit: Option<Duration>) {
     }
 }
 
-/// SIGTERM to the whole process group, SIGKILL after [`KILL_GRACE`].
+/// SIGTERM to the whole process group, SIGKILL after [`KILL_GRACE`]. The
+/// grace lasts until the whole group is gone, not just the program: a shell
+/// dies at once, while the worker it started finishes its file.
 async fn terminate(child: &mut Child, group: &ProcessGroup) {
     group.signal(rustix::process::Signal::TERM);
-    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+    let ended = async {
+        let _ = child.wait().await;
+        while group.alive() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(KILL_GRACE, ended).await.is_err() {
         tracing::warn!("program ignored SIGTERM; killing it");
     }
     group.signal(rustix::process::Signal::KILL);
@@ -377,6 +385,14 @@ impl ProcessGroup {
         };
         // ESRCH means the group is already gone.
         let _ = rustix::process::kill_process_group(pid, signal);
+    }
+
+    /// Whether a process of the group is left (an exited one its parent
+    /// has not reaped yet counts).
+    fn alive(&self) -> bool {
+        self.0
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
     }
 }
 
