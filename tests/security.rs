@@ -242,6 +242,24 @@ async fn the_runtime_refuses_hostile_handles_and_paths() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // An output path taken in advance (a link to somewhere the function's
+    // writes would escape to) is refused before the function runs.
+    std::fs::write(ws.join("inputs/a.txt"), "some words").unwrap();
+    std::fs::create_dir_all(ws.join("outputs/0")).unwrap();
+    let escape = stack.tmp.path().join("escaped.txt");
+    std::os::unix::fs::symlink(&escape, ws.join("outputs/0/out.txt")).unwrap();
+    let mut upper = invoke(&handle, "inputs/a.txt");
+    upper.function_name = "uppercase".into();
+    upper.arguments = Some(proto::json_to_struct(
+        serde_json::json!({ "text": "inputs/a.txt", "output": "outputs/0/out.txt" })
+            .as_object()
+            .unwrap()
+            .clone(),
+    ));
+    let status = runtime.invoke(upper.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("already exists"), "{status:?}");
+    assert!(!escape.exists());
     std::fs::remove_dir_all(&ws).unwrap();
 }
 

@@ -105,7 +105,7 @@ async fn word_count(call: &Invocation) -> Result<Outputs, PrefabError> {
 async fn uppercase(call: &Invocation) -> Result<Outputs, PrefabError> {
     let mut input = tokio::fs::File::open(call.input("text")?).await?;
     let total = input.metadata().await?.len().max(1);
-    let mut output = tokio::fs::File::create(call.output("output")?).await?;
+    let mut output = call.create_output("output").await?;
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     loop {

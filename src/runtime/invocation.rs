@@ -71,6 +71,17 @@ impl Invocation {
         self.file(name)
     }
 
+    /// Creates the output file `name` for writing. Unlike opening
+    /// [`Invocation::output`] by hand, it never writes through a file or
+    /// link that something else put at that path first.
+    pub async fn create_output(&self, name: &str) -> Result<tokio::fs::File, PrefabError> {
+        Ok(tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.output(name)?)
+            .await?)
+    }
+
     /// Every file parameter with its local path.
     pub fn files(&self) -> &HashMap<String, PathBuf> {
         &self.files

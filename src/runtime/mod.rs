@@ -23,7 +23,8 @@
 //!     }
 //!
 //!     async fn invoke(&self, call: Invocation) -> Result<Outputs, PrefabError> {
-//!         tokio::fs::copy(call.input("src")?, call.output("dst")?).await?;
+//!         let mut src = tokio::fs::File::open(call.input("src")?).await?;
+//!         tokio::io::copy(&mut src, &mut call.create_output("dst").await?).await?;
 //!         Ok(Outputs::new())
 //!     }
 //! }

@@ -173,10 +173,12 @@ async fn resolve_files(
             if is_input {
                 open_regular(&base, &rel).map(drop)
             } else {
-                let folders: Vec<&str> = rel.components().collect();
-                DirFd::open(&base)?
-                    .subdir(&folders[..folders.len() - 1])
-                    .map(drop)
+                // Nothing may be at an output's path yet: a link planted
+                // there by another process on the volume would take the
+                // function's writes.
+                let components: Vec<&str> = rel.components().collect();
+                let (name, folders) = components.split_last().expect("a path has a name");
+                DirFd::open(&base)?.subdir(folders)?.ensure_absent(name)
             }
         })
         .await

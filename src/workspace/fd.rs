@@ -50,6 +50,15 @@ impl DirFd {
         Ok(File::from(fd))
     }
 
+    /// Fails if anything (a symlink included) has the name `name` here.
+    pub fn ensure_absent(&self, name: &str) -> std::io::Result<()> {
+        match rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Err(refuse(name, Errno::EXIST)),
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes `name` atomically: a fresh temporary file renamed over it.
     pub fn replace(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
         let tmp = format!("{name}.tmp");
