@@ -70,6 +70,20 @@ impl DirFd {
         self.rename(&tmp, name)
     }
 
+    /// Writes `contents` over the existing regular file `name`, in place:
+    /// needs no new space on a full volume, but a reader may see a partial
+    /// write.
+    pub fn overwrite(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
+        let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let file =
+            File::from(rustix::fs::openat(&self.0, name, flags, Mode::empty()).map_err(|e| refuse(name, e))?);
+        if !file.metadata()?.is_file() {
+            return Err(refuse(name, Errno::EXIST));
+        }
+        std::os::unix::fs::FileExt::write_all_at(&file, contents, 0)?;
+        file.set_len(contents.len() as u64)
+    }
+
     /// Renames `from` to `to` inside this folder.
     pub fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
         Ok(rustix::fs::renameat(&self.0, from, &self.0, to)?)
@@ -111,6 +125,12 @@ mod tests {
         dir.replace(".lease", b"{}").unwrap();
         assert!(!outside.join("lease").exists());
         assert_eq!(std::fs::read(ws.join(".lease")).unwrap(), b"{}");
+        dir.overwrite(".lease", b"{\"a\":1}").unwrap();
+        dir.overwrite(".lease", b"[]").unwrap();
+        assert_eq!(std::fs::read(ws.join(".lease")).unwrap(), b"[]");
+        std::os::unix::fs::symlink(outside.join("lease"), ws.join("linked")).unwrap();
+        assert!(dir.overwrite("linked", b"{}").is_err());
+        assert!(!outside.join("lease").exists());
         // Moving the workspace away does not redirect writes.
         std::fs::rename(&ws, tmp.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, &ws).unwrap();

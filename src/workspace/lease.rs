@@ -49,13 +49,27 @@ fn now_ms() -> u64 {
 }
 
 /// Writes (or renews) the lease of the open workspace `dir`, atomically and
-/// without following anything planted in it.
+/// without following anything planted in it. On a full volume, where the
+/// atomic write's new file finds no space, a lease is renewed in place
+/// instead: a run must not lose its workspace to the janitor for that.
 pub async fn write(dir: &Arc<DirFd>, lease: &Lease) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
     let dir = Arc::clone(dir);
-    tokio::task::spawn_blocking(move || dir.replace(LEASE_FILE, &body))
-        .await
-        .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || {
+        dir.replace(LEASE_FILE, &body)
+            .or_else(|e| match e.raw_os_error() {
+                Some(code) if full(code) => dir.overwrite(LEASE_FILE, &body).map_err(|_| e),
+                _ => Err(e),
+            })
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Whether `errno` says the volume (or the quota) is full.
+fn full(errno: i32) -> bool {
+    let errno = rustix::io::Errno::from_raw_os_error(errno);
+    errno == rustix::io::Errno::NOSPC || errno == rustix::io::Errno::DQUOT
 }
 
 /// Reads the lease of the workspace at `dir`; `None` if it has none, it is
@@ -96,5 +110,42 @@ mod tests {
         assert_eq!(read(dir.path()).await, Some(lease.clone()));
         assert!(!lease.expired());
         assert!(Lease::new("b", Duration::ZERO).expires_unix_ms <= now_ms());
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_renewed_on_a_full_volume() {
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        // A file system of two pages, to fill; mounting needs root (CI
+        // runs as root), so without it there is nothing to check.
+        let mount = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8k", "tmpfs"])
+            .arg(dir.path())
+            .output();
+        if !mount.is_ok_and(|m| m.status.success()) {
+            eprintln!("skipped: cannot mount a tmpfs here");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let fd = Arc::new(DirFd::open(dir.path()).unwrap());
+        write(&fd, &Lease::new("replica-a", Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let mut filler = std::fs::File::create(dir.path().join("filler")).unwrap();
+        let filled = std::io::Write::write_all(&mut filler, &[0; 64 << 10]).unwrap_err();
+        assert_eq!(
+            filled.raw_os_error(),
+            Some(rustix::io::Errno::NOSPC.raw_os_error())
+        );
+        assert!(fd.replace("other", b"{}").is_err(), "the volume is not full");
+        let renewed = Lease::new("replica-a", Duration::from_secs(120));
+        write(&fd, &renewed).await.unwrap();
+        assert_eq!(read(dir.path()).await, Some(renewed));
     }
 }
