@@ -46,12 +46,13 @@ pub struct Run {
 const RUNTIME_SLACK: Duration = Duration::from_millis(500);
 
 /// How much before the caller's deadline the work before a run (describing,
-/// probing, admission) gives up. Until the run's stream is returned, tonic
-/// holds the caller to the same deadline, counted from a moment before the
-/// gateway saw the request, and answers with a bare CANCELLED "Timeout
-/// expired"; giving up first keeps the answer DEADLINE_EXCEEDED with its
-/// explanation.
-const FRAMEWORK_MARGIN: Duration = Duration::from_millis(50);
+/// probing, admission) gives up: a tenth of the time given, within these
+/// bounds and at most half of it. Until the run's stream is returned, the
+/// caller's gRPC library and tonic in the gateway both hold the call to the
+/// same deadline, counted from before the gateway saw the request, and end
+/// it with a bare CANCELLED "Timeout expired"; answering first, with time
+/// for the answer to travel, keeps it DEADLINE_EXCEEDED with its explanation.
+const FRAMEWORK_MARGIN: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(1));
 
 /// A run's deadline, counted from the request's arrival: the caller's
 /// (`grpc-timeout`) or the gateway's own limit, whichever comes first.
@@ -82,10 +83,12 @@ impl Deadline {
 
     /// When the work before the run gives up (see [`FRAMEWORK_MARGIN`]).
     pub fn before_run(&self) -> Instant {
-        match self.gateways {
-            true => self.at,
-            false => self.at.checked_sub(FRAMEWORK_MARGIN).unwrap_or(self.at),
+        if self.gateways {
+            return self.at;
         }
+        let (least, most) = FRAMEWORK_MARGIN;
+        let margin = (self.given / 10).clamp(least, most).min(self.given / 2);
+        self.at.checked_sub(margin).unwrap_or(self.at)
     }
 
     /// The error of a run that ran out of time.
@@ -266,4 +269,27 @@ async fn calls(
         events.send(plan.index, Event::CallCompleted(completed)).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_work_before_a_run_leaves_the_answer_time_to_travel() {
+        let margin = |callers: u64, limit: Option<u64>| {
+            let d = Deadline::starting_now(
+                Some(Duration::from_millis(callers)),
+                limit.map(Duration::from_millis),
+            )
+            .unwrap();
+            d.at - d.before_run()
+        };
+        assert_eq!(margin(1_000, None), Duration::from_millis(200));
+        assert_eq!(margin(5_000, None), Duration::from_millis(500));
+        assert_eq!(margin(60_000, None), Duration::from_secs(1));
+        assert_eq!(margin(100, None), Duration::from_millis(50));
+        // The gateway's own limit is no caller's timer.
+        assert_eq!(margin(60_000, Some(1_000)), Duration::ZERO);
+    }
 }
