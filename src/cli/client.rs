@@ -40,7 +40,7 @@ pub struct Connection {
 #[derive(Debug)]
 pub struct ClientError {
     /// Exit code: 1 local error, 3 refused by the gateway, 4 the prefab
-    /// failed, 5 unavailable (worth a retry).
+    /// failed, 5 unavailable (worth a retry), 130 stopped by Ctrl-C.
     pub exit: u8,
     /// What went wrong.
     pub message: String,
@@ -59,16 +59,30 @@ impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
         let exit = match s.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled => 5,
-            Code::InvalidArgument | Code::NotFound | Code::PermissionDenied | Code::Unauthenticated => 3,
-            // The prefab misbehaved or is deployed wrong: not the caller's
-            // request to fix.
-            Code::FailedPrecondition => 4,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition => 3,
             _ => 4,
         };
         Self {
             exit,
             message: format!("{:?}: {}", s.code(), s.message()),
         }
+    }
+}
+
+/// A run's failure: FAILED_PRECONDITION there is a prefab that misbehaved
+/// or is deployed wrong, not the caller's request to fix.
+fn run_failed(s: Status) -> ClientError {
+    let exit = match s.code() {
+        Code::FailedPrecondition => 4,
+        _ => return s.into(),
+    };
+    ClientError {
+        exit,
+        message: format!("{:?}: {}", s.code(), s.message()),
     }
 }
 
@@ -128,15 +142,15 @@ async fn put_with(
     render: &mut Render,
 ) -> Result<proto::FileRef, ClientError> {
     let local = |e: std::io::Error| ClientError::local(format!("{}: {e}", path.display()));
-    let mut file = tokio::fs::File::open(path).await.map_err(local)?;
-    let meta = file.metadata().await.map_err(local)?;
-    if !meta.is_file() {
+    // Looked at before opening: opening a FIFO would wait for a writer.
+    if !tokio::fs::metadata(path).await.map_err(local)?.is_file() {
         return Err(ClientError::local(format!(
             "{}: not a regular file",
             path.display()
         )));
     }
-    let size = meta.len();
+    let mut file = tokio::fs::File::open(path).await.map_err(local)?;
+    let size = file.metadata().await.map_err(local)?.len();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -197,21 +211,21 @@ async fn get_with(
         offset: 0,
         length: 0,
     };
-    let mut stream = client.get_file(conn.request(req)?).await?.into_inner();
     let to_stdout = dest == Path::new("-");
     let part = dest.with_file_name(format!(
         ".{}.part",
         dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
     let local = |e: std::io::Error| ClientError::local(format!("{}: {e}", dest.display()));
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
-        Box::new(tokio::io::stdout())
-    } else {
-        Box::new(tokio::fs::File::create(&part).await.map_err(local)?)
-    };
     let label = format!("get {}", url.rsplit('/').next().unwrap_or(url));
-    let (mut received, mut total) = (0u64, 0u64);
     let transfer = async {
+        let mut stream = client.get_file(conn.request(req)?).await?.into_inner();
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+            Box::new(tokio::io::stdout())
+        } else {
+            Box::new(tokio::fs::File::create(&part).await.map_err(local)?)
+        };
+        let (mut received, mut total) = (0u64, 0u64);
         while let Some(chunk) = stream.message().await? {
             if chunk.offset != received {
                 return Err(ClientError::local(format!(
@@ -233,14 +247,15 @@ async fn get_with(
         }
         Ok(received)
     };
+    // Ctrl-C stops the download and leaves no partial file (a signal
+    // handler that cannot be installed leaves Ctrl-C as it was).
     let mut result = tokio::select! {
         result = transfer => result,
-        _ = tokio::signal::ctrl_c() => Err(ClientError {
+        Ok(()) = tokio::signal::ctrl_c() => Err(ClientError {
             exit: 130,
             message: format!("{url}: interrupted"),
         }),
     };
-    drop(out);
     if !to_stdout {
         if result.is_ok() {
             result = tokio::fs::rename(&part, dest).await.map_err(local).and(result);
@@ -326,11 +341,15 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
             proto::OnDisconnect::Cancel
         } as i32,
     };
-    let mut stream = client.run(conn.request(req)?).await?.into_inner();
+    let mut stream = client
+        .run(conn.request(req)?)
+        .await
+        .map_err(run_failed)?
+        .into_inner();
     let mut outputs = Value::Null;
     let mut files = Vec::new();
     let mut completed = false;
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = stream.message().await.map_err(run_failed)? {
         let Some(event) = msg.event else { continue };
         render.event(msg.call_index, &event);
         match event {

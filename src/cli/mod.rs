@@ -57,8 +57,8 @@ pub enum Command {
     Get {
         /// The object, s3://bucket/key.
         url: String,
-        /// Destination file, or - for standard output (default: the key's
-        /// last component in the current folder).
+        /// Destination file, a folder to put it in, or - for standard
+        /// output (default: the key's last component in the current folder).
         dest: Option<PathBuf>,
         /// Gateway connection.
         #[command(flatten)]
