@@ -57,6 +57,10 @@ pub fn json_to_value(v: Json) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// Largest result (a call's output values, encoded) a runtime may return:
+/// well under the gRPC message limit, which the event carrying it must fit.
+pub const MAX_RESULT: usize = 1 << 20;
+
 /// Longest status message sent, in bytes. A status travels in HTTP/2
 /// trailers, where `grpc-message` is percent-encoded (up to three bytes for
 /// one) and peers refuse header blocks over 16 KiB by default: hyper drops
@@ -70,21 +74,27 @@ const KEPT_HEAD: usize = 1 << 10;
 /// A status with `message`, cut in the middle to [`MAX_STATUS_MESSAGE`]
 /// bytes if longer.
 pub fn status(code: tonic::Code, message: &str) -> tonic::Status {
-    if message.len() <= MAX_STATUS_MESSAGE {
-        return tonic::Status::new(code, message);
+    tonic::Status::new(code, clip_middle(message, MAX_STATUS_MESSAGE))
+}
+
+/// `message` cut in the middle to at most `max` bytes (at least
+/// [`KEPT_HEAD`] plus 64), saying how much went.
+pub fn clip_middle(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if message.len() <= max {
+        return message.into();
     }
-    let mut head = KEPT_HEAD;
+    let mut head = KEPT_HEAD.min(message.len());
     while !message.is_char_boundary(head) {
         head -= 1;
     }
     // Room for the marker, whose number has at most 20 digits.
-    let mut tail = message.len() - (MAX_STATUS_MESSAGE - KEPT_HEAD - 48);
+    let kept_tail = max.saturating_sub(KEPT_HEAD + 48);
+    let mut tail = (message.len() - kept_tail).max(head);
     while !message.is_char_boundary(tail) {
         tail += 1;
     }
     let cut = tail - head;
-    let message = format!("{}\n[{cut} bytes cut]\n{}", &message[..head], &message[tail..]);
-    tonic::Status::new(code, message)
+    format!("{}\n[{cut} bytes cut]\n{}", &message[..head], &message[tail..]).into()
 }
 
 #[cfg(test)]

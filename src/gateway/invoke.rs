@@ -62,13 +62,14 @@ pub async fn invoke(
             }
             Some(invoke_event::Event::Result(r)) => {
                 let size = r.encoded_len();
-                if size > MAX_RESULT {
+                if size > proto::MAX_RESULT {
                     return Err(GatewayError::Contract {
                         prefab: prefab.name.clone(),
                         message: format!(
-                            "{} returned a result of {size} bytes; results are limited to {MAX_RESULT} bytes: \
+                            "{} returned a result of {size} bytes; results are limited to {} bytes: \
                              return large values as output files",
-                            plan.function.name
+                            plan.function.name,
+                            proto::MAX_RESULT
                         ),
                     });
                 }
@@ -91,9 +92,6 @@ pub async fn invoke(
 /// cut, so that a chatty prefab cannot fill the run's journal with a few
 /// events.
 const MAX_TEXT: usize = 16 << 10;
-/// Largest result (its output values, encoded) a call may return: well
-/// under the gRPC message limit, which the event carrying it must fit.
-const MAX_RESULT: usize = 1 << 20;
 
 /// Cuts `text` to at most `max` bytes (on a character boundary), saying
 /// how much was cut.

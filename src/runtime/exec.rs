@@ -25,7 +25,7 @@ use tokio::{
 use super::{Invocation, Outputs, Prefab, PrefabError};
 use crate::{
     manifest::{ExecSpec, FunctionSpec, Manifest, ParamKind},
-    proto::LogStream,
+    proto::{self, LogStream},
     server::BoxError,
 };
 
@@ -35,9 +35,6 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 16 << 10;
 /// Standard error lines quoted when a program fails.
 const STDERR_TAIL: usize = 20;
-/// Most bytes of `::output` names and values a program may print: the
-/// gateway's limit on a call's result.
-const MAX_VALUES: usize = 1 << 20;
 
 /// A prefab defined by an exec manifest.
 #[derive(Debug, Clone)]
@@ -233,8 +230,9 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
     let timeout = exec.timeout_seconds.map(Duration::from_secs);
 
     let mut outputs = Outputs::new();
-    // Bytes of values still allowed; `None` once the program printed more.
-    let mut room = Some(MAX_VALUES);
+    // Bytes of values still taken in; `None` once the program printed more
+    // than a result may hold.
+    let mut room = Some(proto::MAX_RESULT);
     let mut tail = VecDeque::with_capacity(STDERR_TAIL);
     let status = {
         let io = async {
@@ -273,7 +271,15 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
             }
         };
         if exited.is_err() {
-            terminate(&mut child, &group).await;
+            // The output is still read meanwhile: a program with much to
+            // say as it stops must not block on a full pipe.
+            let mut stop = std::pin::pin!(terminate(&mut child, &group));
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    () = &mut io, if !drained => drained = true,
+                }
+            }
         }
         // Leave nothing behind, even processes the program started; then
         // the pipes close and the last lines drain.
@@ -292,10 +298,14 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
             lines.join("\n")
         )));
     }
-    if room.is_none() {
+    let result = proto::InvokeResult {
+        outputs: Some(proto::json_to_struct(outputs.clone())),
+    };
+    if room.is_none() || prost::Message::encoded_len(&result) > proto::MAX_RESULT {
         return Err(PrefabError::Failed(format!(
-            "{program} printed more than {MAX_VALUES} bytes of ::output values; \
-             write large values to an output file"
+            "{program} printed more than the {} bytes of ::output values a result may hold; \
+             write large values to an output file",
+            proto::MAX_RESULT
         )));
     }
     Ok(outputs)

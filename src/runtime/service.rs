@@ -269,7 +269,10 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
                         .map(|()| outputs),
                     Some(Err(e)) => {
                         let status = Status::from(e);
-                        Err(proto::status(status.code(), &redactor.redact(status.message())))
+                        // Cut to leave the gateway room to say which prefab failed.
+                        let message = redactor.redact(status.message());
+                        let message = proto::clip_middle(&message, proto::MAX_STATUS_MESSAGE - 512);
+                        Err(Status::new(status.code(), message))
                     }
                     None => return, // the caller is gone
                 };
