@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::PrefabError;
-use crate::{config::Secret, proto};
+use crate::{config::Secret, proto, workspace::DirFd};
 
 /// The values a function returns, by output name.
 pub type Outputs = Map<String, Value>;
@@ -73,13 +73,27 @@ impl Invocation {
 
     /// Creates the output file `name` for writing. Unlike opening
     /// [`Invocation::output`] by hand, it never writes through a file or
-    /// link that something else put at that path first.
+    /// link that something else put at that path, or on its way, first.
     pub async fn create_output(&self, name: &str) -> Result<tokio::fs::File, PrefabError> {
-        Ok(tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(self.output(name)?)
-            .await?)
+        let outside = || PrefabError::Failed(format!("output {name:?} is not in the workspace"));
+        let rel = self
+            .output(name)?
+            .strip_prefix(&self.workspace)
+            .map_err(|_| outside())?;
+        let mut components: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let file_name = components.pop().ok_or_else(outside)?;
+        let workspace = self.workspace.clone();
+        let create = move || {
+            let folders: Vec<&str> = components.iter().map(String::as_str).collect();
+            DirFd::open(&workspace)?.subdir(&folders)?.create_new(&file_name)
+        };
+        let file = tokio::task::spawn_blocking(create)
+            .await
+            .map_err(|e| PrefabError::Failed(format!("cannot create output {name:?}: {e}")))??;
+        Ok(tokio::fs::File::from_std(file))
     }
 
     /// Every file parameter with its local path.

@@ -66,7 +66,10 @@ impl DirFd {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
         }
-        std::io::Write::write_all(&mut self.create_new(&tmp)?, contents)?;
+        let mut file = self.create_new(&tmp)?;
+        std::io::Write::write_all(&mut file, contents)?;
+        // Network file systems may report a full volume only here.
+        file.sync_all()?;
         self.rename(&tmp, name)
     }
 
@@ -81,7 +84,8 @@ impl DirFd {
             return Err(refuse(name, Errno::EXIST));
         }
         std::os::unix::fs::FileExt::write_all_at(&file, contents, 0)?;
-        file.set_len(contents.len() as u64)
+        file.set_len(contents.len() as u64)?;
+        file.sync_data()
     }
 
     /// Renames `from` to `to` inside this folder.

@@ -129,7 +129,10 @@ mod tests {
         struct Unmount<'a>(&'a Path);
         impl Drop for Unmount<'_> {
             fn drop(&mut self) {
-                let _ = Command::new("umount").arg(self.0).status();
+                let unmounted = Command::new("umount").arg("--lazy").arg(self.0).status();
+                if !unmounted.is_ok_and(|s| s.success()) {
+                    eprintln!("could not unmount the test's tmpfs");
+                }
             }
         }
         let _unmount = Unmount(dir.path());
