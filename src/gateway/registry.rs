@@ -125,8 +125,11 @@ async fn describe(
         GatewayError::Internal(format!("endpoint {endpoint} of prefab {name} is not a URL: {e}"))
     })?;
     if endpoint.starts_with("https://") {
-        channel = channel
-            .tls_config(tls.clone())
+        // Without a CA file this reads the system's certificates.
+        let tls = tls.clone();
+        channel = tokio::task::spawn_blocking(move || channel.tls_config(tls))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("TLS towards {endpoint}: {e}")))?
             .map_err(|e| GatewayError::Internal(format!("TLS towards {endpoint}: {e}")))?;
     }
     let channel = channel
