@@ -271,6 +271,19 @@ async fn a_disconnect_terminates_the_program_and_leaves_no_process() {
     stack.wait_idle().await;
 }
 
+/// Runs the tools function `name`, which leaves `marker` when it gets that
+/// far and is stopped at its time limit; returns how it failed.
+async fn run_with_marker(
+    client: &mut prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+    name: &str,
+    marker: &std::path::Path,
+) -> tonic::Status {
+    let args = serde_json::json!({ "marker": marker.display().to_string() });
+    run_to_end(client, call_request("tools", name, args))
+        .await
+        .expect_err("the program runs past its limit")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_shell_leaves_its_worker_the_grace_to_finish() {
     let stack = Stack::start_full(&[], &[TOOLS]).await;
@@ -278,16 +291,7 @@ async fn a_stopped_shell_leaves_its_worker_the_grace_to_finish() {
     let mut client = stack.client().await;
     // At its time limit the shell dies of SIGTERM at once; the worker it
     // started takes half a second to finish, well within the grace.
-    let status = run_to_end(
-        &mut client,
-        call_request(
-            "tools",
-            "pipeline",
-            serde_json::json!({ "marker": marker.display().to_string() }),
-        ),
-    )
-    .await
-    .expect_err("must time out");
+    let status = run_with_marker(&mut client, "pipeline", &marker).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap_or_default(), "finished\n");
     stack.wait_idle().await;
@@ -298,16 +302,7 @@ async fn the_time_limit_holds_when_the_program_closes_its_output() {
     let stack = Stack::start_full(&[], &[TOOLS]).await;
     let marker = stack.tmp.path().join("ran-past-its-limit");
     let mut client = stack.client().await;
-    let status = run_to_end(
-        &mut client,
-        call_request(
-            "tools",
-            "quiet_then_slow",
-            serde_json::json!({ "marker": marker.display().to_string() }),
-        ),
-    )
-    .await
-    .expect_err("the program runs past its limit");
+    let status = run_with_marker(&mut client, "quiet_then_slow", &marker).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     // Stopped at its 4 s limit, not 4 s after it closed its output (at
     // 3 s): the marker it would leave at 6 s never appears.
