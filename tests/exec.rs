@@ -151,12 +151,9 @@ async fn a_loud_failure_keeps_its_last_words_and_the_connection() {
     let mut client = stack.client().await;
     // 400 KB of standard error in its last lines: the failure's message
     // is cut to fit a gRPC trailer, keeping its start and its end.
-    let status = run_to_end(
-        &mut client,
-        call_request("tools", "loud_failure", serde_json::json!({})),
-    )
-    .await
-    .expect_err("must fail");
+    let status = run_tool(&mut client, "loud_failure")
+        .await
+        .expect_err("must fail");
     assert_eq!(status.code(), Code::Unknown, "{status:?}");
     let message = status.message();
     assert!(
@@ -178,12 +175,7 @@ async fn a_loud_failure_keeps_its_last_words_and_the_connection() {
         .unwrap();
     assert!(cut > 300_000, "{message}");
     // The runtime's connection survived: the next call gets its own answer.
-    let status = run_to_end(
-        &mut client,
-        call_request("tools", "broken", serde_json::json!({})),
-    )
-    .await
-    .expect_err("must fail");
+    let status = run_tool(&mut client, "broken").await.expect_err("must fail");
     assert!(
         status.message().contains("cannot open the frobnicator"),
         "{status:?}"
@@ -196,9 +188,7 @@ async fn a_program_printing_too_many_values_fails_clearly() {
     let stack = Stack::start_full(&[], &[TOOLS]).await;
     let mut client = stack.client().await;
     // 1 100 values of 1 000 bytes, more than a result may hold.
-    let status = run_to_end(&mut client, call_request("tools", "flood", serde_json::json!({})))
-        .await
-        .expect_err("must fail");
+    let status = run_tool(&mut client, "flood").await.expect_err("must fail");
     assert_eq!(status.code(), Code::Unknown, "{status:?}");
     assert!(
         status
@@ -207,9 +197,7 @@ async fn a_program_printing_too_many_values_fails_clearly() {
         "{status:?}"
     );
     // 60 000 numbers: 420 KB as printed, over 1 MiB as a result.
-    let status = run_to_end(&mut client, call_request("tools", "many", serde_json::json!({})))
-        .await
-        .expect_err("must fail");
+    let status = run_tool(&mut client, "many").await.expect_err("must fail");
     assert_eq!(status.code(), Code::Unknown, "{status:?}");
     assert!(
         status
@@ -224,12 +212,7 @@ async fn a_program_printing_too_many_values_fails_clearly() {
 async fn progress_and_values_come_from_the_line_protocol() {
     let stack = Stack::start_full(&[], &[TOOLS]).await;
     let mut client = stack.client().await;
-    let events = run_to_end(
-        &mut client,
-        call_request("tools", "report", serde_json::json!({})),
-    )
-    .await
-    .unwrap();
+    let events = run_tool(&mut client, "report").await.unwrap();
     assert!(
         events
             .iter()
@@ -269,6 +252,14 @@ async fn a_disconnect_terminates_the_program_and_leaves_no_process() {
     })
     .await;
     stack.wait_idle().await;
+}
+
+/// Runs the tools function `name`, which takes no arguments, to its end.
+async fn run_tool(
+    client: &mut prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+    name: &str,
+) -> Result<Vec<Event>, tonic::Status> {
+    run_to_end(client, call_request("tools", name, serde_json::json!({}))).await
 }
 
 /// Runs the tools function `name`, which leaves `marker` when it gets that
@@ -317,12 +308,7 @@ async fn a_chatty_program_costs_the_gateway_a_bounded_journal() {
     let stack = Stack::start_full(&[], &[TOOLS]).await;
     let mut client = stack.client().await;
     // 300 lines of 20 000 bytes on stderr: 6 MB of logs.
-    let events = run_to_end(
-        &mut client,
-        call_request("tools", "chatty", serde_json::json!({})),
-    )
-    .await
-    .expect("chatty runs");
+    let events = run_tool(&mut client, "chatty").await.expect("chatty runs");
     let Some(Event::Accepted(accepted)) = events.first() else {
         panic!("the first event is not RunAccepted: {events:?}")
     };
