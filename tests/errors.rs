@@ -265,3 +265,41 @@ async fn a_runtime_that_cannot_see_the_workspace_is_a_deployment_fault() {
     shutdown.cancel();
     let _ = served.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_limits_are_not_worth_a_retry() {
+    let stack = Stack::start_with(&["--max-input-bytes=1000", "--max-output-bytes=500"]).await;
+    // An input over the limit is refused before anything is staged: no
+    // wait makes it pass, so it is the request that is wrong.
+    let big = stack.put_input("limits/big.txt", text(2000, 1)).await;
+    let status = run_status(
+        &stack,
+        run_request("uppercase", serde_json::json!({ "text": big })),
+    )
+    .await;
+    assert_status(
+        &status,
+        Code::InvalidArgument,
+        &["limits/big.txt", "PREFAB_MAX_INPUT_BYTES"],
+    );
+    // An output over the limit is the prefab's doing (or its deployment's),
+    // found after the call; nothing of it is uploaded or left behind.
+    let ok = stack.put_input("limits/ok.txt", text(1000, 2)).await;
+    let status = run_status(
+        &stack,
+        run_request("uppercase", serde_json::json!({ "text": ok })),
+    )
+    .await;
+    assert_status(
+        &status,
+        Code::FailedPrecondition,
+        &["\"output\"", "PREFAB_MAX_OUTPUT_BYTES"],
+    );
+    let outputs = stack.tmp.path().join("s3").join(BUCKET).join("outputs");
+    assert!(
+        list(&outputs).iter().all(|run| list(run).is_empty()),
+        "{:?}",
+        list(&outputs)
+    );
+    stack.wait_idle().await;
+}

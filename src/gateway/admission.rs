@@ -89,10 +89,12 @@ impl Admission {
     pub async fn admit(self: &Arc<Self>, sizes: &[(String, u64)]) -> Result<Reservation, GatewayError> {
         let limits = &self.limits;
         if let Some((url, size)) = sizes.iter().find(|(_, s)| *s > limits.max_input_bytes) {
-            return Err(GatewayError::ResourceExhausted(format!(
-                "input {url} has {:.2} GiB, more than the {:.2} GiB a single input may have",
-                *size as f64 / GIB,
-                limits.max_input_bytes as f64 / GIB
+            // Never admitted, however long the caller waits: not a
+            // resource to retry for.
+            return Err(GatewayError::InvalidArgument(format!(
+                "input {url} has {size} bytes, more than the {} a single input may have here \
+                 (PREFAB_MAX_INPUT_BYTES)",
+                limits.max_input_bytes
             )));
         }
         let inputs: u64 = sizes.iter().map(|(_, s)| s).sum();

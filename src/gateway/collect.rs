@@ -70,9 +70,10 @@ pub async fn collect_outputs(
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
         let (file, size) = opened.map_err(|e| contract(format!("output {:?}: {e}", out.param)))?;
         if size > state.max_output_bytes {
-            return Err(GatewayError::ResourceExhausted(format!(
-                "output {:?} of {} has {size} bytes, more than the {} an output may have",
-                out.param, prefab, state.max_output_bytes
+            return Err(contract(format!(
+                "output {:?} has {size} bytes, more than the {} an output may have here \
+                 (PREFAB_MAX_OUTPUT_BYTES)",
+                out.param, state.max_output_bytes
             )));
         }
         let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
