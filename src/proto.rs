@@ -83,16 +83,10 @@ pub fn clip_middle(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if message.len() <= max {
         return message.into();
     }
-    let mut head = KEPT_HEAD.min(message.len());
-    while !message.is_char_boundary(head) {
-        head -= 1;
-    }
+    let head = message.floor_char_boundary(KEPT_HEAD);
     // Room for the marker, whose number has at most 20 digits.
     let kept_tail = max.saturating_sub(KEPT_HEAD + 48);
-    let mut tail = (message.len() - kept_tail).max(head);
-    while !message.is_char_boundary(tail) {
-        tail += 1;
-    }
+    let tail = message.ceil_char_boundary((message.len() - kept_tail).max(head));
     let cut = tail - head;
     format!("{}\n[{cut} bytes cut]\n{}", &message[..head], &message[tail..]).into()
 }

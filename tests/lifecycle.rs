@@ -395,14 +395,26 @@ async fn a_deadline_cancels_and_cleans_the_run() {
     stack.wait_idle().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
+/// A gateway process reaching the runtime through a proxy that holds the
+/// runtime's first answer (to the gateway's Describe) back for 2 s.
+async fn behind_a_slow_describe(
+    stack: &Stack,
+) -> (
+    common::proxy::Proxy,
+    tokio::process::Child,
+    prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+) {
     use common::proxy::{Fault, Proxy};
-    let stack = Stack::start().await;
-    // The runtime's first answer (to the gateway's Describe) comes 2 s late.
     let proxy = Proxy::start(stack.runtime_addr, Fault::DelayFirst(Duration::from_secs(2))).await;
     let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{}", proxy.addr);
-    let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
+    let (gateway, client) = stack.gateway_process_with(&[&endpoint], None).await;
+    (proxy, gateway, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
+    let stack = Stack::start().await;
+    let (proxy, mut gateway, mut client) = behind_a_slow_describe(&stack).await;
     // 2 s of describing and 3 s of sleeping do not fit in 4 s.
     let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 3 })));
     req.set_timeout(Duration::from_secs(4));
@@ -415,14 +427,11 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deadline_passed_before_the_run_starts_is_named_as_such() {
-    use common::proxy::{Fault, Proxy};
     let stack = Stack::start().await;
     // The gateway is still waiting for the runtime's Describe when the
     // caller's second runs out: the caller hears DEADLINE_EXCEEDED from the
     // gateway, not the server framework's bare CANCELLED.
-    let proxy = Proxy::start(stack.runtime_addr, Fault::DelayFirst(Duration::from_secs(2))).await;
-    let endpoint = format!("--endpoints=hello-world-prefab@1.0.0=http://{}", proxy.addr);
-    let (mut gateway, mut client) = stack.gateway_process_with(&[&endpoint], None).await;
+    let (_proxy, mut gateway, mut client) = behind_a_slow_describe(&stack).await;
     let mut req = authed(run_request("sleep", serde_json::json!({ "seconds": 0 })));
     req.set_timeout(Duration::from_secs(1));
     let status = end_of(&mut client, req).await;

@@ -99,10 +99,7 @@ fn clip(text: &mut String, max: usize) {
     if text.len() <= max {
         return;
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(max);
     let cut = text.len() - end;
     text.truncate(end);
     text.push_str(&format!(" [{cut} more bytes cut]"));
