@@ -199,9 +199,19 @@ pub struct GatewayArgs {
     /// Seconds between checks of the token file for changes.
     #[arg(long, env = "PREFAB_AUTH_RELOAD_SECONDS", default_value_t = 5)]
     pub auth_reload_seconds: u64,
-    /// Seconds a finished run's events stay available to `Watch`.
+    /// Seconds a finished run's events stay available to `Watch`, on every
+    /// replica.
     #[arg(long, env = "PREFAB_RUN_RETENTION_SECONDS", default_value_t = 300)]
     pub run_retention_seconds: u64,
+    /// The group that owns every workspace, shared with the prefab pods
+    /// (default: the gateway's primary group). The gateway must be a member.
+    #[arg(long, env = "PREFAB_WORKSPACE_GID")]
+    pub workspace_gid: Option<u32>,
+    /// Whether callers may detach from runs (`ON_DISCONNECT_DETACH`).
+    /// Where a replica may be stopped while no request is open (Knative
+    /// scaling down), refuse it: a detached run would be cancelled with it.
+    #[arg(long, env = "PREFAB_ALLOW_DETACH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_detach: bool,
     /// Longest a run may take, in seconds, whatever deadline its caller set
     /// (or none, as a detached run may have): a hung prefab is cancelled
     /// and cleaned up then. 0 for no limit.

@@ -1,21 +1,35 @@
 //! Admission: before any byte is staged, a run reserves workspace space for
 //! its inputs and an estimate of its outputs; it is refused with
 //! RESOURCE_EXHAUSTED, with the numbers, when the reservation would pass
-//! the volume's high-water mark or when too many runs are in flight. The
-//! reservation is released when the run ends.
+//! the volume's high-water mark or when too many runs are in flight here.
+//!
+//! The volume is shared by every gateway replica, so reservations are too:
+//! each run's reservation is written in its lease on the volume (see
+//! [`crate::workspace::record`]), and admission counts every live lease's,
+//! under the volume's admission lock. Expired and finished leases stop
+//! counting. The reservation is released when the run ends.
 
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use super::GatewayError;
-use crate::{metrics::Metrics, workspace::janitor::disk_usage};
+use crate::{
+    metrics::Metrics,
+    workspace::{
+        RequestId,
+        janitor::disk_usage,
+        lease::Lease,
+        record::{Record, Records},
+    },
+};
 
 /// Admission limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Most runs at once.
+    /// Most runs at once on this replica.
     pub max_runs: usize,
     /// Largest single input, in bytes.
     pub max_input_bytes: u64,
@@ -27,29 +41,47 @@ pub struct Limits {
     pub capacity_bytes: Option<u64>,
 }
 
+/// Who writes the leases of admitted runs, and for how long they hold.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// This replica's name.
+    pub replica: String,
+    /// How long a lease lasts unless renewed.
+    pub ttl: Duration,
+}
+
 /// Admits runs against the limits and the volume's free space.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
     root: PathBuf,
+    records: Arc<Records>,
+    owner: Owner,
     metrics: Arc<Metrics>,
     booked: Mutex<Booked>,
 }
 
+/// What this replica holds.
 #[derive(Debug, Default)]
 struct Booked {
     runs: usize,
     bytes: u64,
 }
 
-/// An admitted run's share; released on drop.
+/// An admitted run's share and its record on the volume; released on drop.
 #[derive(Debug)]
 pub struct Reservation {
     admission: Arc<Admission>,
+    record: Arc<Record>,
     bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Reservation {
+    /// The run's record on the volume.
+    pub fn record(&self) -> Arc<Record> {
+        Arc::clone(&self.record)
+    }
+
     /// Notes that the run wrote `bytes` to the volume. Measured volumes
     /// count them in their usage from now on, so the reservation shrinks by
     /// as much instead of counting them twice; a configured capacity has
@@ -65,17 +97,28 @@ impl Reservation {
             .store(held - freed, std::sync::atomic::Ordering::SeqCst);
         booked.bytes -= freed;
         self.admission.metrics.reserved_bytes.set(booked.bytes as i64);
+        // Stored with the lease's next write.
+        self.record.update_lease(|l| l.reserved_bytes = held - freed);
     }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl Admission {
-    /// Admission for workspaces under `root`.
-    pub fn new(limits: Limits, root: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// Admission for workspaces under `root`, whose run records are
+    /// `records`, writing leases as `owner`.
+    pub fn new(
+        limits: Limits,
+        root: PathBuf,
+        records: Arc<Records>,
+        owner: Owner,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits,
             root,
+            records,
+            owner,
             metrics,
             booked: Mutex::default(),
         })
@@ -85,8 +128,14 @@ impl Admission {
         self.booked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a run whose inputs have `sizes` (URL, bytes).
-    pub async fn admit(self: &Arc<Self>, sizes: &[(String, u64)]) -> Result<Reservation, GatewayError> {
+    /// Admits run `id`, calling `prefabs`, whose inputs have `sizes` (URL,
+    /// bytes), and creates its record.
+    pub async fn admit(
+        self: &Arc<Self>,
+        id: RequestId,
+        prefabs: Vec<String>,
+        sizes: &[(String, u64)],
+    ) -> Result<Reservation, GatewayError> {
         let limits = &self.limits;
         if let Some((url, size)) = sizes.iter().find(|(_, s)| *s > limits.max_input_bytes) {
             // Never admitted, however long the caller waits: not a
@@ -109,34 +158,58 @@ impl Admission {
             }
         };
         let limit = (total as f64 * limits.high_water) as u64;
+        {
+            let booked = self.lock();
+            if booked.runs >= limits.max_runs {
+                return Err(GatewayError::ResourceExhausted(format!(
+                    "{} runs are in flight, the most this gateway replica takes; retry later",
+                    booked.runs
+                )));
+            }
+        }
+        let mut lease = Lease::new(&self.owner.replica, self.owner.ttl);
+        lease.reserved_bytes = need;
+        lease.prefabs = prefabs;
+        let records = Arc::clone(&self.records);
+        let (factor, high_water) = (limits.reserve_factor, limits.high_water);
+        let booked_on_volume = tokio::task::spawn_blocking(move || {
+            let _lock = records.lock()?;
+            let live: Vec<Lease> = records
+                .leases()?
+                .into_iter()
+                .map(|(_, lease)| lease)
+                .filter(Lease::live)
+                .collect();
+            let reserved: u64 = live.iter().map(|l| l.reserved_bytes).sum();
+            if used + reserved + need > limit {
+                return Ok(Err(GatewayError::ResourceExhausted(format!(
+                    "the run needs {:.2} GiB of workspace ({:.2} GiB of inputs x {factor}), but only {:.2} GiB \
+                     is left below the {:.0}% high-water mark of the {:.2} GiB volume ({:.2} GiB used, \
+                     {:.2} GiB reserved by {} runs on this volume); retry later",
+                    need as f64 / GIB,
+                    inputs as f64 / GIB,
+                    limit.saturating_sub(used + reserved) as f64 / GIB,
+                    high_water * 100.0,
+                    total as f64 / GIB,
+                    used as f64 / GIB,
+                    reserved as f64 / GIB,
+                    live.len(),
+                ))));
+            }
+            records.create(id, lease).map(Ok)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))?
+        .map_err(|e| GatewayError::Internal(format!("cannot record the run on the workspace volume: {e}")))?;
+        let record = booked_on_volume?;
         let mut booked = self.lock();
-        if booked.runs >= limits.max_runs {
-            return Err(GatewayError::ResourceExhausted(format!(
-                "{} runs are in flight, the most this gateway takes; retry later",
-                booked.runs
-            )));
-        }
-        if used + booked.bytes + need > limit {
-            return Err(GatewayError::ResourceExhausted(format!(
-                "the run needs {:.2} GiB of workspace ({:.2} GiB of inputs x {}), but only {:.2} GiB is left below the \
-                 {:.0}% high-water mark of the {:.2} GiB volume ({:.2} GiB used, {:.2} GiB reserved by {} runs); retry later",
-                need as f64 / GIB,
-                inputs as f64 / GIB,
-                limits.reserve_factor,
-                limit.saturating_sub(used + booked.bytes) as f64 / GIB,
-                limits.high_water * 100.0,
-                total as f64 / GIB,
-                used as f64 / GIB,
-                booked.bytes as f64 / GIB,
-                booked.runs,
-            )));
-        }
         booked.runs += 1;
         booked.bytes += need;
         self.metrics.reserved_bytes.set(booked.bytes as i64);
         self.metrics.runs_in_flight.set(booked.runs as i64);
         Ok(Reservation {
             admission: Arc::clone(self),
+            record: Arc::new(record),
             bytes: need.into(),
         })
     }
@@ -149,32 +222,69 @@ impl Drop for Reservation {
         booked.bytes -= *self.bytes.get_mut();
         self.admission.metrics.reserved_bytes.set(booked.bytes as i64);
         self.admission.metrics.runs_in_flight.set(booked.runs as i64);
+        // Stored with the lease's last write, when the run's journal ends.
+        self.record.update_lease(|l| l.reserved_bytes = 0);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workspace::WorkspaceRoot;
 
-    fn admission(capacity: u64, max_runs: usize) -> Arc<Admission> {
-        admission_of(Some(capacity), max_runs)
+    /// A volume's records in a temporary folder, and admission as a
+    /// replica of it; more replicas with [`replica`].
+    struct Volume {
+        _tmp: tempfile::TempDir,
+        root: WorkspaceRoot,
+        records: Arc<Records>,
     }
 
-    fn admission_of(capacity: Option<u64>, max_runs: usize) -> Arc<Admission> {
-        let limits = Limits {
-            max_runs,
-            max_input_bytes: 1000,
-            reserve_factor: 2.0,
-            high_water: 0.9,
-            capacity_bytes: capacity,
-        };
-        Admission::new(limits, std::env::temp_dir(), Arc::default())
+    impl Volume {
+        fn new() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = WorkspaceRoot::new(tmp.path()).unwrap();
+            let records = Arc::new(Records::open(&root).unwrap());
+            Self {
+                _tmp: tmp,
+                root,
+                records,
+            }
+        }
+
+        fn replica(&self, capacity: Option<u64>, max_runs: usize) -> Arc<Admission> {
+            let limits = Limits {
+                max_runs,
+                max_input_bytes: 1000,
+                reserve_factor: 2.0,
+                high_water: 0.9,
+                capacity_bytes: capacity,
+            };
+            let owner = Owner {
+                replica: "test".into(),
+                ttl: Duration::from_secs(60),
+            };
+            let records = Arc::clone(&self.records);
+            Admission::new(
+                limits,
+                self.root.path().to_owned(),
+                records,
+                owner,
+                Arc::default(),
+            )
+        }
+    }
+
+    async fn admit(a: &Arc<Admission>, url: &str, size: u64) -> Result<Reservation, GatewayError> {
+        a.admit(RequestId::new(), vec!["p".into()], &[(url.into(), size)])
+            .await
     }
 
     #[tokio::test]
     async fn bytes_written_leave_the_reservation_only_where_the_volume_counts_them() {
-        let measured = admission_of(None, 10);
-        let run = measured.admit(&[("s3://b/a".into(), 300)]).await.unwrap();
+        let volume = Volume::new();
+        let measured = volume.replica(None, 10);
+        let run = admit(&measured, "s3://b/a", 300).await.unwrap();
         assert_eq!(measured.lock().bytes, 600);
         run.written(300);
         assert_eq!(
@@ -182,6 +292,7 @@ mod tests {
             300,
             "staged inputs count in the volume's usage"
         );
+        assert_eq!(run.record().current_lease().reserved_bytes, 300);
         run.written(1000);
         assert_eq!(measured.lock().bytes, 0);
         drop(run);
@@ -190,8 +301,8 @@ mod tests {
             assert_eq!((booked.runs, booked.bytes), (0, 0));
         }
 
-        let budgeted = admission_of(Some(10_000), 10);
-        let run = budgeted.admit(&[("s3://b/a".into(), 300)]).await.unwrap();
+        let budgeted = volume.replica(Some(10_000), 10);
+        let run = admit(&budgeted, "s3://b/a", 300).await.unwrap();
         run.written(300);
         assert_eq!(
             budgeted.lock().bytes,
@@ -204,30 +315,47 @@ mod tests {
 
     #[tokio::test]
     async fn reserves_until_the_high_water_mark_and_releases() {
-        let a = admission(1000, 10);
-        let first = a.admit(&[("s3://b/a".into(), 200)]).await.unwrap();
-        let _second = a.admit(&[("s3://b/b".into(), 200)]).await.unwrap();
-        let err = a
-            .admit(&[("s3://b/c".into(), 100)])
-            .await
-            .unwrap_err()
-            .to_string();
+        let volume = Volume::new();
+        let a = volume.replica(Some(1000), 10);
+        let first = admit(&a, "s3://b/a", 200).await.unwrap();
+        let _second = admit(&a, "s3://b/b", 200).await.unwrap();
+        let err = admit(&a, "s3://b/c", 100).await.unwrap_err().to_string();
         assert!(err.contains("needs") && err.contains("90%"), "{err}");
+        // A run's reservation ends with its lease's last write.
+        let record = first.record();
         drop(first);
-        assert!(a.admit(&[("s3://b/c".into(), 100)]).await.is_ok());
+        record.update_lease(|l| l.finished_unix_ms = Some(crate::workspace::lease::now_ms()));
+        record.write_lease().unwrap();
+        assert!(admit(&a, "s3://b/c", 100).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn replicas_on_one_volume_count_each_others_reservations() {
+        let volume = Volume::new();
+        let (a, b) = (volume.replica(Some(1000), 10), volume.replica(Some(1000), 10));
+        let held = admit(&a, "s3://b/a", 400).await.unwrap();
+        let err = admit(&b, "s3://b/b", 100).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let err = err.to_string();
+        assert!(err.contains("reserved by 1 runs on this volume"), "{err}");
+        // An expired lease stops counting.
+        held.record().update_lease(|l| l.expires_unix_ms = 0);
+        held.record().write_lease().unwrap();
+        assert!(admit(&b, "s3://b/b", 100).await.is_ok());
     }
 
     #[tokio::test]
     async fn limits_runs_and_input_size() {
-        let a = admission(1 << 40, 1);
+        let volume = Volume::new();
+        let a = volume.replica(Some(1 << 40), 1);
+        let err = admit(&a, "s3://b/huge", 5000).await.unwrap_err().to_string();
+        assert!(err.contains("s3://b/huge"), "{err}");
+        let _one = a.admit(RequestId::new(), vec![], &[]).await.unwrap();
         let err = a
-            .admit(&[("s3://b/huge".into(), 5000)])
+            .admit(RequestId::new(), vec![], &[])
             .await
             .unwrap_err()
             .to_string();
-        assert!(err.contains("s3://b/huge"), "{err}");
-        let _one = a.admit(&[]).await.unwrap();
-        let err = a.admit(&[]).await.unwrap_err().to_string();
         assert!(err.contains("runs are in flight"), "{err}");
     }
 }

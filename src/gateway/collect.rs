@@ -11,7 +11,7 @@ use super::{GatewayError, State, events::Events, plan::CallPlan};
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, S3Url},
-    workspace::{OUTPUTS, RelPath, RequestId, open_regular},
+    workspace::{OUTPUTS, RelPath, RequestId, access, open_regular},
 };
 
 /// Uploads the output files of `plan` and returns the call's final outputs,
@@ -64,11 +64,21 @@ pub async fn collect_outputs(
                 out.param
             )));
         }
-        let base = workspace.to_owned();
-        let opened = tokio::task::spawn_blocking(move || open_regular(&base, &rel))
-            .await
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        let (file, size) = opened.map_err(|e| contract(format!("output {:?}: {e}", out.param)))?;
+        let (base, param) = (workspace.to_owned(), out.param.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            open_regular(&base, &rel).map_err(|e| {
+                let doing = format!("the gateway cannot read output {param:?} at");
+                let denied =
+                    access::is_denied(&e).then(|| access::explain_denied(&doing, &base.join(rel.as_str())));
+                (e, denied)
+            })
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let (file, size) = opened.map_err(|(e, denied)| match denied {
+            Some(explained) => GatewayError::Deployment(explained),
+            None => contract(format!("output {:?}: {e}", out.param)),
+        })?;
         if size > state.max_output_bytes {
             return Err(contract(format!(
                 "output {:?} has {size} bytes, more than the {} an output may have here \

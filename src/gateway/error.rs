@@ -60,6 +60,10 @@ pub enum GatewayError {
         /// What it did wrong.
         message: String,
     },
+    /// The deployment does not fit (user and group ids on the workspace
+    /// volume, mounts): for the operator to fix, not the caller.
+    #[error("{0}")]
+    Deployment(String),
     /// A local failure of the gateway itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -96,7 +100,7 @@ impl GatewayError {
                 }
                 c => *c,
             },
-            GatewayError::Contract { .. } => Code::FailedPrecondition,
+            GatewayError::Contract { .. } | GatewayError::Deployment(_) => Code::FailedPrecondition,
             GatewayError::Internal(_) => Code::Internal,
         }
     }

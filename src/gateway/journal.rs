@@ -110,8 +110,14 @@ impl Journal {
         &self.cancel
     }
 
+    /// A receiver of the latest sequence number, changed by every event
+    /// and by the end.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.latest.subscribe()
+    }
+
     /// Events after `after`, and the end if the run is over.
-    fn read_after(&self, after: u64) -> (Vec<proto::RunEvent>, Option<Result<(), Status>>) {
+    pub fn read_after(&self, after: u64) -> (Vec<proto::RunEvent>, Option<Result<(), Status>>) {
         let state = self.lock();
         let events = state
             .events

@@ -10,8 +10,10 @@ mod collect;
 mod error;
 mod events;
 mod files;
+mod follow;
 mod invoke;
 mod journal;
+mod persist;
 mod plan;
 mod registry;
 mod run;
@@ -41,7 +43,7 @@ use crate::{
     proto::{self, gateway_server::GatewayServer},
     server::BoxError,
     storage,
-    workspace::{RequestId, WorkspaceRoot, janitor},
+    workspace::{RequestId, WorkspaceRoot, access, janitor, record::Records},
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -60,12 +62,15 @@ pub struct State {
     s3: aws_sdk_s3::Client,
     bucket: String,
     root: WorkspaceRoot,
+    /// Every replica's run records on the volume.
+    records: Arc<Records>,
     registry: Registry,
     buckets: BucketPolicy,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     replica: String,
     lease_ttl: Duration,
+    allow_detach: bool,
     retention: Duration,
     /// Longest a run may take, if limited.
     max_run: Option<Duration>,
@@ -85,8 +90,29 @@ pub struct State {
 impl State {
     /// Builds the shared state from the gateway's settings.
     pub fn from_args(args: &GatewayArgs, metrics: Arc<Metrics>) -> Result<Self, BoxError> {
+        let gid = args
+            .workspace_gid
+            .unwrap_or_else(|| rustix::process::getegid().as_raw());
+        let me = access::Identity::current();
+        if !me.may_use_group(gid) {
+            tracing::warn!(
+                workspace_gid = gid,
+                identity = %me,
+                "the gateway is not a member of the workspace group (PREFAB_WORKSPACE_GID): it cannot give \
+                 workspaces to it, and runs will fail; add the group to the gateway's pod (runAsGroup or \
+                 supplementalGroups)"
+            );
+        }
         let root = WorkspaceRoot::new(&args.workspace_root)
-            .map_err(|e| format!("cannot use WORKSPACE_ROOT {}: {e}", args.workspace_root.display()))?;
+            .map_err(|e| format!("cannot use WORKSPACE_ROOT {}: {e}", args.workspace_root.display()))?
+            .with_group(gid);
+        let records = Arc::new(Records::open(&root).map_err(|e| {
+            format!(
+                "cannot keep run records in {}/{}: {e}",
+                args.workspace_root.display(),
+                crate::workspace::record::RUNS_DIR
+            )
+        })?);
         if !(0.0..=1.0).contains(&args.high_water) || args.reserve_factor < 0.0 || args.lease_ttl_seconds == 0
         {
             return Err("PREFAB_HIGH_WATER must be in [0, 1], PREFAB_RESERVE_FACTOR >= 0, PREFAB_LEASE_TTL_SECONDS > 0".into());
@@ -102,11 +128,22 @@ impl State {
             let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
             format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
         });
+        let owner = admission::Owner {
+            replica: replica.clone(),
+            ttl: Duration::from_secs(args.lease_ttl_seconds),
+        };
         Ok(Self {
             s3: storage::connect(&args.s3)?,
             bucket: args.s3.bucket.clone(),
-            admission: Admission::new(limits, root.path().to_owned(), Arc::clone(&metrics)),
+            admission: Admission::new(
+                limits,
+                root.path().to_owned(),
+                Arc::clone(&records),
+                owner,
+                Arc::clone(&metrics),
+            ),
             root,
+            records,
             registry: Registry::new(
                 &args.endpoints,
                 args.endpoint_template.clone(),
@@ -117,6 +154,7 @@ impl State {
             metrics,
             replica,
             lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
+            allow_detach: args.allow_detach,
             retention: Duration::from_secs(args.run_retention_seconds),
             max_run: Some(Duration::from_secs(args.max_run_seconds)).filter(|d| !d.is_zero()),
             runs: Mutex::default(),
@@ -234,6 +272,16 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// Refuses a `Watch` by a token that may not run every prefab of the run.
+fn may_follow(grant: &Grant, prefabs: &[String]) -> Result<(), Status> {
+    match prefabs.iter().find(|p| !grant.may_run(p)) {
+        Some(id) => Err(Status::permission_denied(format!(
+            "this token may not follow runs of prefab {id:?}; ask for a token with scope run:{id}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn files_allowed<T>(req: &Request<T>) -> Result<(), Status> {
     if Grant::of(req).may_move_files() {
         Ok(())
@@ -259,6 +307,15 @@ impl proto::gateway_server::Gateway for Gateway {
             )));
         }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
+        if detach && !self.state.allow_detach {
+            return Err(Status::failed_precondition(
+                "this gateway refuses ON_DISCONNECT_DETACH (PREFAB_ALLOW_DETACH=false): its replicas are \
+                 stopped when no request is open (Knative scaling down), which would cancel a detached run; \
+                 keep the Run stream open (ON_DISCONNECT_CANCEL)",
+            ));
+        }
+        let id = RequestId::new();
+        let prefabs: Vec<String> = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
         // Describing the prefabs, looking at the inputs and waiting for
         // admission count against the caller's deadline too.
         let admitted = async {
@@ -270,7 +327,7 @@ impl proto::gateway_server::Gateway for Gateway {
                 .zip(plans.iter().flat_map(|plan| &plan.inputs))
                 .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
                 .collect();
-            let reservation = self.state.admission.admit(&sizes).await?;
+            let reservation = self.state.admission.admit(id, prefabs.clone(), &sizes).await?;
             Ok::<_, Status>((plans, probes, reservation))
         };
         let (plans, probes, reservation) = match deadline {
@@ -280,10 +337,13 @@ impl proto::gateway_server::Gateway for Gateway {
             None => admitted.await?,
         };
 
-        let id = RequestId::new();
-        let prefabs = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
         let journal = journal::Journal::new(prefabs);
         self.state.journals().insert(id, Arc::clone(&journal));
+        self.state.tasks.spawn(persist::run(
+            Arc::clone(&journal),
+            reservation.record(),
+            self.state.lease_ttl,
+        ));
         let work = run::Run {
             state: Arc::clone(&self.state),
             id,
@@ -327,21 +387,37 @@ impl proto::gateway_server::Gateway for Gateway {
         let grant = Grant::of(&req);
         let req = req.into_inner();
         let id = RequestId::parse(&req.request_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let journal = self.state.journals().get(&id).cloned().ok_or_else(|| {
-            Status::not_found(format!(
-                "run {id} is unknown to this gateway replica: it ran elsewhere, or finished more than {} s ago \
-                 (or before many others whose events filled what is kept)",
-                self.state.retention.as_secs()
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let stream = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::WatchStream);
+        // Runs of this replica are followed in memory, others' on the volume.
+        let local = self.state.journals().get(&id).cloned();
+        if let Some(journal) = local {
+            may_follow(&grant, journal.prefabs())?;
+            tokio::spawn(journal.forward(req.after_sequence, tx, false));
+            return Ok(stream);
+        }
+        let records = Arc::clone(&self.state.records);
+        let found = tokio::task::spawn_blocking(move || {
+            let record = records.find(id)?;
+            Ok::<_, std::io::Error>(record.and_then(|r| r.lease().map(|lease| (r, lease))))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "cannot read the run records on the workspace volume: {e}"
             ))
         })?;
-        if let Some(id) = journal.prefabs().iter().find(|p| !grant.may_run(p)) {
-            return Err(Status::permission_denied(format!(
-                "this token may not follow runs of prefab {id:?}; ask for a token with scope run:{id}"
+        let Some((record, lease)) = found else {
+            return Err(Status::not_found(format!(
+                "run {id} is unknown on this workspace volume: it finished more than {} s ago \
+                 (PREFAB_RUN_RETENTION_SECONDS), or it never ran here",
+                self.state.retention.as_secs()
             )));
-        }
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        tokio::spawn(journal.forward(req.after_sequence, tx, false));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        };
+        may_follow(&grant, &lease.prefabs)?;
+        tokio::spawn(follow::follow(id, record, req.after_sequence, tx));
+        Ok(stream)
     }
 }
 
@@ -392,10 +468,14 @@ pub async fn serve(
             }
         }
     };
+    let schedule = janitor::Schedule {
+        interval: Duration::from_secs(args.janitor_interval_seconds.max(1)),
+        grace: Duration::from_secs(args.workspace_max_age_seconds),
+        retention: state.retention,
+    };
     tokio::spawn(janitor::run(
         state.root.clone(),
-        Duration::from_secs(args.janitor_interval_seconds.max(1)),
-        Duration::from_secs(args.workspace_max_age_seconds),
+        schedule,
         shutdown.clone(),
         report,
     ));

@@ -1,4 +1,5 @@
-//! The run state machine: create the workspace and hold its lease, then for
+//! The run state machine: create the workspace (its lease is held by the
+//! run's journal writer, see [`super::persist`]), then for
 //! each call stage its inputs, invoke the runtime and collect its outputs;
 //! finally remove the workspace, whatever happened, release the
 //! reservation, and end the journal with success or a status. Cancellation
@@ -23,7 +24,7 @@ use super::{
 use crate::{
     metrics::{Outcome, Phase},
     proto::{self, run_event::Event},
-    workspace::{RequestId, Workspace, lease},
+    workspace::{RequestId, Workspace, access},
 };
 
 /// An admitted run, ready to execute.
@@ -150,10 +151,24 @@ impl Run {
     async fn guarded(mut self, events: &Events) -> Result<(), GatewayError> {
         let probes = std::mem::take(&mut self.probes);
         let state = &self.state;
-        let workspace = state.root.create(self.id).await.map_err(|e| {
-            GatewayError::Internal(format!("cannot create the workspace for {}: {e}", self.id))
-        })?;
-        let renewing = renew_lease(&workspace, &state.replica, state.lease_ttl).await?;
+        let workspace = match state.root.create(self.id).await {
+            Ok(workspace) => workspace,
+            Err(e) if access::is_denied(&e) => {
+                let dir = state.root.path().join(self.id.to_string());
+                let explained = tokio::task::spawn_blocking(move || {
+                    access::explain_denied("the gateway cannot create the workspace", &dir)
+                })
+                .await
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                return Err(GatewayError::Deployment(explained));
+            }
+            Err(e) => {
+                return Err(GatewayError::Internal(format!(
+                    "cannot create the workspace for {}: {e}",
+                    self.id
+                )));
+            }
+        };
         let deadline = async {
             match self.deadline {
                 Some(d) => {
@@ -173,37 +188,12 @@ impl Run {
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
         };
-        drop(renewing);
         if let Err(e) = workspace.remove().await {
             tracing::error!(error = %e, "could not remove the workspace");
         }
         drop(self.reservation);
         outcome
     }
-}
-
-/// Writes the workspace's lease and renews it every third of its TTL until
-/// the returned guard is dropped.
-async fn renew_lease(
-    ws: &Workspace,
-    owner: &str,
-    ttl: Duration,
-) -> Result<super::events::AbortOnDrop, GatewayError> {
-    let dir = ws.fd();
-    let owner = owner.to_owned();
-    lease::write(&dir, &lease::Lease::new(&owner, ttl))
-        .await
-        .map_err(|e| GatewayError::Internal(format!("cannot write the workspace lease: {e}")))?;
-    Ok(super::events::AbortOnDrop::spawn(async move {
-        let mut tick = tokio::time::interval(ttl / 3);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if let Err(e) = lease::write(&dir, &lease::Lease::new(&owner, ttl)).await {
-                tracing::warn!(error = %e, "could not renew the workspace lease");
-            }
-        }
-    }))
 }
 
 async fn calls(

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, Probed},
-    workspace::{DirFd, Workspace},
+    workspace::{DirFd, Workspace, access},
 };
 
 /// Inputs of one call staged at once.
@@ -134,7 +134,7 @@ async fn stage_one(
         tokio::task::spawn_blocking(move || {
             let names: Vec<&str> = folders.iter().map(String::as_str).collect();
             let dir = workspace.subdir(&names)?;
-            let file = dir.create_new(&part)?;
+            let file = dir.create_new(&part, access::INPUT_MODE)?;
             Ok::<_, std::io::Error>((dir, file))
         })
         .await

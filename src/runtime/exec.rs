@@ -11,6 +11,7 @@
 
 use std::{
     collections::VecDeque,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -27,6 +28,7 @@ use crate::{
     manifest::{ExecSpec, FunctionSpec, Manifest, ParamKind},
     proto::{self, LogStream},
     server::BoxError,
+    workspace::access,
 };
 
 /// Time between SIGTERM and SIGKILL.
@@ -200,24 +202,21 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
+    // What the program creates in the workspace must stay usable by the
+    // workspace group (the gateway uploads and removes it), whatever umask
+    // this runtime was started with.
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(access::PROGRAM_UMASK));
+            Ok(())
+        });
+    }
     for (name, value) in call.secrets() {
         cmd.env(name, value);
     }
-    let capture = match &exec.stdout {
-        Some(param) => Some(call.output(param)?.to_owned()),
-        None => None,
-    };
-    match &capture {
-        // create_new: never through a symlink planted at the output path.
-        Some(path) => cmd.stdout(
-            tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .await?
-                .into_std()
-                .await,
-        ),
+    match &exec.stdout {
+        Some(param) => cmd.stdout(capture(call.output(param)?, param).await?),
         None => cmd.stdout(Stdio::piped()),
     };
     let mut child = cmd
@@ -309,6 +308,34 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         )));
     }
     Ok(outputs)
+}
+
+/// Creates the file a program's standard output is written to: new (never
+/// through a link planted at its path), group-writable whatever this
+/// process's umask.
+async fn capture(path: &Path, param: &str) -> Result<std::fs::File, PrefabError> {
+    let created = async {
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(access::OUTPUT_MODE)
+            .open(path)
+            .await?;
+        file.set_permissions(std::fs::Permissions::from_mode(access::OUTPUT_MODE))
+            .await?;
+        Ok::<_, std::io::Error>(file.into_std().await)
+    };
+    match created.await {
+        Ok(file) => Ok(file),
+        Err(e) if access::is_denied(&e) => {
+            let (doing, path) = (format!("cannot create output {param:?} at"), path.to_owned());
+            let explained = tokio::task::spawn_blocking(move || access::explain_denied(&doing, &path))
+                .await
+                .map_err(|e| PrefabError::Failed(e.to_string()))?;
+            Err(PrefabError::Workspace(explained))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn handle_stdout(call: &Invocation, line: String, outputs: &mut Outputs, room: &mut Option<usize>) {

@@ -10,7 +10,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::PrefabError;
-use crate::{config::Secret, proto, workspace::DirFd};
+use crate::{
+    config::Secret,
+    proto,
+    workspace::{DirFd, access},
+};
 
 /// The values a function returns, by output name.
 pub type Outputs = Map<String, Value>;
@@ -85,10 +89,17 @@ impl Invocation {
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
             .collect();
         let file_name = components.pop().ok_or_else(outside)?;
-        let workspace = self.workspace.clone();
+        let (workspace, path) = (self.workspace.clone(), self.output(name)?.to_owned());
+        let doing = format!("cannot create output {name:?} at");
         let create = move || {
             let folders: Vec<&str> = components.iter().map(String::as_str).collect();
-            DirFd::open(&workspace)?.subdir(&folders)?.create_new(&file_name)
+            let created = DirFd::open(&workspace)
+                .and_then(|dir| dir.subdir(&folders))
+                .and_then(|dir| dir.create_new(&file_name, access::OUTPUT_MODE));
+            created.map_err(|e| match access::is_denied(&e) {
+                true => PrefabError::Workspace(access::explain_denied(&doing, &path)),
+                false => e.into(),
+            })
         };
         let file = tokio::task::spawn_blocking(create)
             .await

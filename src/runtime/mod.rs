@@ -69,6 +69,10 @@ pub enum PrefabError {
     /// The function ran past its time limit and was cancelled.
     #[error("the function ran past its time limit of {0:?} and was cancelled")]
     TimedOut(std::time::Duration),
+    /// The workspace cannot be used by this runtime as deployed (user and
+    /// group ids, volume mounts): for the operator to fix, not the caller.
+    #[error("{0}")]
+    Workspace(String),
     /// A local file operation failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -81,6 +85,15 @@ impl From<PrefabError> for tonic::Status {
             PrefabError::Failed(m) => tonic::Status::unknown(m),
             PrefabError::Cancelled => tonic::Status::cancelled("the function was cancelled"),
             e @ PrefabError::TimedOut(_) => tonic::Status::deadline_exceeded(e.to_string()),
+            PrefabError::Workspace(m) => tonic::Status::failed_precondition(m),
+            // Refused by file permissions: the runtime's user or groups do
+            // not fit the volume's, which the caller cannot change.
+            PrefabError::Io(e) if crate::workspace::access::is_denied(&e) => {
+                tonic::Status::failed_precondition(format!(
+                    "I/O error: {e} (this runtime runs as {}; it needs the workspace group among its groups)",
+                    crate::workspace::access::Identity::current()
+                ))
+            }
             PrefabError::Io(e) => tonic::Status::internal(format!("I/O error: {e}")),
         }
     }

@@ -22,7 +22,7 @@ use crate::{
     config::Secret,
     manifest::{FunctionSpec, Manifest, ParamKind},
     proto::{self, prefab_runtime_server::PrefabRuntime},
-    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot, open_regular},
+    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot, access, open_regular},
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -100,11 +100,21 @@ impl<P: Prefab> RuntimeService<P> {
         events: mpsc::Sender<Result<proto::InvokeEvent, Status>>,
         cancel: CancellationToken,
     ) -> Result<Invocation, Status> {
-        let workspace = self.root.resolve(&req.workspace).await.map_err(|e| match e {
-            HandleError::Missing(_) => Status::not_found(e.to_string()),
-            HandleError::Io { .. } => Status::internal(e.to_string()),
-            _ => Status::invalid_argument(e.to_string()),
-        })?;
+        let workspace = match self.root.resolve(&req.workspace).await {
+            Ok(dir) => dir,
+            Err(HandleError::Io { id, source }) if access::is_denied(&source) => {
+                let dir = self.root.path().join(id.to_string());
+                let explained = tokio::task::spawn_blocking(move || {
+                    access::explain_denied("cannot open the workspace", &dir)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+                return Err(Status::failed_precondition(explained));
+            }
+            Err(e @ HandleError::Missing(_)) => return Err(Status::not_found(e.to_string())),
+            Err(e @ HandleError::Io { .. }) => return Err(Status::internal(e.to_string())),
+            Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        };
         let spec = self.manifest.function(&req.function_name).ok_or_else(|| {
             Status::not_found(format!(
                 "prefab {} has no function {:?}",
@@ -168,28 +178,36 @@ async fn resolve_files(
         let path = workspace.join(rel.as_str());
         // Checked component by component without following symlinks, so a
         // link planted anywhere on the way is refused.
-        let base = workspace.to_owned();
+        let (base, at, name) = (workspace.to_owned(), path.clone(), p.name.clone());
         let checked = tokio::task::spawn_blocking(move || {
-            if is_input {
+            let checked = if is_input {
                 open_regular(&base, &rel).map(drop)
             } else {
                 // Nothing may be at an output's path yet: a link planted
                 // there by another process on the volume would take the
                 // function's writes.
                 let components: Vec<&str> = rel.components().collect();
-                let (name, folders) = components.split_last().expect("a path has a name");
-                DirFd::open(&base)?.subdir(folders)?.ensure_absent(name)
-            }
+                let (file, folders) = components.split_last().expect("a path has a name");
+                DirFd::open(&base).and_then(|dir| dir.subdir(folders)?.ensure_absent(file))
+            };
+            checked.map_err(|e| match (is_input, e.kind()) {
+                (_, std::io::ErrorKind::PermissionDenied) => {
+                    let doing = match is_input {
+                        true => format!("cannot read input {name:?} at"),
+                        false => format!("cannot prepare output {name:?} at"),
+                    };
+                    Status::failed_precondition(access::explain_denied(&doing, &at))
+                }
+                (true, std::io::ErrorKind::NotFound) => {
+                    Status::failed_precondition(format!("input {name:?} is not in the workspace: {e}"))
+                }
+                (true, _) => Status::invalid_argument(format!("input {name:?}: {e}")),
+                (false, _) => Status::invalid_argument(format!("output {name:?}: {e}")),
+            })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        checked.map_err(|e| match (is_input, e.kind()) {
-            (true, std::io::ErrorKind::NotFound) => {
-                Status::failed_precondition(format!("input {:?} is not in the workspace: {e}", p.name))
-            }
-            (true, _) => Status::invalid_argument(format!("input {:?}: {e}", p.name)),
-            (false, _) => Status::invalid_argument(format!("output {:?}: {e}", p.name)),
-        })?;
+        checked?;
         files.insert(p.name.clone(), path);
     }
     Ok(files)

@@ -12,9 +12,21 @@ use rustix::{
     io::Errno,
 };
 
+use super::access::DIR_MODE;
+
+/// Mode of the files [`DirFd::replace`] writes (leases, journals): the
+/// gateway's own.
+const PRIVATE_MODE: u32 = 0o600;
+
 /// An open workspace folder.
 #[derive(Debug)]
 pub struct DirFd(OwnedFd);
+
+impl std::os::fd::AsFd for DirFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -28,26 +40,89 @@ impl DirFd {
     }
 
     /// Opens (creating as needed) the sub-folders `dirs` one by one,
-    /// without following symlinks.
+    /// without following symlinks. Folders it creates get the shared
+    /// workspace mode ([`DIR_MODE`]: group-writable, setgid).
     pub fn subdir(&self, dirs: &[&str]) -> std::io::Result<DirFd> {
         let mut fd = rustix::io::dup(&self.0)?;
         for name in dirs {
-            match rustix::fs::mkdirat(&fd, *name, Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(Errno::EXIST) => {}
+            let created = match rustix::fs::mkdirat(&fd, *name, Mode::from_raw_mode(DIR_MODE)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
                 Err(e) => return Err(e.into()),
-            }
+            };
             fd = rustix::fs::openat(&fd, *name, DIR_FLAGS, Mode::empty()).map_err(|e| refuse(name, e))?;
+            if created {
+                // mkdir applies the umask and drops the setgid bit.
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(DIR_MODE))?;
+            }
         }
         Ok(DirFd(fd))
     }
 
-    /// Creates the new file `name` in this folder for reading and writing;
-    /// fails if anything (a symlink included) already has that name.
-    pub fn create_new(&self, name: &str) -> std::io::Result<File> {
+    /// Opens the existing sub-folder `name`, following no link; `None` if
+    /// there is none.
+    pub fn subdir_existing(&self, name: &str) -> std::io::Result<Option<DirFd>> {
+        match rustix::fs::openat(&self.0, name, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => Ok(Some(DirFd(fd))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(refuse(name, e)),
+        }
+    }
+
+    /// Creates the new folder `name` here with `mode`, given to `group`
+    /// when one is named, and opens it; fails if anything has that name.
+    pub fn create_dir(&self, name: &str, group: Option<u32>, mode: u32) -> std::io::Result<DirFd> {
+        rustix::fs::mkdirat(&self.0, name, Mode::from_raw_mode(mode)).map_err(|e| refuse(name, e))?;
+        let fd = rustix::fs::openat(&self.0, name, DIR_FLAGS, Mode::empty()).map_err(|e| refuse(name, e))?;
+        if let Some(gid) = group {
+            let now = rustix::fs::fstat(&fd)?.st_gid;
+            if now != gid {
+                rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+            }
+        }
+        // After the chown, which clears the setgid bit.
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+        Ok(DirFd(fd))
+    }
+
+    /// Creates the new file `name` in this folder for reading and writing,
+    /// with permissions `mode` whatever the umask; fails if anything (a
+    /// symlink included) already has that name.
+    pub fn create_new(&self, name: &str, mode: u32) -> std::io::Result<File> {
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(&self.0, name, flags, Mode::from_raw_mode(0o644))
+        let fd = rustix::fs::openat(&self.0, name, flags, Mode::from_raw_mode(mode))
             .map_err(|e| refuse(name, e))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
         Ok(File::from(fd))
+    }
+
+    /// Appends `contents` to the regular file `name` (created with `mode`
+    /// if missing) in one write, and closes it: on a network volume the
+    /// close is what makes the bytes visible to other hosts.
+    pub fn append(&self, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
+        let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.0, name, flags, Mode::from_raw_mode(mode))
+            .map_err(|e| refuse(name, e))?;
+        let file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(refuse(name, Errno::EXIST));
+        }
+        std::io::Write::write_all(&mut &file, contents)
+    }
+
+    /// Opens the regular file `name` here for reading, following no link;
+    /// `None` if there is none.
+    pub fn open_file(&self, name: &str) -> std::io::Result<Option<File>> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let file = match rustix::fs::openat(&self.0, name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(refuse(name, e)),
+        };
+        if !file.metadata()?.is_file() {
+            return Err(refuse(name, Errno::EXIST));
+        }
+        Ok(Some(file))
     }
 
     /// Fails if anything (a symlink included) has the name `name` here.
@@ -66,7 +141,7 @@ impl DirFd {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
         }
-        let mut file = self.create_new(&tmp)?;
+        let mut file = self.create_new(&tmp, PRIVATE_MODE)?;
         std::io::Write::write_all(&mut file, contents)?;
         // Network file systems may report a full volume only here.
         file.sync_all()?;
@@ -123,7 +198,7 @@ mod tests {
         std::fs::create_dir(ws.join("real")).unwrap();
         let real = dir.subdir(&["real", "0"]).unwrap();
         std::os::unix::fs::symlink(outside.join("victim"), ws.join("real/0/x.part")).unwrap();
-        assert!(real.create_new("x.part").is_err());
+        assert!(real.create_new("x.part", 0o640).is_err());
         assert!(!outside.join("victim").exists());
         std::os::unix::fs::symlink(outside.join("lease"), ws.join(".lease.tmp")).unwrap();
         dir.replace(".lease", b"{}").unwrap();

@@ -1,8 +1,9 @@
-//! The janitor: removes workspaces nobody owns any more, and reports disk
-//! usage. Any number of gateway replicas may run it on the same volume: it
-//! removes only workspaces whose lease has expired, or that have no lease
-//! and are older than the grace period. Each workspace is handled on its
-//! own; an error on one is logged and the sweep goes on.
+//! The janitor: removes workspaces nobody owns any more and run records
+//! nobody needs any more, and reports disk usage. Any number of gateway
+//! replicas may run it on the same volume: it removes only workspaces whose
+//! run's lease has expired or ended, or that have no lease and are older
+//! than the grace period. Each workspace is handled on its own; an error on
+//! one is logged and the sweep goes on.
 
 use std::{
     path::Path,
@@ -11,7 +12,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{REMOVING_PREFIX, RequestId, WorkspaceRoot, lease};
+use super::{REMOVING_PREFIX, RequestId, WorkspaceRoot, lease, record::RUNS_DIR};
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +88,7 @@ pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
         }
         let dir = entry.path();
         if removing.is_none() {
-            match abandoned(&dir, grace).await {
+            match abandoned(&dir, &root.path().join(RUNS_DIR).join(&name), grace).await {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
@@ -112,13 +113,14 @@ pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
     report
 }
 
-async fn abandoned(dir: &Path, grace: Duration) -> std::io::Result<bool> {
+/// Whether the workspace `dir`, whose run record is `record`, is abandoned.
+async fn abandoned(dir: &Path, record: &Path, grace: Duration) -> std::io::Result<bool> {
     let meta = tokio::fs::symlink_metadata(dir).await?;
     if !meta.is_dir() {
         return Ok(false);
     }
-    if let Some(lease) = lease::read(dir).await {
-        return Ok(lease.expired());
+    if let Some(lease) = lease::read(record).await {
+        return Ok(!lease.live());
     }
     let age = SystemTime::now()
         .duration_since(meta.modified()?)
@@ -150,15 +152,30 @@ async fn dir_size(dir: &Path) -> u64 {
     .unwrap_or_default()
 }
 
+/// How often and how patiently the janitor works.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Time between sweeps.
+    pub interval: Duration,
+    /// Age after which a workspace without a lease is abandoned.
+    pub grace: Duration,
+    /// How long the records of ended runs are kept for `Watch`.
+    pub retention: Duration,
+}
+
 /// Sweeps at once, then every `interval`, until `shutdown`; logs the
 /// operators' summary lines and hands each sweep and usage to `report`.
 pub async fn run(
     root: WorkspaceRoot,
-    interval: Duration,
-    grace: Duration,
+    schedule: Schedule,
     shutdown: CancellationToken,
     report: impl Fn(Sweep, Option<DiskUsage>) + Send,
 ) {
+    let Schedule {
+        interval,
+        grace,
+        retention,
+    } = schedule;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -167,6 +184,17 @@ pub async fn run(
             () = shutdown.cancelled() => return,
         }
         let done = sweep(&root, grace).await;
+        let records = root.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            super::record::Records::open(&records).map(|r| r.sweep(retention, grace))
+        })
+        .await;
+        match swept {
+            Ok(Ok(n)) if n > 0 => tracing::info!(records = n, "janitor removed the records of ended runs"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "janitor cannot read the run records"),
+            Err(e) => tracing::warn!(error = %e, "janitor's record sweep failed"),
+        }
         tracing::info!(
             "Cleanup summary: removed {} workspaces, freed {:.2} MB",
             done.removed,
@@ -194,13 +222,14 @@ mod tests {
     async fn sweep_removes_only_expired_or_old_unleased_workspaces() {
         let tmp = tempfile::tempdir().unwrap();
         let root = WorkspaceRoot::new(tmp.path()).unwrap();
+        let records = super::super::record::Records::open(&root).unwrap();
         let live = root.create(RequestId::new()).await.unwrap();
-        lease::write(&live.fd(), &lease::Lease::new("me", Duration::from_secs(60)))
-            .await
+        records
+            .create(live.id(), lease::Lease::new("me", Duration::from_secs(60)))
             .unwrap();
         let expired = root.create(RequestId::new()).await.unwrap();
-        lease::write(&expired.fd(), &lease::Lease::new("dead", Duration::ZERO))
-            .await
+        records
+            .create(expired.id(), lease::Lease::new("dead", Duration::ZERO))
             .unwrap();
         tokio::fs::write(expired.dir().join("inputs/big"), vec![0u8; 4096])
             .await

@@ -1,29 +1,38 @@
-//! Leases: a small file in each workspace saying which gateway replica owns
-//! it and until when. The owner renews it while the run lives; any
-//! replica's janitor may remove a workspace whose lease has expired.
+//! Leases: a small file in each run's record (see [`super::record`]) saying
+//! which gateway replica owns the run and until when, what it reserved of
+//! the volume, and whether it finished. The owner renews it while the run
+//! lives; any replica's janitor may remove a workspace whose lease has
+//! expired, and any replica's `Watch` reports a run whose lease expired
+//! unfinished as aborted.
 
 use std::{
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
 use super::DirFd;
 
-/// The lease file's name inside a workspace (hidden from runtimes, whose
-/// paths may not start with a dot).
+/// The lease file's name inside a run record.
 pub const LEASE_FILE: &str = ".lease";
 
 /// The content of a lease file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    /// The replica that owns the workspace.
+    /// The replica that owns the run and its workspace.
     pub owner: String,
     /// Expiry, in milliseconds since the Unix epoch.
     pub expires_unix_ms: u64,
+    /// Workspace bytes the run holds reserved (see admission).
+    #[serde(default)]
+    pub reserved_bytes: u64,
+    /// The prefab ids the run calls, for checking who may follow it.
+    #[serde(default)]
+    pub prefabs: Vec<String>,
+    /// When the run ended, if it has.
+    #[serde(default)]
+    pub finished_unix_ms: Option<u64>,
 }
 
 impl Lease {
@@ -32,6 +41,15 @@ impl Lease {
         Self {
             owner: owner.to_owned(),
             expires_unix_ms: now_ms() + ttl.as_millis() as u64,
+            ..Self::default()
+        }
+    }
+
+    /// The same lease, renewed to expire `ttl` from now.
+    pub fn renewed(&self, ttl: Duration) -> Self {
+        Self {
+            expires_unix_ms: now_ms() + ttl.as_millis() as u64,
+            ..self.clone()
         }
     }
 
@@ -39,31 +57,34 @@ impl Lease {
     pub fn expired(&self) -> bool {
         now_ms() > self.expires_unix_ms
     }
+
+    /// Whether it is the lease of a run still going: not finished, not
+    /// expired. Only those hold reservations.
+    pub fn live(&self) -> bool {
+        self.finished_unix_ms.is_none() && !self.expired()
+    }
 }
 
-fn now_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
 }
 
-/// Writes (or renews) the lease of the open workspace `dir`, atomically and
-/// without following anything planted in it. On a full volume, where the
-/// atomic write's new file finds no space, a lease is renewed in place
+/// Writes (or renews) the lease in the open record folder `dir`, atomically
+/// and without following anything planted in it. On a full volume, where
+/// the atomic write's new file finds no space, a lease is renewed in place
 /// instead: a run must not lose its workspace to the janitor for that.
-pub async fn write(dir: &Arc<DirFd>, lease: &Lease) -> std::io::Result<()> {
+/// Blocking.
+pub fn write_blocking(dir: &DirFd, lease: &Lease) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
-    let dir = Arc::clone(dir);
-    tokio::task::spawn_blocking(move || {
-        dir.replace(LEASE_FILE, &body)
-            .or_else(|e| match e.raw_os_error() {
-                Some(code) if full(code) => dir.overwrite(LEASE_FILE, &body).map_err(|_| e),
-                _ => Err(e),
-            })
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    dir.replace(LEASE_FILE, &body)
+        .or_else(|e| match e.raw_os_error() {
+            Some(code) if full(code) => dir.overwrite(LEASE_FILE, &body).map_err(|_| e),
+            _ => Err(e),
+        })
 }
 
 /// Whether `errno` says the volume (or the quota) is full.
@@ -72,28 +93,31 @@ fn full(errno: i32) -> bool {
     errno == rustix::io::Errno::NOSPC || errno == rustix::io::Errno::DQUOT
 }
 
-/// Reads the lease of the workspace at `dir`; `None` if it has none, it is
-/// unreadable, or it is a symlink (a planted lease does not count).
-pub async fn read(dir: &Path) -> Option<Lease> {
-    let path = dir.join(LEASE_FILE);
-    let body = tokio::task::spawn_blocking(move || {
-        use std::{io::Read, os::unix::fs::OpenOptionsExt};
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-            .open(path)?;
-        // A FIFO or device planted as the lease is not a lease.
-        if !file.metadata()?.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        let mut body = Vec::new();
-        file.by_ref().take(4096).read_to_end(&mut body)?;
-        Ok::<_, std::io::Error>(body)
-    })
-    .await
-    .ok()?
-    .ok()?;
+/// Reads the lease in the record folder `dir`; `None` if it has none, it
+/// is unreadable, or it is a symlink (a planted lease does not count).
+/// Blocking.
+pub fn read_blocking(dir: &Path) -> Option<Lease> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(dir.join(LEASE_FILE))
+        .ok()?;
+    // A FIFO or device planted as the lease is not a lease.
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut body = Vec::new();
+    file.by_ref().take(64 << 10).read_to_end(&mut body).ok()?;
     serde_json::from_slice(&body).ok()
+}
+
+/// [`read_blocking`] off the async threads.
+pub async fn read(dir: &Path) -> Option<Lease> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || read_blocking(&dir))
+        .await
+        .ok()?
 }
 
 #[cfg(test)]
@@ -105,8 +129,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()).await, None);
         let lease = Lease::new("replica-a", Duration::from_secs(60));
-        let fd = Arc::new(DirFd::open(dir.path()).unwrap());
-        write(&fd, &lease).await.unwrap();
+        let fd = DirFd::open(dir.path()).unwrap();
+        write_blocking(&fd, &lease).unwrap();
         assert_eq!(read(dir.path()).await, Some(lease.clone()));
         assert!(!lease.expired());
         assert!(Lease::new("b", Duration::ZERO).expires_unix_ms <= now_ms());
@@ -136,10 +160,8 @@ mod tests {
             }
         }
         let _unmount = Unmount(dir.path());
-        let fd = Arc::new(DirFd::open(dir.path()).unwrap());
-        write(&fd, &Lease::new("replica-a", Duration::from_secs(60)))
-            .await
-            .unwrap();
+        let fd = DirFd::open(dir.path()).unwrap();
+        write_blocking(&fd, &Lease::new("replica-a", Duration::from_secs(60))).unwrap();
         let mut filler = std::fs::File::create(dir.path().join("filler")).unwrap();
         let filled = std::io::Write::write_all(&mut filler, &[0; 64 << 10]).unwrap_err();
         assert_eq!(
@@ -148,7 +170,7 @@ mod tests {
         );
         assert!(fd.replace("other", b"{}").is_err(), "the volume is not full");
         let renewed = Lease::new("replica-a", Duration::from_secs(120));
-        write(&fd, &renewed).await.unwrap();
+        write_blocking(&fd, &renewed).unwrap();
         assert_eq!(read(dir.path()).await, Some(renewed));
     }
 }

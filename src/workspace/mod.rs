@@ -3,10 +3,12 @@
 //! never by a path, and everything resolved inside it goes through
 //! [`RelPath`] and descriptor-based, no-follow opens.
 
+pub mod access;
 mod confine;
 mod fd;
 pub mod janitor;
 pub mod lease;
+pub mod record;
 
 use std::{
     fmt,
@@ -86,6 +88,7 @@ impl fmt::Display for RequestId {
 #[derive(Debug, Clone)]
 pub struct WorkspaceRoot {
     path: PathBuf,
+    group: Option<u32>,
 }
 
 impl WorkspaceRoot {
@@ -94,7 +97,16 @@ impl WorkspaceRoot {
         std::fs::create_dir_all(path.as_ref())?;
         Ok(Self {
             path: std::fs::canonicalize(path)?,
+            group: None,
         })
+    }
+
+    /// Gives the workspaces created from now on to the group `gid` (see
+    /// [`access`]); without it they get the creator's group, or the root
+    /// folder's if that is setgid.
+    pub fn with_group(mut self, gid: u32) -> Self {
+        self.group = Some(gid);
+        self
     }
 
     /// The root folder.
@@ -102,22 +114,33 @@ impl WorkspaceRoot {
         &self.path
     }
 
-    /// Creates the workspace of `id`; fails if it already exists. The
+    /// Creates the workspace of `id`; fails if it already exists. Its
+    /// folders belong to the workspace group with [`access::DIR_MODE`]. The
     /// folder is opened once, and the gateway's writes go through that
     /// descriptor (see [`DirFd`]).
     pub async fn create(&self, id: RequestId) -> std::io::Result<Workspace> {
         let dir = self.path.join(id.to_string());
-        tokio::fs::create_dir(&dir).await?;
-        let path = dir.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            let fd = DirFd::open(&path)?;
-            fd.subdir(&[INPUTS])?;
-            fd.subdir(&[OUTPUTS])?;
-            Ok::<_, std::io::Error>(fd)
+        let (root, group) = (self.path.clone(), self.group);
+        let name = id.to_string();
+        let created = tokio::task::spawn_blocking(move || {
+            DirFd::open(&root)?.create_dir(&name, group, access::DIR_MODE)
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
+        let opened = match created {
+            Ok(fd) => tokio::task::spawn_blocking(move || {
+                fd.subdir(&[INPUTS])?;
+                fd.subdir(&[OUTPUTS])?;
+                Ok::<_, std::io::Error>(fd)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r),
+            // A folder half made (its group refused) is removed below.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e),
+            Err(e) => Err(e),
+        };
         match opened {
             Ok(fd) => Ok(Workspace {
                 id,

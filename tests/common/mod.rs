@@ -333,9 +333,16 @@ impl Drop for Stack {
     }
 }
 
+/// The entries of `dir`, but for the gateways' run records
+/// (`.runs`, kept beside the workspaces for `Watch`).
 pub fn list(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| !p.ends_with(prefab::workspace::record::RUNS_DIR))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
