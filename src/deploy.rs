@@ -12,6 +12,9 @@ pub const NAMESPACE: &str = "prefab-functions";
 pub const PVC: &str = "prefab-workspace";
 /// Where the shared volume is mounted.
 pub const MOUNT: &str = "/mnt/prefab-workspace";
+/// The workspace group of the manifests in `k8s/`: the gateway image's
+/// (distroless `nonroot`) primary group.
+pub const WORKSPACE_GID: u32 = 65532;
 
 /// Settings of `prefab deploy render`.
 #[derive(Debug, Clone, clap::Args)]
@@ -34,6 +37,12 @@ pub struct RenderArgs {
     /// Longest call, in seconds (Knative's timeoutSeconds).
     #[arg(long, default_value_t = 3600)]
     pub timeout_seconds: u64,
+    /// The workspace group (the gateway's `PREFAB_WORKSPACE_GID`): the
+    /// prefab's processes run with it as their group, so that they can read
+    /// staged inputs and write outputs the gateway then uploads and removes,
+    /// whatever user id the image runs as.
+    #[arg(long, default_value_t = WORKSPACE_GID)]
+    pub workspace_gid: u32,
     /// Arguments for the container, e.g. `runtime exec --manifest /app/prefab.toml`.
     #[arg(long = "arg")]
     pub args: Vec<String>,
@@ -113,8 +122,11 @@ pub fn knative_service(args: &RenderArgs) -> Result<Value, RenderError> {
         "readinessProbe": probe(5),
         "livenessProbe": probe(10),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+        // Container-level runAsGroup: Knative accepts it without enabling
+        // pod-level security contexts (fsGroup, supplementalGroups).
         "securityContext": {
             "runAsNonRoot": true,
+            "runAsGroup": args.workspace_gid,
             "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]},
@@ -225,6 +237,7 @@ mod tests {
             env: vec!["MODE=fast".into()],
             secrets: vec!["hello-secrets".into()],
             timeout_seconds: 600,
+            workspace_gid: 4242,
             args: vec!["runtime".into(), "hello".into()],
             apply: false,
         }
@@ -258,6 +271,7 @@ mod tests {
                 .contains(&json!({"name": "MODE", "value": "fast"}))
         );
         assert_eq!(c["envFrom"][0]["secretRef"]["name"], "hello-secrets");
+        assert_eq!(c["securityContext"]["runAsGroup"], 4242);
     }
 
     #[test]

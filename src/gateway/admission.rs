@@ -174,12 +174,7 @@ impl Admission {
         let (factor, high_water) = (limits.reserve_factor, limits.high_water);
         let booked_on_volume = tokio::task::spawn_blocking(move || {
             let _lock = records.lock()?;
-            let live: Vec<Lease> = records
-                .leases()?
-                .into_iter()
-                .map(|(_, lease)| lease)
-                .filter(Lease::live)
-                .collect();
+            let live: Vec<Lease> = records.live_leases()?.into_iter().map(|(_, lease)| lease).collect();
             let reserved: u64 = live.iter().map(|l| l.reserved_bytes).sum();
             if used + reserved + need > limit {
                 return Ok(Err(GatewayError::ResourceExhausted(format!(

@@ -207,6 +207,11 @@ impl Writer {
         });
         for _ in 0..FINAL_ATTEMPTS {
             if self.store_lease().await {
+                let record = Arc::clone(&self.record);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || record.retire()).await {
+                    // Admission removes it once it reads the ended lease.
+                    tracing::debug!(error = %e, "could not remove the run's live marker");
+                }
                 return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -107,7 +107,8 @@ pub fn explain_denied(doing: &str, path: &Path) -> String {
     format!(
         "{doing} {}: permission denied to this process ({me}); {at} is {owner}. Every pod that mounts \
          the workspace volume must have the workspace group {group} among its groups (runAsGroup, \
-         fsGroup or supplementalGroups in its securityContext; `prefab deploy render --workspace-gid`)",
+         fsGroup or supplementalGroups in its securityContext; `prefab deploy render --workspace-gid`), and \
+         every workspace folder must be group-writable",
         path.display()
     )
 }

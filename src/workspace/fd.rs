@@ -97,17 +97,22 @@ impl DirFd {
     }
 
     /// Appends `contents` to the regular file `name` (created with `mode`
-    /// if missing) in one write, and closes it: on a network volume the
-    /// close is what makes the bytes visible to other hosts.
+    /// if missing), and closes it: on a network volume the close is what
+    /// makes the bytes visible to other hosts. A write that fails part-way
+    /// (a full volume) is cut off again, so the file never ends in half of
+    /// what was appended.
     pub fn append(&self, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
         let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = rustix::fs::openat(&self.0, name, flags, Mode::from_raw_mode(mode))
             .map_err(|e| refuse(name, e))?;
         let file = File::from(fd);
-        if !file.metadata()?.is_file() {
+        let before = file.metadata()?;
+        if !before.is_file() {
             return Err(refuse(name, Errno::EXIST));
         }
-        std::io::Write::write_all(&mut &file, contents)
+        std::io::Write::write_all(&mut &file, contents).inspect_err(|_| {
+            let _ = file.set_len(before.len());
+        })
     }
 
     /// Opens the regular file `name` here for reading, following no link;

