@@ -140,6 +140,7 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, shutdown: Cance
             },
             () = shutdown.cancelled() => return,
         };
+        let _ = socket.set_nodelay(true);
         let metrics = Arc::clone(&metrics);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let metrics = Arc::clone(&metrics);
