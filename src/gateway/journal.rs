@@ -100,6 +100,11 @@ impl Journal {
         self.latest.send_replace(seq);
     }
 
+    /// Whether the run is over.
+    pub fn ended(&self) -> bool {
+        self.lock().end.is_some()
+    }
+
     /// Encoded size of the events kept.
     pub fn bytes(&self) -> usize {
         self.lock().bytes

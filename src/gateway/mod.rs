@@ -399,15 +399,10 @@ impl proto::gateway_server::Gateway for Gateway {
         let records = Arc::clone(&self.state.records);
         let found = tokio::task::spawn_blocking(move || {
             let record = records.find(id)?;
-            Ok::<_, std::io::Error>(record.and_then(|r| r.lease().map(|lease| (r, lease))))
+            record.lease().map(|lease| (record, lease))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| {
-            Status::unavailable(format!(
-                "cannot read the run records on the workspace volume: {e}"
-            ))
-        })?;
+        .map_err(|e| Status::internal(e.to_string()))?;
         let Some((record, lease)) = found else {
             return Err(Status::not_found(format!(
                 "run {id} is unknown on this workspace volume: it finished more than {} s ago \

@@ -116,8 +116,16 @@ pub async fn run(journal: Arc<Journal>, record: Arc<Record>, ttl: Duration) {
                 continue;
             }
         }
-        // Let a batch gather.
-        tokio::time::sleep(FLUSH_EVERY).await;
+        // Let a batch gather, but not past the run's end: that is what
+        // other replicas (and admission, which counts the live leases)
+        // wait for.
+        let batch_end = tokio::time::Instant::now() + FLUSH_EVERY;
+        while !journal.ended() {
+            tokio::select! {
+                () = tokio::time::sleep_until(batch_end) => break,
+                changed = latest.changed() => if changed.is_err() { break },
+            }
+        }
         latest.borrow_and_update();
         let (events, end) = journal.read_after(writer.written_seq);
         writer.append(events).await;
@@ -178,8 +186,8 @@ impl Writer {
         }
     }
 
-    /// Appends the end and stores the finished lease, retrying a while: a
-    /// reader that never sees them reports the run aborted.
+    /// Appends the end and ends the lease, retrying a while: a reader that
+    /// never sees them reports the run aborted.
     async fn finish(&mut self, end: &Result<(), Status>, ttl: Duration) {
         let mut buf = Vec::new();
         let entry = Entry {
@@ -201,18 +209,14 @@ impl Writer {
             self.renew(ttl).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        self.record.update_lease(|l| {
-            l.finished_unix_ms = Some(lease::now_ms());
-            l.reserved_bytes = 0;
-        });
         for _ in 0..FINAL_ATTEMPTS {
-            if self.store_lease().await {
-                let record = Arc::clone(&self.record);
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || record.retire()).await {
-                    // Admission removes it once it reads the ended lease.
-                    tracing::debug!(error = %e, "could not remove the run's live marker");
+            let record = Arc::clone(&self.record);
+            match tokio::task::spawn_blocking(move || record.finish()).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(run = %self.record.id(), error = %e, "could not end the run's lease")
                 }
-                return;
+                Err(_) => return,
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

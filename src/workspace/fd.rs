@@ -92,7 +92,10 @@ impl DirFd {
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = rustix::fs::openat(&self.0, name, flags, Mode::from_raw_mode(mode))
             .map_err(|e| refuse(name, e))?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+        // The umask takes group and other bits away; the owner's stay.
+        if mode & 0o077 != 0 {
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+        }
         Ok(File::from(fd))
     }
 
@@ -139,8 +142,10 @@ impl DirFd {
         }
     }
 
-    /// Writes `name` atomically: a fresh temporary file renamed over it.
-    pub fn replace(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
+    /// Writes `name` atomically: a fresh temporary file renamed over it,
+    /// synced first if `durable` (a network volume may report a full disk
+    /// only then).
+    pub fn replace(&self, name: &str, contents: &[u8], durable: bool) -> std::io::Result<()> {
         let tmp = format!("{name}.tmp");
         match rustix::fs::unlinkat(&self.0, tmp.as_str(), AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => {}
@@ -148,8 +153,9 @@ impl DirFd {
         }
         let mut file = self.create_new(&tmp, PRIVATE_MODE)?;
         std::io::Write::write_all(&mut file, contents)?;
-        // Network file systems may report a full volume only here.
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         self.rename(&tmp, name)
     }
 
@@ -206,7 +212,7 @@ mod tests {
         assert!(real.create_new("x.part", 0o640).is_err());
         assert!(!outside.join("victim").exists());
         std::os::unix::fs::symlink(outside.join("lease"), ws.join(".lease.tmp")).unwrap();
-        dir.replace(".lease", b"{}").unwrap();
+        dir.replace(".lease", b"{}", true).unwrap();
         assert!(!outside.join("lease").exists());
         assert_eq!(std::fs::read(ws.join(".lease")).unwrap(), b"{}");
         dir.overwrite(".lease", b"{\"a\":1}").unwrap();
@@ -218,7 +224,7 @@ mod tests {
         // Moving the workspace away does not redirect writes.
         std::fs::rename(&ws, tmp.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, &ws).unwrap();
-        dir.replace("after", b"1").unwrap();
+        dir.replace("after", b"1", false).unwrap();
         assert!(tmp.path().join("moved/after").exists() && !outside.join("after").exists());
     }
 }

@@ -12,7 +12,9 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{REMOVING_PREFIX, RequestId, WorkspaceRoot, lease, record::RUNS_DIR};
+use std::sync::Arc;
+
+use super::{REMOVING_PREFIX, RequestId, WorkspaceRoot, record::Records};
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +64,15 @@ pub async fn disk_usage(path: &Path) -> std::io::Result<DiskUsage> {
 /// Removes every abandoned workspace under `root` once.
 pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
     let mut report = Sweep::default();
+    let opened = root.clone();
+    let records = match tokio::task::spawn_blocking(move || Records::open(&opened)).await {
+        Ok(Ok(records)) => Some(Arc::new(records)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "janitor cannot read the run records; only leaseless workspaces count");
+            None
+        }
+        Err(_) => None,
+    };
     let mut entries = match tokio::fs::read_dir(root.path()).await {
         Ok(entries) => entries,
         Err(e) => {
@@ -88,7 +99,7 @@ pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
         }
         let dir = entry.path();
         if removing.is_none() {
-            match abandoned(&dir, &root.path().join(RUNS_DIR).join(&name), grace).await {
+            match abandoned(&dir, records.as_ref(), removing.unwrap_or(&text), grace).await {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
@@ -113,13 +124,29 @@ pub async fn sweep(root: &WorkspaceRoot, grace: Duration) -> Sweep {
     report
 }
 
-/// Whether the workspace `dir`, whose run record is `record`, is abandoned.
-async fn abandoned(dir: &Path, record: &Path, grace: Duration) -> std::io::Result<bool> {
+/// Whether the workspace `dir` of run `name` is abandoned: its run's lease
+/// expired or ended, or it has none and is older than `grace`.
+async fn abandoned(
+    dir: &Path,
+    records: Option<&Arc<Records>>,
+    name: &str,
+    grace: Duration,
+) -> std::io::Result<bool> {
     let meta = tokio::fs::symlink_metadata(dir).await?;
     if !meta.is_dir() {
         return Ok(false);
     }
-    if let Some(lease) = lease::read(record).await {
+    let lease = match (records, RequestId::parse(name)) {
+        (Some(records), Ok(id)) => {
+            let records = Arc::clone(records);
+            tokio::task::spawn_blocking(move || records.lease(id))
+                .await
+                .ok()
+                .flatten()
+        }
+        _ => None,
+    };
+    if let Some(lease) = lease {
         return Ok(!lease.live());
     }
     let age = SystemTime::now()
@@ -185,10 +212,9 @@ pub async fn run(
         }
         let done = sweep(&root, grace).await;
         let records = root.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            super::record::Records::open(&records).map(|r| r.sweep(retention, grace))
-        })
-        .await;
+        let swept =
+            tokio::task::spawn_blocking(move || Records::open(&records).map(|r| r.sweep(retention, grace)))
+                .await;
         match swept {
             Ok(Ok(n)) if n > 0 => tracing::info!(records = n, "janitor removed the records of ended runs"),
             Ok(Ok(_)) => {}
@@ -225,11 +251,17 @@ mod tests {
         let records = super::super::record::Records::open(&root).unwrap();
         let live = root.create(RequestId::new()).await.unwrap();
         records
-            .create(live.id(), lease::Lease::new("me", Duration::from_secs(60)))
+            .create(
+                live.id(),
+                super::super::lease::Lease::new("me", Duration::from_secs(60)),
+            )
             .unwrap();
         let expired = root.create(RequestId::new()).await.unwrap();
         records
-            .create(expired.id(), lease::Lease::new("dead", Duration::ZERO))
+            .create(
+                expired.id(),
+                super::super::lease::Lease::new("dead", Duration::ZERO),
+            )
             .unwrap();
         tokio::fs::write(expired.dir().join("inputs/big"), vec![0u8; 4096])
             .await

@@ -14,9 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use super::DirFd;
 
-/// The lease file's name inside a run record.
-pub const LEASE_FILE: &str = ".lease";
-
 /// The content of a lease file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -73,16 +70,16 @@ pub fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// Writes (or renews) the lease in the open record folder `dir`, atomically
-/// and without following anything planted in it. On a full volume, where
-/// the atomic write's new file finds no space, a lease is renewed in place
-/// instead: a run must not lose its workspace to the janitor for that.
-/// Blocking.
-pub fn write_blocking(dir: &DirFd, lease: &Lease) -> std::io::Result<()> {
+/// Writes (or renews) the lease `name` in the open folder `dir`,
+/// atomically and without following anything planted in it; synced if
+/// `durable`. On a full volume, where the atomic write's new file finds no
+/// space, a lease is renewed in place instead: a run must not lose its
+/// workspace to the janitor for that. Blocking.
+pub fn write_blocking(dir: &DirFd, name: &str, lease: &Lease, durable: bool) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
-    dir.replace(LEASE_FILE, &body)
+    dir.replace(name, &body, durable)
         .or_else(|e| match e.raw_os_error() {
-            Some(code) if full(code) => dir.overwrite(LEASE_FILE, &body).map_err(|_| e),
+            Some(code) if full(code) => dir.overwrite(name, &body).map_err(|_| e),
             _ => Err(e),
         })
 }
@@ -93,15 +90,14 @@ fn full(errno: i32) -> bool {
     errno == rustix::io::Errno::NOSPC || errno == rustix::io::Errno::DQUOT
 }
 
-/// Reads the lease in the record folder `dir`; `None` if it has none, it
-/// is unreadable, or it is a symlink (a planted lease does not count).
-/// Blocking.
-pub fn read_blocking(dir: &Path) -> Option<Lease> {
+/// Reads the lease at `path`; `None` if there is none, it is unreadable,
+/// or it is a symlink (a planted lease does not count). Blocking.
+pub fn read_blocking(path: &Path) -> Option<Lease> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(dir.join(LEASE_FILE))
+        .open(path)
         .ok()?;
     // A FIFO or device planted as the lease is not a lease.
     if !file.metadata().ok()?.is_file() {
@@ -112,32 +108,25 @@ pub fn read_blocking(dir: &Path) -> Option<Lease> {
     serde_json::from_slice(&body).ok()
 }
 
-/// [`read_blocking`] off the async threads.
-pub async fn read(dir: &Path) -> Option<Lease> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || read_blocking(&dir))
-        .await
-        .ok()?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn leases_round_trip_and_expire() {
+    #[test]
+    fn leases_round_trip_and_expire() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read(dir.path()).await, None);
+        let path = dir.path().join("lease");
+        assert_eq!(read_blocking(&path), None);
         let lease = Lease::new("replica-a", Duration::from_secs(60));
         let fd = DirFd::open(dir.path()).unwrap();
-        write_blocking(&fd, &lease).unwrap();
-        assert_eq!(read(dir.path()).await, Some(lease.clone()));
+        write_blocking(&fd, "lease", &lease, true).unwrap();
+        assert_eq!(read_blocking(&path), Some(lease.clone()));
         assert!(!lease.expired());
         assert!(Lease::new("b", Duration::ZERO).expires_unix_ms <= now_ms());
     }
 
-    #[tokio::test]
-    async fn a_lease_is_renewed_on_a_full_volume() {
+    #[test]
+    fn a_lease_is_renewed_on_a_full_volume() {
         use std::process::Command;
         let dir = tempfile::tempdir().unwrap();
         // A file system of two pages, to fill; mounting needs root (CI
@@ -161,16 +150,25 @@ mod tests {
         }
         let _unmount = Unmount(dir.path());
         let fd = DirFd::open(dir.path()).unwrap();
-        write_blocking(&fd, &Lease::new("replica-a", Duration::from_secs(60))).unwrap();
+        write_blocking(
+            &fd,
+            "lease",
+            &Lease::new("replica-a", Duration::from_secs(60)),
+            true,
+        )
+        .unwrap();
         let mut filler = std::fs::File::create(dir.path().join("filler")).unwrap();
         let filled = std::io::Write::write_all(&mut filler, &[0; 64 << 10]).unwrap_err();
         assert_eq!(
             filled.raw_os_error(),
             Some(rustix::io::Errno::NOSPC.raw_os_error())
         );
-        assert!(fd.replace("other", b"{}").is_err(), "the volume is not full");
+        assert!(
+            fd.replace("other", b"{}", true).is_err(),
+            "the volume is not full"
+        );
         let renewed = Lease::new("replica-a", Duration::from_secs(120));
-        write_blocking(&fd, &renewed).unwrap();
-        assert_eq!(read(dir.path()).await, Some(renewed));
+        write_blocking(&fd, "lease", &renewed, true).unwrap();
+        assert_eq!(read_blocking(&dir.path().join("lease")), Some(renewed));
     }
 }

@@ -1,16 +1,24 @@
 //! Run records: what every gateway replica must know of a run lives on the
 //! shared volume, beside the workspaces, not in the memory of the replica
-//! that runs it. `<root>/.runs/<request_id>/` holds the run's lease (owner,
-//! expiry, reservation, finished; see [`lease`]) and its journal (the
-//! encoded events, appended in batches by the owner). The folder is the
-//! gateway's own (`0700`): prefabs share the workspace group, not this.
+//! that runs it:
 //!
-//! Admission across replicas takes [`Records::lock`] (an advisory `flock`,
-//! which NFSv4 implements) while it counts the live leases' reservations
-//! and writes its own, so that N replicas never book the same space twice.
-//! It finds them through `.runs/.live/`, an empty file per run not yet
-//! ended, so that its cost follows the runs in flight, not the thousands of
-//! ended ones kept for `Watch`.
+//! ```text
+//! <root>/.runs/.admission.lock   the volume-wide admission lock
+//! <root>/.runs/.live/<id>        the lease of a run not yet ended
+//! <root>/.runs/<id>.journal      its encoded events, appended by the owner
+//! <root>/.runs/<id>.lease        its lease, moved here when it ended
+//! ```
+//!
+//! A lease (see [`lease`]) names the owner, an expiry, the space the run
+//! reserved and, once written to the record, when it finished. Admission
+//! across replicas takes [`Records::lock`] (an advisory `flock`, which
+//! NFSv4 implements) while it counts the reservations of `.live/` and
+//! writes its own, so that N replicas never book the same space twice; its
+//! cost follows the runs in flight, not the ended ones kept for `Watch`.
+//! Admitting writes one file (the live lease, synced); the end of a run
+//! appends to the journal and renames the lease out of `.live/`, which is
+//! what says it ended (at the journal's last write). Everything here is the
+//! gateway's own (`0700`): prefabs share the workspace group, not this.
 
 use std::{
     io::Read,
@@ -19,17 +27,19 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{FlockOperation, Mode, OFlags};
 
 use super::{DirFd, RequestId, WorkspaceRoot, lease, lease::Lease};
 
 /// The folder of run records under the workspace root.
 pub const RUNS_DIR: &str = ".runs";
-/// A record's journal file.
-const JOURNAL_FILE: &str = "journal";
+/// The suffix of a record's journal file.
+const JOURNAL: &str = ".journal";
+/// The suffix of a record's last lease.
+const LEASE: &str = ".lease";
 /// The admission lock file in [`RUNS_DIR`].
 const LOCK_FILE: &str = ".admission.lock";
-/// The folder of live-run markers in [`RUNS_DIR`].
+/// The folder of live runs' leases in [`RUNS_DIR`].
 const LIVE_DIR: &str = ".live";
 /// Mode of the records folder and of each record: the gateway's only.
 const PRIVATE_DIR: u32 = 0o700;
@@ -39,75 +49,102 @@ const PRIVATE_FILE: u32 = 0o600;
 /// The run records of one volume.
 #[derive(Debug)]
 pub struct Records {
-    dir: DirFd,
-    live: Arc<DirFd>,
+    shared: Arc<Folders>,
+}
+
+/// The open records folders.
+#[derive(Debug)]
+struct Folders {
+    runs: DirFd,
+    live: DirFd,
     path: PathBuf,
+}
+
+impl Folders {
+    fn live_lease(&self, id: RequestId) -> PathBuf {
+        self.path.join(LIVE_DIR).join(id.to_string())
+    }
+
+    fn record(&self, id: RequestId, suffix: &str) -> PathBuf {
+        self.path.join(format!("{id}{suffix}"))
+    }
+
+    /// The lease of run `id`: its live one, else the one of its record,
+    /// finished when its journal (or the lease) was last written.
+    fn lease(&self, id: RequestId) -> Option<Lease> {
+        if let Some(live) = lease::read_blocking(&self.live_lease(id)) {
+            return Some(live);
+        }
+        let mut ended = lease::read_blocking(&self.record(id, LEASE))?;
+        let written = |path: PathBuf| std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok();
+        let at = written(self.record(id, JOURNAL)).or_else(|| written(self.record(id, LEASE)));
+        let at = at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+        ended.finished_unix_ms = Some(at.map_or(0, |d| d.as_millis() as u64));
+        Some(ended)
+    }
 }
 
 impl Records {
     /// Opens (creating if needed) the records folder of `root`. Blocking.
     pub fn open(root: &WorkspaceRoot) -> std::io::Result<Self> {
         let path = root.path().join(RUNS_DIR);
-        let dir = open_or_create(&DirFd::open(root.path())?, RUNS_DIR)?;
-        let live = Arc::new(open_or_create(&dir, LIVE_DIR)?);
-        Ok(Self { dir, live, path })
+        let runs = open_or_create(&DirFd::open(root.path())?, RUNS_DIR)?;
+        let live = open_or_create(&runs, LIVE_DIR)?;
+        Ok(Self {
+            shared: Arc::new(Folders { runs, live, path }),
+        })
     }
 
     /// The records folder.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
-    /// Creates the record of run `id` with its first lease. Blocking.
+    /// Starts the record of run `id` with its first lease. Blocking.
     pub fn create(&self, id: RequestId, lease: Lease) -> std::io::Result<Record> {
-        let dir = self.dir.create_dir(&id.to_string(), None, PRIVATE_DIR)?;
         let record = Record {
             id,
-            dir,
-            live: Arc::clone(&self.live),
+            folders: Arc::clone(&self.shared),
             lease: Mutex::new(lease),
         };
         record.write_lease()?;
-        drop(self.live.create_new(&id.to_string(), PRIVATE_FILE)?);
         Ok(record)
     }
 
     /// Opens the record of run `id` for reading, if there is one. Blocking.
-    pub fn find(&self, id: RequestId) -> std::io::Result<Option<RecordReader>> {
-        match self.dir.subdir_existing(&id.to_string()) {
-            Ok(Some(dir)) => Ok(Some(RecordReader {
-                dir,
-                path: self.path.join(id.to_string()),
-            })),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        }
+    pub fn find(&self, id: RequestId) -> Option<RecordReader> {
+        let reader = RecordReader {
+            id,
+            folders: Arc::clone(&self.shared),
+        };
+        reader.lease().map(|_| reader)
     }
 
     /// Takes the volume-wide admission lock, waiting for it. Blocking.
     pub fn lock(&self) -> std::io::Result<AdmissionLock> {
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(&self.dir, LOCK_FILE, flags, Mode::from_raw_mode(PRIVATE_FILE))?;
+        let fd = rustix::fs::openat(
+            &self.shared.runs,
+            LOCK_FILE,
+            flags,
+            Mode::from_raw_mode(PRIVATE_FILE),
+        )?;
         rustix::fs::flock(&fd, FlockOperation::LockExclusive)?;
         Ok(AdmissionLock(fd))
     }
 
-    /// The leases of the runs not yet ended, by run. Markers left by runs
-    /// whose lease expired or ended (an owner that died) are removed on
-    /// the way. Blocking; call it holding the admission lock.
+    /// The leases of the runs not yet ended, by run (those of owners that
+    /// died are left for the janitor). Blocking; call it holding the
+    /// admission lock.
     pub fn live_leases(&self) -> std::io::Result<Vec<(RequestId, Lease)>> {
         let mut leases = Vec::new();
-        for entry in std::fs::read_dir(self.path.join(LIVE_DIR))? {
+        for entry in std::fs::read_dir(self.shared.path.join(LIVE_DIR))? {
             let Ok(entry) = entry else { continue };
-            let name = entry.file_name();
-            let Ok(id) = RequestId::parse(&name.to_string_lossy()) else {
+            let Ok(id) = RequestId::parse(&entry.file_name().to_string_lossy()) else {
                 continue;
             };
-            match self.lease(id) {
-                Some(lease) if lease.live() => leases.push((id, lease)),
-                _ => {
-                    let _ = rustix::fs::unlinkat(&*self.live, name.as_os_str(), AtFlags::empty());
-                }
+            if let Some(lease) = lease::read_blocking(&entry.path()).filter(Lease::live) {
+                leases.push((id, lease));
             }
         }
         Ok(leases)
@@ -115,7 +152,7 @@ impl Records {
 
     /// The lease of run `id`, if it has a record. Blocking.
     pub fn lease(&self, id: RequestId) -> Option<Lease> {
-        lease::read_blocking(&self.path.join(id.to_string()))
+        self.shared.lease(id)
     }
 
     /// Removes the records that no reader needs any more: those of runs
@@ -123,29 +160,50 @@ impl Records {
     /// renewing their lease more than `retention` ago, and leaseless ones
     /// older than `grace`. Returns how many went. Blocking.
     pub fn sweep(&self, retention: Duration, grace: Duration) -> u64 {
-        let Ok(entries) = std::fs::read_dir(&self.path) else {
-            return 0;
-        };
+        let folders = &self.shared;
         let now = lease::now_ms();
         let retention_ms = retention.as_millis() as u64;
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            if RequestId::parse(&entry.file_name().to_string_lossy()).is_err() {
+        let mut ids: Vec<(RequestId, PathBuf)> = Vec::new();
+        for dir in [folders.path.join(LIVE_DIR), folders.path.clone()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let id = name
+                    .strip_suffix(JOURNAL)
+                    .or(name.strip_suffix(LEASE))
+                    .unwrap_or(&name);
+                if let Ok(id) = RequestId::parse(id) {
+                    ids.push((id, entry.path()));
+                }
             }
-            let path = entry.path();
-            let stale = match lease::read_blocking(&path) {
+        }
+        ids.sort_by_key(|(id, _)| id.to_string());
+        ids.dedup_by_key(|(id, _)| *id);
+        let mut removed = 0;
+        for (id, path) in ids {
+            let stale = match folders.lease(id) {
                 Some(Lease {
                     finished_unix_ms: Some(at),
                     ..
                 }) => now > at.saturating_add(retention_ms),
                 Some(lease) => now > lease.expires_unix_ms.saturating_add(retention_ms),
-                None => entry
-                    .metadata()
+                None => std::fs::symlink_metadata(&path)
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() > grace),
             };
-            if stale && std::fs::remove_dir_all(&path).is_ok() {
+            if !stale {
+                continue;
+            }
+            let gone = [
+                folders.record(id, JOURNAL),
+                folders.record(id, LEASE),
+                folders.live_lease(id),
+            ]
+            .map(|path| std::fs::remove_file(path).is_ok());
+            if gone.contains(&true) {
                 removed += 1;
             }
         }
@@ -172,8 +230,7 @@ pub struct AdmissionLock(#[allow(dead_code)] std::os::fd::OwnedFd);
 #[derive(Debug)]
 pub struct Record {
     id: RequestId,
-    dir: DirFd,
-    live: Arc<DirFd>,
+    folders: Arc<Folders>,
     lease: Mutex<Lease>,
 }
 
@@ -193,15 +250,23 @@ impl Record {
         self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stores the lease. Blocking.
+    /// Stores the live lease. Blocking.
     pub fn write_lease(&self) -> std::io::Result<()> {
-        lease::write_blocking(&self.dir, &self.current_lease())
+        let lease = self.current_lease();
+        lease::write_blocking(&self.folders.live, &self.id.to_string(), &lease, true)
     }
 
-    /// Takes the run off the live runs admission counts, once its lease
-    /// says it ended. Blocking.
-    pub fn retire(&self) -> std::io::Result<()> {
-        match rustix::fs::unlinkat(&*self.live, self.id.to_string(), AtFlags::empty()) {
+    /// Says the run ended: its lease leaves `.live/` for the record, and
+    /// stops counting for admission. Blocking.
+    pub fn finish(&self) -> std::io::Result<()> {
+        let name = self.id.to_string();
+        let ended = format!("{name}{LEASE}");
+        match rustix::fs::renameat(
+            &self.folders.live,
+            name.as_str(),
+            &self.folders.runs,
+            ended.as_str(),
+        ) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -209,28 +274,29 @@ impl Record {
 
     /// Appends encoded journal entries. Blocking.
     pub fn append(&self, entries: &[u8]) -> std::io::Result<()> {
-        self.dir.append(JOURNAL_FILE, entries, PRIVATE_FILE)
+        let name = format!("{}{JOURNAL}", self.id);
+        self.folders.runs.append(&name, entries, PRIVATE_FILE)
     }
 }
 
 /// A run's record, opened for reading by any replica.
 #[derive(Debug)]
 pub struct RecordReader {
-    dir: DirFd,
-    path: PathBuf,
+    id: RequestId,
+    folders: Arc<Folders>,
 }
 
 impl RecordReader {
     /// The run's lease, if it can be read. Blocking.
     pub fn lease(&self) -> Option<Lease> {
-        lease::read_blocking(&self.path)
+        self.folders.lease(self.id)
     }
 
-    /// Up to `max` journal bytes from `offset` on (fewer at its end).
-    /// Each call opens the file anew: on a network volume that is what
-    /// shows another host's appends. Blocking.
+    /// Up to `max` journal bytes from `offset` on (fewer at its end, none
+    /// before its first append). Each call opens the file anew: on a
+    /// network volume that is what shows another host's appends. Blocking.
     pub fn read_journal(&self, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
-        let Some(file) = self.dir.open_file(JOURNAL_FILE)? else {
+        let Some(file) = self.folders.runs.open_file(&format!("{}{JOURNAL}", self.id))? else {
             return Ok(Vec::new());
         };
         let mut bytes = Vec::new();
@@ -254,21 +320,31 @@ mod tests {
         let (live, done, dead) = (RequestId::new(), RequestId::new(), RequestId::new());
         let ttl = Duration::from_secs(60);
         let record = records.create(live, Lease::new("a", ttl)).unwrap();
+        let reader = again.find(live).expect("a record");
+        assert!(reader.read_journal(0, 100).unwrap().is_empty(), "no journal yet");
         record.append(b"one").unwrap();
         record.append(b"two").unwrap();
         record.update_lease(|l| l.reserved_bytes = 7);
         record.write_lease().unwrap();
         let finished = records.create(done, Lease::new("a", ttl)).unwrap();
-        finished.update_lease(|l| l.finished_unix_ms = Some(lease::now_ms() - 10_000));
-        finished.write_lease().unwrap();
+        finished.append(b"end").unwrap();
+        finished.finish().unwrap();
         records.create(dead, Lease::new("b", Duration::ZERO)).unwrap();
 
-        let reader = again.find(live).unwrap().expect("a record");
         assert_eq!(reader.read_journal(0, 100).unwrap(), b"onetwo");
         assert_eq!(reader.read_journal(3, 2).unwrap(), b"tw");
         assert_eq!(reader.lease().unwrap().reserved_bytes, 7);
-        assert!(again.find(RequestId::new()).unwrap().is_none());
-        // Only the live run counts; the others' markers go on the way.
+        assert!(again.find(RequestId::new()).is_none());
+        assert!(
+            again
+                .find(done)
+                .unwrap()
+                .lease()
+                .unwrap()
+                .finished_unix_ms
+                .is_some()
+        );
+        // Only the live run counts.
         std::thread::sleep(Duration::from_millis(5));
         let ids: Vec<_> = again
             .live_leases()
@@ -277,20 +353,14 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(ids, [live]);
-        assert_eq!(
-            std::fs::read_dir(records.path().join(LIVE_DIR)).unwrap().count(),
-            1
-        );
-        record.retire().unwrap();
-        assert!(again.live_leases().unwrap().is_empty());
 
-        // Finished 10 s ago, expired just now: kept for a retention of a
-        // minute, the finished one removed with a retention of a second.
+        // Finished and expired just now: kept for a retention of a minute;
+        // the finished one goes 10 ms after its end with a retention of 5.
         assert_eq!(records.sweep(Duration::from_secs(60), Duration::ZERO), 0);
-        assert_eq!(records.sweep(Duration::from_secs(1), Duration::ZERO), 1);
-        assert!(records.find(done).unwrap().is_none() && records.find(live).unwrap().is_some());
-        assert_eq!(records.sweep(Duration::ZERO, Duration::ZERO), 1);
-        assert!(records.find(dead).unwrap().is_none() && records.find(live).unwrap().is_some());
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(records.sweep(Duration::from_millis(5), Duration::ZERO), 2);
+        assert!(records.find(done).is_none() && records.find(dead).is_none());
+        assert!(records.find(live).is_some());
         let _lock = records.lock().unwrap();
     }
 }
