@@ -50,6 +50,8 @@ async fn main() -> Result<(), Error> {
         force_path_style: Some(true),
         access_key_id: Some(Secret::new(dev::s3::ACCESS_KEY)),
         secret_access_key: Some(Secret::new(dev::s3::SECRET_KEY)),
+        checksum: Default::default(),
+        retry_seconds: 120,
     };
     let s3 = prefab::storage::connect(&s3_args)?;
     let root = tmp.path().join("workspaces");

@@ -94,9 +94,23 @@ pub struct S3Args {
     #[arg(long = "s3-bucket", env = "S3_BUCKET", default_value = "prefab-outputs")]
     pub bucket: String,
     /// Path-style addressing (MinIO, SeaweedFS: true; OSS: false). Default:
-    /// true with a custom endpoint, false for AWS.
+    /// true with a custom endpoint (but for Aliyun OSS's `*.aliyuncs.com`),
+    /// false for AWS.
     #[arg(long = "s3-force-path-style", env = "S3_FORCE_PATH_STYLE")]
     pub force_path_style: Option<bool>,
+    /// How uploads prove their bytes to the store: `auto` (CRC-64/NVME
+    /// headers, `Content-MD5` once a store refuses them), `crc64nvme`, `md5`
+    /// or `off`.
+    #[arg(long = "s3-checksum", env = "S3_CHECKSUM", value_enum, default_value_t)]
+    pub checksum: crate::storage::ChecksumMode,
+    /// Seconds a transfer keeps retrying a failing store without progress
+    /// (every byte that arrives starts them again).
+    #[arg(
+        long = "s3-retry-seconds",
+        env = "PREFAB_S3_RETRY_SECONDS",
+        default_value_t = 120
+    )]
+    pub retry_seconds: u64,
     /// Access key id.
     #[arg(long = "aws-access-key-id", env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
     pub access_key_id: Option<Secret>,
@@ -110,6 +124,18 @@ pub struct S3Args {
 }
 
 impl S3Args {
+    /// Whether requests name the bucket in the path rather than the host.
+    pub fn path_style(&self) -> bool {
+        self.force_path_style.unwrap_or_else(|| {
+            self.endpoint_url.as_deref().is_some_and(|endpoint| {
+                let host = endpoint.parse::<http::Uri>().ok();
+                let host = host.as_ref().and_then(http::Uri::host).unwrap_or_default();
+                // Aliyun OSS refuses path-style (SecondLevelDomainForbidden).
+                !host.ends_with(".aliyuncs.com")
+            })
+        })
+    }
+
     /// The signing region: `S3_REGION`, else `AWS_DEFAULT_REGION`, else us-east-1.
     pub fn region(&self) -> &str {
         self.region

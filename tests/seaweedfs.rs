@@ -25,7 +25,7 @@ use prefab::{
 struct Weed {
     child: std::process::Child,
     endpoint: String,
-    s3: aws_sdk_s3::Client,
+    s3: prefab::storage::Storage,
     _dir: tempfile::TempDir,
 }
 

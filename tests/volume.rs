@@ -100,7 +100,7 @@ struct Volume {
     bin: PathBuf,
     root: PathBuf,
     s3_endpoint: String,
-    s3: aws_sdk_s3::Client,
+    s3: prefab::storage::Storage,
     _stop: StopOnDrop,
 }
 

@@ -69,6 +69,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), BoxEr
         force_path_style: Some(true),
         access_key_id: Some(Secret::new(s3::ACCESS_KEY)),
         secret_access_key: Some(Secret::new(s3::SECRET_KEY)),
+        checksum: Default::default(),
+        retry_seconds: 120,
     };
     seed_sample(&s3_args).await?;
 

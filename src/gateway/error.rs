@@ -84,7 +84,7 @@ impl GatewayError {
                 StorageError::NotFound { .. } => Code::NotFound,
                 StorageError::AccessDenied { .. } => Code::PermissionDenied,
                 StorageError::Unavailable { .. } => Code::Unavailable,
-                StorageError::Rejected { .. } => Code::FailedPrecondition,
+                StorageError::Rejected { .. } | StorageError::Unsupported { .. } => Code::FailedPrecondition,
                 StorageError::Integrity { .. } => Code::DataLoss,
                 StorageError::Io { .. } => Code::Internal,
             },

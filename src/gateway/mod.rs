@@ -59,7 +59,7 @@ const STREAM_QUEUE: usize = 64;
 /// What every run of this gateway shares.
 #[derive(Debug)]
 pub struct State {
-    s3: aws_sdk_s3::Client,
+    s3: storage::Storage,
     bucket: String,
     root: WorkspaceRoot,
     /// Every replica's run records on the volume.

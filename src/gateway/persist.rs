@@ -128,11 +128,11 @@ pub async fn run(journal: Arc<Journal>, record: Arc<Record>, ttl: Duration) {
         }
         latest.borrow_and_update();
         let (events, end) = journal.read_after(writer.written_seq);
-        writer.append(events).await;
         if let Some(end) = end {
-            writer.finish(&end, ttl).await;
+            writer.finish(events, &end, ttl).await;
             return;
         }
+        writer.append(events).await;
         writer.store_lease_if_changed().await;
     }
 }
@@ -162,44 +162,50 @@ impl Writer {
         }
     }
 
+    /// Encodes `events`, coalesced (and, over the budget, milestones
+    /// only), and the end if given.
+    fn encode(&self, events: Vec<proto::RunEvent>, end: Option<End>) -> Vec<u8> {
+        let over_budget = self.bytes > BUDGET;
+        let mut buf = Vec::new();
+        let entries = coalesce(events)
+            .into_iter()
+            .filter(|event| !(over_budget && is_lossy(event)))
+            .map(|event| Entry {
+                event: Some(event),
+                end: None,
+            })
+            .chain(end.map(|end| Entry {
+                event: None,
+                end: Some(end),
+            }));
+        for entry in entries {
+            entry
+                .encode_length_delimited(&mut buf)
+                .expect("a Vec grows as needed");
+        }
+        buf
+    }
+
     /// Appends `events`, coalesced, in one write.
     async fn append(&mut self, events: Vec<proto::RunEvent>) {
         let Some(last) = events.last().map(|e| e.sequence) else {
             return;
         };
-        let over_budget = self.bytes > BUDGET;
-        let mut buf = Vec::new();
-        for event in coalesce(events) {
-            if over_budget && is_lossy(&event) {
-                continue;
-            }
-            let entry = Entry {
-                event: Some(event),
-                end: None,
-            };
-            entry
-                .encode_length_delimited(&mut buf)
-                .expect("a Vec grows as needed");
-        }
-        if self.write(buf).await {
+        let buf = self.encode(events, None);
+        if self.write(buf, false).await {
             self.written_seq = last;
         }
     }
 
-    /// Appends the end and ends the lease, retrying a while: a reader that
-    /// never sees them reports the run aborted.
-    async fn finish(&mut self, end: &Result<(), Status>, ttl: Duration) {
-        let mut buf = Vec::new();
-        let entry = Entry {
-            event: None,
-            end: Some(End::of(end)),
-        };
-        entry
-            .encode_length_delimited(&mut buf)
-            .expect("a Vec grows as needed");
+    /// Appends the last `events` and the end, and ends the lease, in one
+    /// blocking call (a short run's whole journal is this one write);
+    /// retried a while: a reader that never sees them reports the run
+    /// aborted.
+    async fn finish(&mut self, events: Vec<proto::RunEvent>, end: &Result<(), Status>, ttl: Duration) {
+        let buf = self.encode(events, Some(End::of(end)));
         for attempt in 1..=FINAL_ATTEMPTS {
-            if self.write(buf.clone()).await {
-                break;
+            if self.write(buf.clone(), true).await {
+                return;
             }
             if attempt == FINAL_ATTEMPTS {
                 tracing::error!(run = %self.record.id(), "could not write the run's end to its journal");
@@ -207,17 +213,6 @@ impl Writer {
             }
             // Keep the lease alive meanwhile, so readers wait.
             self.renew(ttl).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        for _ in 0..FINAL_ATTEMPTS {
-            let record = Arc::clone(&self.record);
-            match tokio::task::spawn_blocking(move || record.finish()).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => {
-                    tracing::warn!(run = %self.record.id(), error = %e, "could not end the run's lease")
-                }
-                Err(_) => return,
-            }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -254,13 +249,17 @@ impl Writer {
         }
     }
 
-    async fn write(&mut self, buf: Vec<u8>) -> bool {
-        if buf.is_empty() {
-            return true;
-        }
+    /// Appends `buf` (and, with `last`, ends the lease); whether it went.
+    async fn write(&mut self, buf: Vec<u8>, last: bool) -> bool {
         let len = buf.len() as u64;
         let record = Arc::clone(&self.record);
-        let written = tokio::task::spawn_blocking(move || record.append(&buf)).await;
+        let written = tokio::task::spawn_blocking(move || {
+            if !buf.is_empty() {
+                record.append(&buf)?;
+            }
+            if last { record.finish() } else { Ok(()) }
+        })
+        .await;
         match written {
             Ok(Ok(())) => {
                 self.bytes += len;
@@ -271,7 +270,7 @@ impl Writer {
                     tracing::warn!(
                         run = %self.record.id(),
                         error = %e,
-                        "could not append to the run's journal; other replicas' Watch lags until it can"
+                        "could not write the run's journal; other replicas' Watch lags until it can"
                     );
                 }
                 false

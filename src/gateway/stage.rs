@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     proto::{self, run_event::Event},
-    storage::{self, Probed},
+    storage::{self, Probed, Storage},
     workspace::{DirFd, Workspace, access},
 };
 
@@ -66,7 +66,7 @@ pub type Probes = Vec<Vec<Looked>>;
 /// once): a missing object fails the run before any byte moves, and the
 /// sizes feed admission. Small objects come whole and are kept, within
 /// [`KEPT_PER_RUN`] and [`KEPT`].
-pub async fn probe_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Probes, GatewayError> {
+pub async fn probe_all(s3: &Storage, plans: &[CallPlan]) -> Result<Probes, GatewayError> {
     let mut probes = Vec::with_capacity(plans.len());
     let mut kept = 0;
     for plan in plans {
@@ -92,7 +92,7 @@ pub async fn probe_all(s3: &aws_sdk_s3::Client, plans: &[CallPlan]) -> Result<Pr
 /// Stages every input of call `index` into `workspace`; returns the bytes
 /// staged.
 pub async fn stage_inputs(
-    s3: &aws_sdk_s3::Client,
+    s3: &Storage,
     workspace: &Workspace,
     index: u32,
     inputs: &[FileInput],
@@ -117,7 +117,7 @@ pub async fn stage_inputs(
 }
 
 async fn stage_one(
-    s3: &aws_sdk_s3::Client,
+    s3: &Storage,
     input: &FileInput,
     probed: &Probed,
     workspace: Arc<DirFd>,

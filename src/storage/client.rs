@@ -24,16 +24,15 @@ pub enum ClientError {
     PartialCredentials,
 }
 
-/// Builds an S3 client for AWS or an S3-compatible store.
+/// Connects to AWS or an S3-compatible store.
 ///
-/// Checksums are only sent and validated when an operation requires them,
-/// which every S3-compatible store accepts; payload integrity is checked by
-/// the transfer code itself. The SDK retries a request up to three times on
-/// transient errors; a download that breaks mid-body is resumed by
-/// [`super::download`] from the bytes it already has. Upload parts read from
-/// local files go to an `http://` endpoint by `sendfile` (see
-/// `super::sendfile`); everything else goes through hyper.
-pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
+/// The SDK computes and validates checksums only where an operation
+/// requires them, which every S3-compatible store accepts; payload
+/// integrity is the transfer code's (see [`super::compat`]). The SDK does
+/// not retry: [`super::retry`] is the one retry policy, with a time budget.
+/// Upload parts read from local files go to an `http://` endpoint by
+/// `sendfile` (see `super::sendfile`); everything else goes through hyper.
+pub fn connect(args: &S3Args) -> Result<super::Storage, ClientError> {
     let mut http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
     if args
         .endpoint_url
@@ -55,7 +54,7 @@ pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
         .http_client(super::sendfile::Client::wrap(http))
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(10))
@@ -67,7 +66,7 @@ pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
                 .grace_period(Duration::from_secs(30))
                 .build(),
         )
-        .force_path_style(args.force_path_style.unwrap_or(args.endpoint_url.is_some()));
+        .force_path_style(args.path_style());
     if let Some(endpoint) = &args.endpoint_url {
         validate_endpoint(endpoint)?;
         b = b.endpoint_url(endpoint.trim_end_matches('/'));
@@ -85,7 +84,15 @@ pub fn connect(args: &S3Args) -> Result<aws_sdk_s3::Client, ClientError> {
         (None, None) => {}
         _ => return Err(ClientError::PartialCredentials),
     }
-    Ok(aws_sdk_s3::Client::from_conf(b.build()))
+    let retry = super::RetryPolicy::with_budget(Duration::from_secs(args.retry_seconds));
+    let client = aws_sdk_s3::Client::from_conf(b.build());
+    let endpoint = args.endpoint_url.as_deref().unwrap_or("AWS S3");
+    Ok(super::Storage::from_client(
+        client,
+        endpoint,
+        retry,
+        args.checksum,
+    ))
 }
 
 fn validate_endpoint(endpoint: &str) -> Result<(), ClientError> {

@@ -14,24 +14,21 @@
 //! multipart upload by another tool without checksums, or an encrypted one)
 //! can only be checked for its size.
 
-use std::{fs::File, time::Duration};
+use std::fs::File;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use super::{
-    ObjectInfo, Probed, S3Url, StorageError, Transfer,
+    ObjectInfo, Probed, S3Url, Storage, StorageError, Transfer,
     checksum::{Summed, Sums},
+    retry::{Next, Retrier},
 };
 
 /// Objects up to this size are gathered in memory and written at once.
 pub const SMALL_OBJECT: u64 = 1 << 20;
 /// Bytes a range gathers before handing them to the writer.
 pub const WRITE_BATCH: usize = 1 << 20;
-/// Attempts in a row without progress, counting the first.
-const MAX_ATTEMPTS: u32 = 5;
-/// Attempts per range in all.
-const MAX_TOTAL_ATTEMPTS: u32 = 50;
 
 /// Downloads `url` (described by `info`) into `file`, a new empty file
 /// opened for reading and writing, reporting the cumulative byte count to
@@ -42,18 +39,18 @@ const MAX_TOTAL_ATTEMPTS: u32 = 50;
 /// MD5. On error the partial file is left for the caller, who owns it, to
 /// remove.
 pub async fn download(
-    client: &aws_sdk_s3::Client,
+    storage: &Storage,
     url: &S3Url,
     info: &ObjectInfo,
     file: File,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
     if info.size > SMALL_OBJECT {
-        return super::ranged::download(client, url, info, file, progress).await;
+        return super::ranged::download(storage, url, info, file, progress).await;
     }
     let mut gathered = Vec::new();
     if info.size > 0 {
-        fetch_range(&FetchSpec::new(client, url, info), 0, info.size, &mut gathered).await?;
+        fetch_range(&FetchSpec::new(storage, url, info), 0, info.size, &mut gathered).await?;
     }
     let transfer = save(url, info, gathered, file).await?;
     progress(info.size);
@@ -64,14 +61,14 @@ pub async fn download(
 /// does: a small object that came with the probe is written at once and
 /// verified the same way.
 pub async fn download_probed(
-    client: &aws_sdk_s3::Client,
+    storage: &Storage,
     url: &S3Url,
     probed: &Probed,
     file: File,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
     let Some(body) = &probed.body else {
-        return download(client, url, &probed.info, file, progress).await;
+        return download(storage, url, &probed.info, file, progress).await;
     };
     let piece = Piece {
         range: 0,
@@ -183,15 +180,15 @@ impl PieceSink for Vec<Piece> {
 /// What every ranged GET of one object shares.
 #[derive(Debug, Clone)]
 pub(crate) struct FetchSpec {
-    client: aws_sdk_s3::Client,
+    storage: Storage,
     url: S3Url,
     etag: Option<String>,
 }
 
 impl FetchSpec {
-    pub fn new(client: &aws_sdk_s3::Client, url: &S3Url, info: &ObjectInfo) -> Self {
+    pub fn new(storage: &Storage, url: &S3Url, info: &ObjectInfo) -> Self {
         Self {
-            client: client.clone(),
+            storage: storage.clone(),
             url: url.clone(),
             etag: info.etag.clone(),
         }
@@ -199,10 +196,10 @@ impl FetchSpec {
 }
 
 /// Fetches bytes `[start, end)` into `sink`, resuming after transient
-/// failures from the last byte delivered. The attempt count starts again
-/// whenever an attempt made progress, so a link that keeps breaking still
-/// finishes while it moves; [`MAX_ATTEMPTS`] in a row without progress, or
-/// [`MAX_TOTAL_ATTEMPTS`] in all, fail the range.
+/// failures from the last byte delivered, under the store's retry policy:
+/// every byte delivered starts its budget again, so a link that keeps
+/// breaking still finishes while it moves, and a store that is away longer
+/// than the budget fails the range.
 pub(crate) async fn fetch_range(
     spec: &FetchSpec,
     start: u64,
@@ -210,37 +207,49 @@ pub(crate) async fn fetch_range(
     sink: &mut impl PieceSink,
 ) -> Result<(), StorageError> {
     let mut pos = start;
-    let (mut attempt, mut total) = (0, 0);
+    let mut retrier = Retrier::new(spec.storage.retry_policy());
     loop {
-        attempt += 1;
-        total += 1;
         let (reached, failure) = match fetch_from(spec, start, pos, end, sink).await {
             Ok(reached) if reached == end => return Ok(()),
             // Every byte came: a reply cut after its last one (a chunked
             // body without its end) lost nothing.
             Err((reached, e)) if reached == end && e.is_transient() => return Ok(()),
-            Ok(reached) => (reached, "the body ended early".to_owned()),
-            Err((reached, e)) if e.is_transient() => (reached, e.to_string()),
+            Ok(reached) => (
+                reached,
+                StorageError::Unavailable {
+                    url: spec.url.to_string(),
+                    op: "GetObject",
+                    detail: "the body ended early".into(),
+                },
+            ),
+            Err((reached, e)) if e.is_transient() => (reached, e),
             Err((_, e)) => return Err(e),
         };
         if reached > pos {
-            attempt = 1;
+            retrier.progressed();
         }
         pos = reached;
-        if attempt >= MAX_ATTEMPTS || total >= MAX_TOTAL_ATTEMPTS {
-            return Err(StorageError::Unavailable {
-                url: spec.url.to_string(),
-                op: "GetObject",
-                detail: format!("gave up after {total} attempts at byte {pos}; the last: {failure}"),
-            });
+        match retrier.failed() {
+            Next::Retry { wait, left } => {
+                tracing::warn!(
+                    url = %spec.url,
+                    offset = pos,
+                    error = %failure,
+                    left_s = (left + wait).as_secs(),
+                    "download interrupted, resuming"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Next::GiveUp(spent) => return Err(failure.gave_up(spent, Some(pos))),
         }
-        tracing::warn!(url = %spec.url, offset = pos, attempt, error = %failure, "download interrupted, resuming");
-        tokio::time::sleep(backoff(attempt)).await;
     }
 }
 
 /// One GET of `[pos, end)` of the range starting at `range`; returns the
-/// offset delivered up to, with the error if any.
+/// offset delivered up to, with the error if any. The reply must be the
+/// range asked for (`206` with a matching `Content-Range`, or a `200` of
+/// the whole object when that is what was asked) before a byte of it is
+/// used.
 async fn fetch_from(
     spec: &FetchSpec,
     range: u64,
@@ -250,7 +259,7 @@ async fn fetch_from(
 ) -> Result<u64, (u64, StorageError)> {
     let url = &spec.url;
     let resp = spec
-        .client
+        .storage
         .get_object()
         .bucket(url.bucket())
         .key(url.key())
@@ -259,6 +268,7 @@ async fn fetch_from(
         .send()
         .await
         .map_err(|e| (pos, StorageError::from_sdk(url, "GetObject", e)))?;
+    check_range(url, resp.content_range(), pos, end).map_err(|e| (pos, e))?;
     let mut body = resp.body;
     let mut piece = Piece::at(range, pos);
     loop {
@@ -294,6 +304,38 @@ async fn fetch_from(
     }
 }
 
+/// Checks that a reply to `Range: bytes=pos-(end-1)` is that range: its
+/// `Content-Range` names exactly those bytes. A reply without one is only
+/// the range when the range starts at 0 (a store that ignores ranges sends
+/// the whole object, which the length check then bounds).
+fn check_range(url: &S3Url, content_range: Option<&str>, pos: u64, end: u64) -> Result<(), StorageError> {
+    let refuse = |detail: String| StorageError::Integrity {
+        url: url.to_string(),
+        detail,
+    };
+    let Some(header) = content_range else {
+        return match pos {
+            0 => Ok(()),
+            _ => Err(refuse(format!(
+                "asked for bytes {pos}-{}, the store answered without a Content-Range",
+                end - 1
+            ))),
+        };
+    };
+    let span = header
+        .strip_prefix("bytes ")
+        .and_then(|rest| rest.split_once('/'))
+        .and_then(|(span, _)| span.split_once('-'))
+        .and_then(|(first, last)| Some((first.parse::<u64>().ok()?, last.parse::<u64>().ok()?)));
+    match span {
+        Some((first, last)) if first == pos && last < end => Ok(()),
+        _ => Err(refuse(format!(
+            "asked for bytes {pos}-{}, the store answered with Content-Range {header:?}",
+            end - 1
+        ))),
+    }
+}
+
 /// The MD5 to check a download against: the entity tag of a single-part,
 /// unencrypted (or SSE-S3) object.
 pub(crate) fn expected_md5(info: &ObjectInfo) -> Option<[u8; 16]> {
@@ -311,16 +353,28 @@ pub(crate) fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// Exponential backoff with jitter: about 200 ms, 400 ms, 800 ms, … capped at 5 s.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let base = 100u64 << attempt.min(6);
-    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * base / 255;
-    Duration::from_millis((base + jitter).min(5_000))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::md5_of_etag;
+    use super::{S3Url, check_range, md5_of_etag};
+
+    #[test]
+    fn a_ranged_reply_must_be_the_range_asked_for() {
+        let url = S3Url::parse("s3://bucket/k").unwrap();
+        assert!(check_range(&url, Some("bytes 100-199/1000"), 100, 200).is_ok());
+        // A short range (the object's end) is fine; the length check follows.
+        assert!(check_range(&url, Some("bytes 900-999/1000"), 900, 1200).is_ok());
+        assert!(check_range(&url, None, 0, 200).is_ok());
+        for wrong in [
+            "bytes 0-99/1000",
+            "bytes 100-299/1000",
+            "bytes */1000",
+            "items 100-199/1000",
+        ] {
+            assert!(check_range(&url, Some(wrong), 100, 200).is_err(), "{wrong}");
+        }
+        let err = check_range(&url, None, 100, 200).unwrap_err().to_string();
+        assert!(err.contains("bytes 100-199"), "{err}");
+    }
 
     #[test]
     fn only_plain_etags_are_md5s() {

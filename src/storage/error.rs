@@ -43,6 +43,19 @@ pub enum StorageError {
         /// What the store said.
         detail: String,
     },
+    /// The store refused the request for a header or encoding it does not
+    /// support (see [`super::compat`]).
+    #[error(
+        "object storage refused {op} on {url} for a header it does not support: {detail}; set S3_CHECKSUM=md5 (or auto) for this store"
+    )]
+    Unsupported {
+        /// The object.
+        url: String,
+        /// The operation.
+        op: &'static str,
+        /// What the store said.
+        detail: String,
+    },
     /// The bytes received do not match what the store promised.
     #[error("integrity check failed for {url}: {detail}")]
     Integrity {
@@ -82,7 +95,12 @@ impl StorageError {
                     None if code.is_empty() => format!("HTTP {}", status.unwrap_or_default()),
                     None => code.to_owned(),
                 };
-                match (status.unwrap_or_default(), code) {
+                let message = e.message().unwrap_or_default();
+                let status = status.unwrap_or_default();
+                if super::compat::refuses_checksum_headers(status, code, message, op) {
+                    return Self::Unsupported { url, op, detail };
+                }
+                match (status, code) {
                     // A 403 too, but no matter of credentials.
                     (_, "InvalidObjectState") => Self::Rejected {
                         url,
@@ -121,6 +139,20 @@ impl StorageError {
     /// Whether retrying the operation may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
+    }
+
+    /// The error that ends a transfer whose retries ran out: how long they
+    /// lasted and, if known, how far the transfer got.
+    pub fn gave_up(self, retried: std::time::Duration, bytes_done: Option<u64>) -> Self {
+        let Self::Unavailable { url, op, detail } = self else {
+            return self;
+        };
+        let at = bytes_done.map(|n| format!(" at byte {n}")).unwrap_or_default();
+        let detail = format!(
+            "retried for {:.1} s without progress{at} (PREFAB_S3_RETRY_SECONDS), the last attempt: {detail}",
+            retried.as_secs_f64()
+        );
+        Self::Unavailable { url, op, detail }
     }
 
     /// Wraps a local I/O error on `path`.

@@ -4,9 +4,11 @@
 
 pub mod checksum;
 mod client;
+pub mod compat;
 pub mod download;
 mod error;
 pub mod ranged;
+pub mod retry;
 mod sendfile;
 pub mod upload;
 mod upload_file;
@@ -14,12 +16,95 @@ mod url;
 
 pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};
 pub use client::{ClientError, connect};
+pub use compat::{ChecksumMode, Compat};
 pub use download::{download, download_probed};
 pub use error::{StorageError, error_chain};
+pub use retry::RetryPolicy;
 pub use upload::upload;
 pub use url::{S3Url, UrlError};
 
+use std::{sync::Arc, time::Duration};
+
 use bytes::Bytes;
+
+/// A store as the transfer engine uses it: the SDK client, the one retry
+/// policy, and what the store was found to accept. Cheap to clone; it
+/// dereferences to the SDK client for the operations the engine does not
+/// wrap.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    client: aws_sdk_s3::Client,
+    retry: RetryPolicy,
+    compat: Arc<Compat>,
+    endpoint: String,
+}
+
+impl Storage {
+    /// The store at `endpoint` reached through `client` (built as
+    /// [`connect`] builds it: without the SDK's own retries), retrying
+    /// under `retry`, proving uploads with `checksum`.
+    pub fn from_client(
+        client: aws_sdk_s3::Client,
+        endpoint: &str,
+        retry: RetryPolicy,
+        checksum: ChecksumMode,
+    ) -> Self {
+        Self {
+            client,
+            retry,
+            compat: Arc::new(Compat::new(checksum)),
+            endpoint: endpoint.to_owned(),
+        }
+    }
+
+    /// The SDK client.
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// The retry policy of every request.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// What the store accepts.
+    pub fn compat(&self) -> &Compat {
+        &self.compat
+    }
+
+    /// Sends a request built by `send(with_checksum_headers)`, retrying
+    /// transient failures under the retry policy; a store that refuses the
+    /// checksum headers gets it once more without them (see [`compat`]).
+    pub(crate) async fn send<T, F, Fut>(&self, url: &S3Url, send: F) -> Result<T, StorageError>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: Future<Output = Result<T, StorageError>>,
+    {
+        let attempt = || async {
+            let headers = self.compat.checksum_headers();
+            match send(headers).await {
+                Err(StorageError::Unsupported { detail, .. })
+                    if headers && self.compat.fall_back(&self.endpoint, &detail) =>
+                {
+                    send(false).await
+                }
+                other => other,
+            }
+        };
+        let warn = |e: &StorageError, left: Duration| {
+            tracing::warn!(%url, error = %e, left_s = left.as_secs(), "store request failed, retrying");
+        };
+        retry::retry(self.retry, attempt, warn).await
+    }
+}
+
+impl std::ops::Deref for Storage {
+    type Target = aws_sdk_s3::Client;
+
+    fn deref(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+}
 
 /// Has the allocator keep freed transfer buffers for reuse rather than give
 /// them back to the system at once. Call it first thing in `main`.
@@ -90,18 +175,24 @@ impl Transfer {
 
 /// Looks up an object's size, entity tag and, if the store keeps one, its
 /// whole-object checksum.
-pub async fn head(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<ObjectInfo, StorageError> {
-    let oss = OssCrc64::default();
-    let out = client
-        .head_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
-        .customize()
-        .interceptor(oss.clone())
-        .send()
-        .await
-        .map_err(|e| StorageError::from_sdk(url, "HeadObject", e))?;
+pub async fn head(storage: &Storage, url: &S3Url) -> Result<ObjectInfo, StorageError> {
+    let (out, oss) = storage
+        .send(url, |checksums| async move {
+            let oss = OssCrc64::default();
+            let mode = checksums.then_some(aws_sdk_s3::types::ChecksumMode::Enabled);
+            let out = storage
+                .head_object()
+                .bucket(url.bucket())
+                .key(url.key())
+                .set_checksum_mode(mode)
+                .customize()
+                .interceptor(oss.clone())
+                .send()
+                .await
+                .map_err(|e| StorageError::from_sdk(url, "HeadObject", e))?;
+            Ok((out, oss))
+        })
+        .await?;
     let size = out
         .content_length
         .and_then(|n| u64::try_from(n).ok())
@@ -164,26 +255,31 @@ fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>, sse_c: Opt
 /// (encrypted with KMS or a customer key) is looked up with a HEAD too, and
 /// its bytes kept if the HEAD describes the same version. Larger objects,
 /// and any reply that breaks off, fall back to a HEAD alone.
-pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, StorageError> {
+pub async fn probe(storage: &Storage, url: &S3Url) -> Result<Probed, StorageError> {
     let _permit = PROBES
         .acquire()
         .await
         .expect("the probe semaphore is never closed");
-    let reply = client
-        .get_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .range(format!("bytes=0-{}", PROBE_BYTES - 1))
-        .send()
-        .await;
-    let out = match reply {
-        Ok(out) => out,
-        // An empty object has no byte 0 to send.
-        Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
-            let info = head(client, url).await?;
-            return Ok(Probed { info, body: None });
-        }
-        Err(e) => return Err(StorageError::from_sdk(url, "GetObject", e)),
+    let reply = storage
+        .send(url, |_| async move {
+            let reply = storage
+                .get_object()
+                .bucket(url.bucket())
+                .key(url.key())
+                .range(format!("bytes=0-{}", PROBE_BYTES - 1))
+                .send()
+                .await;
+            match reply {
+                Ok(out) => Ok(Some(out)),
+                // An empty object has no byte 0 to send.
+                Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => Ok(None),
+                Err(e) => Err(StorageError::from_sdk(url, "GetObject", e)),
+            }
+        })
+        .await?;
+    let Some(out) = reply else {
+        let info = head(storage, url).await?;
+        return Ok(Probed { info, body: None });
     };
     let received = out.content_length.and_then(|n| u64::try_from(n).ok());
     let size = match out.content_range() {
@@ -212,7 +308,7 @@ pub async fn probe(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Probed, S
             body: Some(body),
         }),
         (looked, body) => {
-            let info = head(client, url).await?;
+            let info = head(storage, url).await?;
             let same = looked.is_some_and(|l| l.size == info.size && l.etag.is_some() && l.etag == info.etag);
             let body = body.filter(|_| same);
             Ok(Probed { info, body })

@@ -32,7 +32,7 @@ use tokio::{
 };
 
 use super::{
-    ObjectInfo, S3Url, StorageError, StoreChecksum, Transfer,
+    ObjectInfo, S3Url, Storage, StorageError, StoreChecksum, Transfer,
     checksum::{Summed, Sums},
     download::{FetchSpec, Piece, PieceSink, expected_md5, fetch_range, verify},
 };
@@ -59,7 +59,7 @@ const MD5_QUEUE: usize = 4;
 /// Downloads `url` (`info.size` > 0 bytes) into `file`, a new empty file
 /// open for reading and writing.
 pub async fn download(
-    client: &aws_sdk_s3::Client,
+    storage: &Storage,
     url: &S3Url,
     info: &ObjectInfo,
     file: File,
@@ -81,7 +81,7 @@ pub async fn download(
         write_all(&file, piece_rx, &hashed_tx, with_md5, stored)
     });
 
-    let spec = FetchSpec::new(client, url, info);
+    let spec = FetchSpec::new(storage, url, info);
     let received = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     let mut next = 0u64;

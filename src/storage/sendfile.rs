@@ -1230,7 +1230,12 @@ mod tests {
                     .build(),
             )
             .build();
-        let s3 = aws_sdk_s3::Client::from_conf(config);
+        let s3 = super::super::Storage::from_client(
+            aws_sdk_s3::Client::from_conf(config),
+            "test store",
+            Default::default(),
+            Default::default(),
+        );
         let data = data(3 << 20);
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();

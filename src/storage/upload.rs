@@ -15,8 +15,15 @@
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
 //! carries the whole file's checksum, so the store checks each byte it
-//! keeps. The payload itself is not hashed again for the signature
-//! (`UNSIGNED-PAYLOAD`): the checksums cover it at a fraction of the cost.
+//! keeps; a store that refuses those headers gets `Content-MD5` instead
+//! (see [`super::compat`]). The payload itself is not hashed again for the
+//! signature (`UNSIGNED-PAYLOAD`): the checksums cover it at a fraction of
+//! the cost.
+//!
+//! Retries: every request retries under the store's retry policy (see
+//! [`super::retry`]); a failed part is sent again on its own, and an abort
+//! the store cannot take now (it is away) is retried in the background
+//! until it confirms it, so no upload stays open once the store is back.
 
 use std::{fs::File, sync::Arc};
 
@@ -31,9 +38,10 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use super::{
-    Crc64, S3Url, StorageError, Transfer,
+    Crc64, S3Url, Storage, StorageError, Transfer,
     checksum::to_base64,
-    download::backoff,
+    compat::Integrity,
+    retry::{self, RetryPolicy},
     sendfile::FileBody,
     upload_file::{FileRange, UploadFile},
 };
@@ -46,8 +54,6 @@ const MIN_PART: u64 = 8 << 20;
 const MAX_PARTS: u64 = 10_000;
 /// Parts uploading at once per file.
 const PARTS_IN_FLIGHT: usize = 4;
-/// Attempts per part, counting the first.
-const PART_ATTEMPTS: u32 = 4;
 
 /// Largest multipart part: bounds the memory of parts held in memory
 /// (`PutFile` streams) whatever size a caller declares.
@@ -118,6 +124,40 @@ impl Part {
                     .map_err(std::io::Error::other)
             }
         }
+    }
+
+    /// The part's MD5, for `Content-MD5`: read again from its file (or
+    /// hashed in memory) off the async threads.
+    async fn md5(&self) -> std::io::Result<[u8; 16]> {
+        use md5::Digest as _;
+        match &self.0 {
+            PartData::Memory(bytes) => {
+                let bytes = bytes.clone();
+                tokio::task::spawn_blocking(move || md5::Md5::digest(&bytes).into())
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+            PartData::File { file, offset, crc } => {
+                let (file, offset, len) = (Arc::clone(file), *offset, crc.len());
+                tokio::task::spawn_blocking(move || file.md5(offset, len))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
+    }
+
+    /// The MD5 to send as `Content-MD5` with this part: only when the
+    /// store gets no checksum headers and MD5 is what it checks instead.
+    async fn content_md5(
+        &self,
+        storage: &Storage,
+        headers: bool,
+        url: &S3Url,
+    ) -> Result<Option<[u8; 16]>, StorageError> {
+        if headers || storage.compat().integrity() != Integrity::Md5 {
+            return Ok(None);
+        }
+        self.md5().await.map(Some).map_err(|e| StorageError::io(url, e))
     }
 
     /// Sets up `request` to carry this part. A part in a file is marked for
@@ -205,13 +245,13 @@ impl PartSource for FileSource {
 /// Uploads `size` bytes of `file` to `dest`, reporting the cumulative byte
 /// count to `progress` as parts complete.
 pub async fn upload(
-    client: &aws_sdk_s3::Client,
+    storage: &Storage,
     file: File,
     size: u64,
     dest: &S3Url,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Transfer, StorageError> {
-    let done = upload_from(client, FileSource::new(file, size), Some(size), dest, progress).await?;
+    let done = upload_from(storage, FileSource::new(file, size), Some(size), dest, progress).await?;
     if done.size != size {
         return Err(StorageError::Integrity {
             url: dest.to_string(),
@@ -225,7 +265,7 @@ pub async fn upload(
 /// single part, else a multipart upload that is aborted unless it
 /// completes. `size_hint` picks the part size.
 pub async fn upload_from(
-    client: &aws_sdk_s3::Client,
+    storage: &Storage,
     mut source: impl PartSource,
     size_hint: Option<u64>,
     dest: &S3Url,
@@ -244,27 +284,35 @@ pub async fn upload_from(
     };
     let Some(second) = second else {
         let crc = first.checksum().await.map_err(|e| StorageError::io(dest, e))?;
-        let request = client
-            .put_object()
-            .bucket(dest.bucket())
-            .key(dest.key())
-            .content_length(crc.len() as i64)
-            .checksum_crc64_nvme(to_base64(crc.value()))
-            .body(first.body())
-            .customize()
-            .disable_payload_signing();
-        first
-            .carried_by(request)
-            .send()
-            .await
-            .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
+        let first = &first;
+        storage
+            .send(dest, |headers| async move {
+                let md5 = first.content_md5(storage, headers, dest).await?;
+                let request = storage
+                    .put_object()
+                    .bucket(dest.bucket())
+                    .key(dest.key())
+                    .content_length(crc.len() as i64)
+                    .set_checksum_crc64_nvme(headers.then(|| to_base64(crc.value())))
+                    .set_content_md5(md5.map(aws_smithy_types::base64::encode))
+                    .body(first.body())
+                    .customize()
+                    .disable_payload_signing();
+                let out = first
+                    .carried_by(request)
+                    .send()
+                    .await
+                    .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
+                received_intact(dest, "the object", md5, out.e_tag())
+            })
+            .await?;
         progress(crc.len());
         return Ok(Transfer {
             size: crc.len(),
             crc64nvme: crc.value(),
         });
     };
-    let mut upload = Multipart::create(client, dest).await?;
+    let mut upload = Multipart::create(storage, dest).await?;
     match upload_parts(&mut upload, [first, second], source, part, progress).await {
         Ok((parts, crc)) => {
             upload.complete(parts, crc).await?;
@@ -334,9 +382,12 @@ async fn upload_parts(
 /// An open multipart upload. Dropping it without [`Multipart::complete`]
 /// aborts it in the background; [`Multipart::abort`] does so and waits.
 struct Multipart {
-    client: aws_sdk_s3::Client,
+    storage: Storage,
     url: S3Url,
     upload_id: String,
+    /// Whether it was created with checksum headers, which its parts and
+    /// completion then carry too.
+    checked: bool,
     open: bool,
     /// Parts being uploaded. An abort waits for them (a while at most): a
     /// store may still store a part whose request was dropped once it had
@@ -351,8 +402,8 @@ impl Multipart {
     /// Starts a multipart upload. The request runs in a task of its own:
     /// if the caller gives up while the store is creating the upload, the
     /// task still learns its id and the dropped result aborts it.
-    async fn create(client: &aws_sdk_s3::Client, url: &S3Url) -> Result<Self, StorageError> {
-        let task = PENDING_ABORTS.spawn(Self::request(client.clone(), url.clone()));
+    async fn create(storage: &Storage, url: &S3Url) -> Result<Self, StorageError> {
+        let task = PENDING_ABORTS.spawn(Self::request(storage.clone(), url.clone()));
         task.await.map_err(|e| StorageError::Unavailable {
             url: url.to_string(),
             op: "CreateMultipartUpload",
@@ -360,25 +411,35 @@ impl Multipart {
         })?
     }
 
-    async fn request(client: aws_sdk_s3::Client, url: S3Url) -> Result<Self, StorageError> {
-        let out = client
-            .create_multipart_upload()
-            .bucket(url.bucket())
-            .key(url.key())
-            .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
-            .checksum_type(ChecksumType::FullObject)
-            .send()
-            .await
-            .map_err(|e| StorageError::from_sdk(&url, "CreateMultipartUpload", e))?;
+    async fn request(storage: Storage, url: S3Url) -> Result<Self, StorageError> {
+        let (out, checked) = storage
+            .send(&url, |headers| {
+                let request = storage
+                    .create_multipart_upload()
+                    .bucket(url.bucket())
+                    .key(url.key())
+                    .set_checksum_algorithm(headers.then_some(ChecksumAlgorithm::Crc64Nvme))
+                    .set_checksum_type(headers.then_some(ChecksumType::FullObject));
+                let url = &url;
+                async move {
+                    let out = request
+                        .send()
+                        .await
+                        .map_err(|e| StorageError::from_sdk(url, "CreateMultipartUpload", e))?;
+                    Ok((out, headers))
+                }
+            })
+            .await?;
         let upload_id = out.upload_id.ok_or_else(|| StorageError::Rejected {
             url: url.to_string(),
             op: "CreateMultipartUpload",
             detail: "the store returned no upload id".into(),
         })?;
         Ok(Self {
-            client,
+            storage,
             url,
             upload_id,
+            checked,
             open: true,
             in_flight: JoinSet::new(),
             _pending: PENDING_ABORTS.token(),
@@ -388,69 +449,74 @@ impl Multipart {
     /// Starts uploading one part among those in flight, retrying transient
     /// failures.
     fn start_part(&mut self, number: i32, part: Part) {
-        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
+        let (storage, url, upload_id) = (self.storage.clone(), self.url.clone(), self.upload_id.clone());
+        let checked = self.checked;
         self.in_flight.spawn(async move {
             let crc = part.checksum().await.map_err(|e| StorageError::io(&url, e))?;
-            let encoded = to_base64(crc.value());
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let request = client
+            let encoded = checked.then(|| to_base64(crc.value()));
+            let md5 = part.content_md5(&storage, checked, &url).await?;
+            let content_md5 = md5.map(aws_smithy_types::base64::encode);
+            let attempt = || async {
+                let request = storage
                     .upload_part()
                     .bucket(url.bucket())
                     .key(url.key())
                     .upload_id(&upload_id)
                     .part_number(number)
                     .content_length(crc.len() as i64)
-                    .checksum_crc64_nvme(&encoded)
+                    .set_checksum_crc64_nvme(encoded.clone())
+                    .set_content_md5(content_md5.clone())
                     .body(part.body())
                     .customize()
                     .disable_payload_signing();
-                let sent = part
-                    .carried_by(request)
+                part.carried_by(request)
                     .send()
                     .await
-                    .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e));
-                match sent {
-                    Ok(out) => {
-                        let part = CompletedPart::builder()
-                            .part_number(number)
-                            .set_e_tag(out.e_tag)
-                            .checksum_crc64_nvme(encoded)
-                            .build();
-                        return Ok((part, crc));
-                    }
-                    Err(e) if e.is_transient() && attempt < PART_ATTEMPTS => {
-                        tracing::warn!(%url, part = number, attempt, error = %e, "part upload failed, retrying");
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+                    .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e))
+            };
+            let warn = |e: &StorageError, left: std::time::Duration| {
+                tracing::warn!(%url, part = number, error = %e, left_s = left.as_secs(), "part upload failed, retrying");
+            };
+            let out = retry::retry(storage.retry_policy(), attempt, warn).await?;
+            received_intact(&url, &format!("part {number}"), md5, out.e_tag())?;
+            let part = CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag)
+                .set_checksum_crc64_nvme(encoded)
+                .build();
+            Ok((part, crc))
         });
     }
 
     /// Completes the upload of parts whose bytes have checksum `whole`.
     async fn complete(mut self, parts: Vec<CompletedPart>, whole: Crc64) -> Result<(), StorageError> {
         let etag = multipart_etag(&parts);
-        let done = self
-            .client
-            .complete_multipart_upload()
-            .bucket(self.url.bucket())
-            .key(self.url.key())
-            .upload_id(&self.upload_id)
-            .checksum_crc64_nvme(to_base64(whole.value()))
-            .checksum_type(ChecksumType::FullObject)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-            .send()
-            .await;
+        let checked = self.checked;
+        let completed = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let attempt = || {
+            let request = self
+                .storage
+                .complete_multipart_upload()
+                .bucket(self.url.bucket())
+                .key(self.url.key())
+                .upload_id(&self.upload_id)
+                .set_checksum_crc64_nvme(checked.then(|| to_base64(whole.value())))
+                .set_checksum_type(checked.then_some(ChecksumType::FullObject))
+                .multipart_upload(completed.clone());
+            async {
+                request
+                    .send()
+                    .await
+                    .map_err(|e| StorageError::from_sdk(&self.url, "CompleteMultipartUpload", e))
+            }
+        };
+        let done = retry::retry(self.storage.retry_policy(), attempt, |_, _| {}).await;
         match done {
             Ok(_) => {
                 self.open = false;
                 Ok(())
             }
-            Err(e) => {
-                let err = StorageError::from_sdk(&self.url, "CompleteMultipartUpload", e);
+            Err(err) => {
                 // The reply to a completion that went through can be lost;
                 // its retry then finds no upload (some stores say "access
                 // denied" to an upload id they do not know), but the object
@@ -474,7 +540,7 @@ impl Multipart {
     /// and its CRC-64/NVME if the store reports one, else the entity tag
     /// made of this upload's parts' tags.
     async fn completed_anyway(&self, whole: Crc64, etag: Option<&str>) -> bool {
-        let Ok(info) = super::head(&self.client, &self.url).await else {
+        let Ok(info) = super::head(&self.storage, &self.url).await else {
             return false;
         };
         let same = match info.checksum {
@@ -499,8 +565,8 @@ impl Multipart {
             return None;
         }
         let in_flight = std::mem::take(&mut self.in_flight);
-        let (client, url, upload_id) = (self.client.clone(), self.url.clone(), self.upload_id.clone());
-        Some(PENDING_ABORTS.spawn(abort_upload(client, url, upload_id, in_flight)))
+        let (storage, url, upload_id) = (self.storage.clone(), self.url.clone(), self.upload_id.clone());
+        Some(PENDING_ABORTS.spawn(abort_upload(storage, url, upload_id, in_flight)))
     }
 }
 
@@ -515,6 +581,32 @@ impl Drop for Multipart {
             tracing::error!(url = %self.url, "multipart upload dropped outside a runtime; it stays open until the bucket's lifecycle rule removes it")
         }
     }
+}
+
+/// Checks that what the store received is what was sent, where its reply
+/// can tell: a store that gets `Content-MD5` checks it itself when it can,
+/// and answers with an entity tag that is the MD5 of what it stored (for
+/// parts and single PUTs), which catches one that does not.
+fn received_intact(
+    url: &S3Url,
+    what: &str,
+    md5: Option<[u8; 16]>,
+    etag: Option<&str>,
+) -> Result<(), StorageError> {
+    let (Some(sent), Some(stored)) = (md5, etag.and_then(super::download::md5_of_etag)) else {
+        return Ok(());
+    };
+    if sent == stored {
+        return Ok(());
+    }
+    Err(StorageError::Integrity {
+        url: url.to_string(),
+        detail: format!(
+            "{what} reached the store damaged: sent with MD5 {}, stored with MD5 {}",
+            hex::encode(sent),
+            hex::encode(stored)
+        ),
+    })
 }
 
 /// The entity tag most stores give an object made of `parts`: the MD5 of
@@ -549,27 +641,42 @@ type PartTasks = JoinSet<Result<(CompletedPart, Crc64), StorageError>>;
 /// cuts them short.
 const PARTS_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Aborts a multipart upload once the parts `in_flight` have ended.
-async fn abort_upload(client: aws_sdk_s3::Client, url: S3Url, upload_id: String, mut in_flight: PartTasks) {
+/// How long an abort keeps trying while the store is away.
+const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Aborts a multipart upload once the parts `in_flight` have ended. While
+/// the store is away the abort is tried again, backing off, until the
+/// store confirms it (or says the upload is gone) or an hour has passed.
+async fn abort_upload(storage: Storage, url: S3Url, upload_id: String, mut in_flight: PartTasks) {
     let settled = tokio::time::timeout(PARTS_SETTLE, async {
         while in_flight.join_next().await.is_some() {}
     });
     if settled.await.is_err() {
         in_flight.shutdown().await;
     }
-    let res = client
-        .abort_multipart_upload()
-        .bucket(url.bucket())
-        .key(url.key())
-        .upload_id(&upload_id)
-        .send()
-        .await;
-    match res {
-        Ok(_) => tracing::debug!(%url, "multipart upload aborted"),
-        Err(e) => {
-            let e = StorageError::from_sdk(&url, "AbortMultipartUpload", e);
-            tracing::error!(%url, error = %e, "could not abort multipart upload");
+    let attempt = || async {
+        let aborted = storage
+            .abort_multipart_upload()
+            .bucket(url.bucket())
+            .key(url.key())
+            .upload_id(&upload_id)
+            .send()
+            .await;
+        match aborted.map_err(|e| StorageError::from_sdk(&url, "AbortMultipartUpload", e)) {
+            // Aborted before, by an attempt whose reply was lost.
+            Ok(_) | Err(StorageError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
+    };
+    let patient = RetryPolicy {
+        budget: ABORT_PATIENCE,
+        max_wait: std::time::Duration::from_secs(30),
+        ..storage.retry_policy()
+    };
+    let warn = |e: &StorageError, _| tracing::warn!(%url, error = %e, "could not abort the multipart upload yet; retrying");
+    match retry::retry(patient, attempt, warn).await {
+        Ok(()) => tracing::debug!(%url, "multipart upload aborted"),
+        Err(e) => tracing::error!(%url, error = %e, "could not abort multipart upload"),
     }
 }
 

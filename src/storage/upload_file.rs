@@ -108,6 +108,25 @@ impl UploadFile {
     }
 }
 
+impl UploadFile {
+    /// The MD5 of `len` bytes from `offset` (for `Content-MD5`, which
+    /// stores that refuse checksum headers check), read on the calling
+    /// thread (a blocking one).
+    pub(super) fn md5(&self, offset: u64, len: u64) -> std::io::Result<[u8; 16]> {
+        use md5::Digest as _;
+        let mut md5 = md5::Md5::new();
+        let mut buf = vec![0; CHUNK.min(len as usize)];
+        let mut at = offset;
+        while at < offset + len {
+            let n = buf.len().min((offset + len - at) as usize);
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            md5.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(md5.finalize().into())
+    }
+}
+
 /// A request body streaming `len` bytes of a file from `offset`, in frames
 /// of at most [`CHUNK`] bytes (fewer where the page cache holds only part of
 /// a chunk).

@@ -84,6 +84,8 @@ pub fn s3_args(endpoint: &str) -> S3Args {
         force_path_style: Some(true),
         access_key_id: Some(Secret::new(dev::s3::ACCESS_KEY)),
         secret_access_key: Some(Secret::new(dev::s3::SECRET_KEY)),
+        checksum: Default::default(),
+        retry_seconds: 120,
     }
 }
 
@@ -91,7 +93,7 @@ pub fn s3_args(endpoint: &str) -> S3Args {
 pub struct Stack {
     pub tmp: tempfile::TempDir,
     pub s3_endpoint: String,
-    pub s3: aws_sdk_s3::Client,
+    pub s3: prefab::storage::Storage,
     pub workspace_root: PathBuf,
     pub runtime_addr: SocketAddr,
     pub runtime_active: Arc<AtomicUsize>,
@@ -474,7 +476,12 @@ pub fn big_text(mib: usize, seed: u64) -> Vec<u8> {
 /// downloads what the probe found: the body comes with the probe exactly
 /// when `whole` says, and every download is byte-identical with the right
 /// CRC-64/NVME.
-pub async fn check_probe_sizes(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, cases: &[(usize, bool)]) {
+pub async fn check_probe_sizes(
+    s3: &prefab::storage::Storage,
+    bucket: &str,
+    prefix: &str,
+    cases: &[(usize, bool)],
+) {
     use prefab::storage;
     for &(size, whole) in cases {
         let data = text(size, size as u64);
