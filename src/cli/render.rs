@@ -146,6 +146,10 @@ impl Render {
         }
         match event {
             Event::Accepted(a) => self.note(&format!("accepted: request {}", a.request_id)),
+            Event::Staging(p) | Event::Uploading(p) if !p.retrying.is_empty() => self.note(&format!(
+                "store unavailable for {}, retrying for {} more seconds: {}",
+                p.parameter, p.retry_seconds_left, p.retrying
+            )),
             Event::Staging(p) => self.bytes(&format!("stage {}", p.parameter), p.bytes_done, p.bytes_total),
             Event::Staged(s) => self.note(&format!(
                 "staged {} ({}, crc64nvme {})",
@@ -179,7 +183,14 @@ fn mib(bytes: u64) -> String {
 
 /// A Run event as JSON, with the proto's field names in lowerCamelCase.
 pub fn event_json(call_index: u32, event: &Event) -> Value {
-    let transfer = |p: &proto::TransferProgress| json!({"parameter": p.parameter, "url": p.url, "bytesDone": p.bytes_done, "bytesTotal": p.bytes_total});
+    let transfer = |p: &proto::TransferProgress| {
+        let mut body = json!({"parameter": p.parameter, "url": p.url, "bytesDone": p.bytes_done, "bytesTotal": p.bytes_total});
+        if !p.retrying.is_empty() {
+            body["retrying"] = json!(p.retrying);
+            body["retrySecondsLeft"] = json!(p.retry_seconds_left);
+        }
+        body
+    };
     let uploaded = |u: &proto::OutputUploaded| json!({"parameter": u.parameter, "url": u.url, "size": u.size, "crc64nvme": u.crc64nvme});
     let (kind, body) = match event {
         Event::Accepted(a) => ("accepted", json!({"requestId": a.request_id, "calls": a.calls})),

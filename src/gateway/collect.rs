@@ -89,9 +89,10 @@ pub async fn collect_outputs(
         let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
         let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
         let url = dest.to_string();
-        let mut progress = events.transfer_progress(plan.index, &out.param, &url, size, false);
+        let (mut progress, s3) =
+            events.transfer_progress(&state.s3, plan.index, &out.param, &url, size, false);
         progress(0);
-        let done = storage::upload(&state.s3, file, size, &dest, &mut progress).await?;
+        let done = storage::upload(&s3, file, size, &dest, &mut progress).await?;
         let uploaded = proto::OutputUploaded {
             parameter: out.param.clone(),
             url: url.clone(),

@@ -143,10 +143,10 @@ async fn stage_one(
     };
     let url = input.url.to_string();
     let size = probed.info.size;
-    let mut progress = events.transfer_progress(index, &input.param, &url, size, true);
+    let (mut progress, s3) = events.transfer_progress(s3, index, &input.param, &url, size, true);
     progress(0);
     tracing::debug!(%url, size, "staging input");
-    let done = storage::download_probed(s3, &input.url, probed, file, &mut progress).await?;
+    let done = storage::download_probed(&s3, &input.url, probed, file, &mut progress).await?;
     let final_name = name.to_owned();
     tokio::task::spawn_blocking(move || dir.rename(&part, &final_name))
         .await

@@ -231,13 +231,8 @@ pub(crate) async fn fetch_range(
         pos = reached;
         match retrier.failed() {
             Next::Retry { wait, left } => {
-                tracing::warn!(
-                    url = %spec.url,
-                    offset = pos,
-                    error = %failure,
-                    left_s = (left + wait).as_secs(),
-                    "download interrupted, resuming"
-                );
+                tracing::debug!(url = %spec.url, offset = pos, "download interrupted, resuming");
+                spec.storage.retrying(&spec.url, &failure, left + wait);
                 tokio::time::sleep(wait).await;
             }
             Next::GiveUp(spent) => return Err(failure.gave_up(spent, Some(pos))),

@@ -31,12 +31,35 @@ use bytes::Bytes;
 /// policy, and what the store was found to accept. Cheap to clone; it
 /// dereferences to the SDK client for the operations the engine does not
 /// wrap.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Storage {
     client: aws_sdk_s3::Client,
     retry: RetryPolicy,
     compat: Arc<Compat>,
     endpoint: String,
+    notices: Option<Observer>,
+}
+
+/// Who hears of a store's retries.
+type Observer = Arc<dyn Fn(&RetryNotice) + Send + Sync>;
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("endpoint", &self.endpoint)
+            .field("retry", &self.retry)
+            .field("compat", &self.compat)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a transfer tells its observer when the store fails and it retries.
+#[derive(Debug, Clone)]
+pub struct RetryNotice {
+    /// The failure.
+    pub error: String,
+    /// How long it keeps retrying without progress.
+    pub gives_up_in: Duration,
 }
 
 impl Storage {
@@ -54,6 +77,28 @@ impl Storage {
             retry,
             compat: Arc::new(Compat::new(checksum)),
             endpoint: endpoint.to_owned(),
+            notices: None,
+        }
+    }
+
+    /// The same store, telling `observer` of each retry of the transfers
+    /// made through it (so that a caller can tell a store that is away
+    /// from a hang).
+    pub fn observed(&self, observer: impl Fn(&RetryNotice) + Send + Sync + 'static) -> Self {
+        Self {
+            notices: Some(Arc::new(observer)),
+            ..self.clone()
+        }
+    }
+
+    /// Logs a retry of a request on `url` and tells the observer.
+    pub(crate) fn retrying(&self, url: &S3Url, error: &StorageError, gives_up_in: Duration) {
+        tracing::warn!(%url, %error, left_s = gives_up_in.as_secs(), "store request failed, retrying");
+        if let Some(notices) = &self.notices {
+            notices(&RetryNotice {
+                error: error.to_string(),
+                gives_up_in,
+            });
         }
     }
 
@@ -91,10 +136,7 @@ impl Storage {
                 other => other,
             }
         };
-        let warn = |e: &StorageError, left: Duration| {
-            tracing::warn!(%url, error = %e, left_s = left.as_secs(), "store request failed, retrying");
-        };
-        retry::retry(self.retry, attempt, warn).await
+        retry::retry(self.retry, attempt, |e, left| self.retrying(url, e, left)).await
     }
 }
 

@@ -474,9 +474,7 @@ impl Multipart {
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e))
             };
-            let warn = |e: &StorageError, left: std::time::Duration| {
-                tracing::warn!(%url, part = number, error = %e, left_s = left.as_secs(), "part upload failed, retrying");
-            };
+            let warn = |e: &StorageError, left| storage.retrying(&url, e, left);
             let out = retry::retry(storage.retry_policy(), attempt, warn).await?;
             received_intact(&url, &format!("part {number}"), md5, out.e_tag())?;
             let part = CompletedPart::builder()
@@ -510,7 +508,8 @@ impl Multipart {
                     .map_err(|e| StorageError::from_sdk(&self.url, "CompleteMultipartUpload", e))
             }
         };
-        let done = retry::retry(self.storage.retry_policy(), attempt, |_, _| {}).await;
+        let warn = |e: &StorageError, left| self.storage.retrying(&self.url, e, left);
+        let done = retry::retry(self.storage.retry_policy(), attempt, warn).await;
         match done {
             Ok(_) => {
                 self.open = false;
