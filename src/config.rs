@@ -284,6 +284,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn oss_endpoints_are_virtual_hosted_and_others_path_style_by_default() {
+        let args = |endpoint: Option<&str>, forced: Option<bool>| {
+            let mut flags = Vec::new();
+            flags.extend(endpoint.map(|e| format!("--s3-endpoint-url={e}")));
+            flags.extend(forced.map(|f| format!("--s3-force-path-style={f}")));
+            GatewayArgs::from_flags(flags).unwrap().s3
+        };
+        assert!(!args(Some("https://s3.oss-cn-hangzhou.aliyuncs.com"), None).path_style());
+        assert!(args(Some("http://127.0.0.1:8333"), None).path_style());
+        assert!(args(Some("http://minio.internal:9000"), None).path_style());
+        assert!(!args(None, None).path_style(), "AWS S3");
+        assert!(args(Some("https://s3.oss-cn-hangzhou.aliyuncs.com"), Some(true)).path_style());
+        assert!(!args(Some("http://127.0.0.1:8333"), Some(false)).path_style());
+    }
+
+    #[test]
     fn redaction_masks_every_secret_and_leaves_the_rest() {
         let r = Redactor::new([
             "sk-live-123",

@@ -1,6 +1,6 @@
 //! Serving gRPC: every server of this crate also answers
-//! `grpc.health.v1.Health` and server reflection, and stops gracefully when
-//! its shutdown token is cancelled.
+//! `grpc.health.v1.Health` and server reflection (`v1` and `v1alpha`), and
+//! stops gracefully when its shutdown token is cancelled.
 
 use std::time::Duration;
 
@@ -23,10 +23,15 @@ pub async fn base_router(service_name: &str, tls: Option<ServerTlsConfig>) -> Re
     health_reporter
         .set_service_status(service_name, tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both versions of reflection: grpcurl before 1.9, Python's
+    // grpcio-reflection and several GUI clients speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -36,7 +41,8 @@ pub async fn base_router(service_name: &str, tls: Option<ServerTlsConfig>) -> Re
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
         .add_service(health)
-        .add_service(reflection))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
 }
 
 /// Serves a prepared router until `shutdown` is cancelled.

@@ -281,6 +281,43 @@ async fn a_store_that_never_comes_back_fails_within_the_budget() {
     stack.wait_idle().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_an_outage_is_aborted_once_the_store_is_back() {
+    let stack = Stack::start().await;
+    let relay = Relay::start(
+        store_addr(&stack),
+        Strict {
+            rate: Some(THROTTLE),
+            ..Strict::default()
+        },
+    )
+    .await;
+    let (_gateway, mut client) = stack
+        .gateway_process_via(&relay.endpoint(), &["--s3-retry-seconds=3"], None)
+        .await;
+    let url = stack.put_input("outage/abort.txt", big_text(64, 9)).await;
+    let request = run_request("uppercase", serde_json::json!({ "text": url }));
+    let run = tokio::spawn(async move { run_to_end(&mut client, request).await });
+    // Staging sends no request bodies: the first one is a part's.
+    let seen = std::sync::Arc::clone(&relay.seen);
+    wait_for_long("a part uploaded", || {
+        seen.request_bytes.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    relay.set_down(true);
+    let status = run.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // The store cannot take the abort while it is away…
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !open_multipart_uploads(&stack).is_empty(),
+        "nothing to abort: the test missed the upload"
+    );
+    relay.set_down(false);
+    // …and takes it once it is back: no upload stays open.
+    wait_for_long("the upload aborted", || open_multipart_uploads(&stack).is_empty()).await;
+}
+
 /// Polls `cond` every 20 ms for up to 60 s.
 async fn wait_for_long(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..3000 {

@@ -213,19 +213,20 @@ pub async fn get_file(
     if end == req.offset {
         return Ok(rx);
     }
-    let mut get = state
-        .s3
-        .get_object()
-        .bucket(url.bucket())
-        .key(url.key())
-        .range(format!("bytes={}-{}", req.offset, end - 1));
-    if let Some(etag) = &info.etag {
-        get = get.if_match(etag);
-    }
-    let resp = get
-        .send()
-        .await
-        .map_err(|e| StorageError::from_sdk(&url, "GetObject", e))?;
+    let s3 = &state.s3;
+    let (url_ref, etag) = (&url, &info.etag);
+    let resp = s3
+        .send(url_ref, |_| async move {
+            s3.get_object()
+                .bucket(url_ref.bucket())
+                .key(url_ref.key())
+                .range(format!("bytes={}-{}", req.offset, end - 1))
+                .set_if_match(etag.clone())
+                .send()
+                .await
+                .map_err(|e| StorageError::from_sdk(url_ref, "GetObject", e))
+        })
+        .await?;
     // A store that ignores the range sends more than asked; one that sends
     // no length (chunked) is held to the range as the bytes come.
     let want = end - req.offset;

@@ -549,10 +549,12 @@ impl Multipart {
         info.size == whole.len() && same
     }
 
-    /// Aborts the upload and waits for the abort to end.
+    /// Aborts the upload and waits for the abort to end, for
+    /// [`ABORT_WAIT`] at most: a store that is away gets it later, from
+    /// the background, and the failure it caused is not held up for it.
     async fn abort(&mut self) {
         if let Some(task) = self.start_abort() {
-            let _ = task.await;
+            let _ = tokio::time::timeout(ABORT_WAIT, task).await;
         }
     }
 
@@ -639,6 +641,10 @@ type PartTasks = JoinSet<Result<(CompletedPart, Crc64), StorageError>>;
 /// How long an abort waits for the parts still being uploaded before it
 /// cuts them short.
 const PARTS_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a failed upload waits for its abort before it reports the
+/// failure (the abort goes on in the background).
+const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long an abort keeps trying while the store is away.
 const ABORT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3600);

@@ -250,7 +250,8 @@ mod tests {
         let root = WorkspaceRoot::new(tmp.path()).unwrap();
         let records = super::super::record::Records::open(&root).unwrap();
         let live = root.create(RequestId::new()).await.unwrap();
-        records
+        // Held: a record dropped unfinished ends its lease.
+        let _lease = records
             .create(
                 live.id(),
                 super::super::lease::Lease::new("me", Duration::from_secs(60)),

@@ -106,6 +106,7 @@ impl Records {
             id,
             folders: Arc::clone(&self.shared),
             lease: Mutex::new(lease),
+            finished: Default::default(),
         };
         record.write_lease()?;
         Ok(record)
@@ -232,6 +233,7 @@ pub struct Record {
     id: RequestId,
     folders: Arc<Folders>,
     lease: Mutex<Lease>,
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Record {
@@ -276,6 +278,17 @@ impl Record {
     pub fn append(&self, entries: &[u8]) -> std::io::Result<()> {
         let name = format!("{}{JOURNAL}", self.id);
         self.folders.runs.append(&name, entries, PRIVATE_FILE)
+    }
+}
+
+impl Drop for Record {
+    /// A record dropped unfinished (its run never started: the caller left
+    /// during admission) ends its lease, one rename, so that its
+    /// reservation stops counting at once rather than at its expiry.
+    fn drop(&mut self) {
+        if !self.finished.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = self.finish();
+        }
     }
 }
 

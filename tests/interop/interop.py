@@ -61,6 +61,19 @@ def main() -> int:
         resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         check(f"health {service or '(server)'} is SERVING", resp.status == health_pb2.HealthCheckResponse.SERVING)
 
+    # grpcio-reflection speaks grpc.reflection.v1alpha only, as grpcurl
+    # 1.8.6 and several GUI clients do.
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    reflected = ProtoReflectionDescriptorDatabase(channel)
+    services = reflected.get_services()
+    check("v1alpha reflection lists prefab.v1.Gateway", "prefab.v1.Gateway" in services, str(services))
+    gateway_file = reflected.FindFileContainingSymbol("prefab.v1.Gateway")
+    methods = [m.name for s in gateway_file.service if s.name == "Gateway" for m in s.method]
+    check("v1alpha reflection resolves the Gateway's methods", "Run" in methods and "Watch" in methods, str(methods))
+
     gateway = gateway_pb2_grpc.GatewayStub(channel)
     text = b"interop from python\n" * 1000
 
