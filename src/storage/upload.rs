@@ -303,6 +303,9 @@ pub async fn upload_from(
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
+                let md5 = md5.filter(|_| {
+                    super::etag_is_md5(out.server_side_encryption(), out.sse_customer_algorithm())
+                });
                 received_intact(dest, "the object", md5, out.e_tag())
             })
             .await?;
@@ -476,6 +479,9 @@ impl Multipart {
             };
             let warn = |e: &StorageError, left| storage.retrying(&url, e, left);
             let out = retry::retry(storage.retry_policy(), attempt, warn).await?;
+            // Tags of parts encrypted with KMS or a customer key are no MD5s.
+            let md5 = md5
+                .filter(|_| super::etag_is_md5(out.server_side_encryption(), out.sse_customer_algorithm()));
             received_intact(&url, &format!("part {number}"), md5, out.e_tag())?;
             let part = CompletedPart::builder()
                 .part_number(number)
