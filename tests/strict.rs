@@ -26,6 +26,12 @@ const B2_AND_OSS: Strict = Strict {
     rate: None,
 };
 
+/// Where a gateway child logs: a file in the stack's folder, not the test's
+/// output (each retry of an outage is a warning).
+fn quiet_log(stack: &Stack) -> std::path::PathBuf {
+    stack.tmp.path().join("gateway.log")
+}
+
 /// The store's address, for a relay in front of it.
 fn store_addr(stack: &Stack) -> std::net::SocketAddr {
     stack.s3_endpoint.trim_start_matches("http://").parse().unwrap()
@@ -118,7 +124,9 @@ async fn a_part_damaged_on_the_way_fails_the_upload_and_leaves_none_open() {
         ..B2_AND_OSS
     };
     let relay = Relay::start(store_addr(&stack), strict).await;
-    let (_gateway, mut client) = stack.gateway_process_via(&relay.endpoint(), &[], None).await;
+    let (_gateway, mut client) = stack
+        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
+        .await;
     let url = stack.put_input("strict/damaged.txt", big_text(24, 4)).await;
     let status = run_to_end(
         &mut client,
@@ -152,7 +160,9 @@ async fn a_minute_long_outage_while_staging_resumes_where_it_stopped() {
         },
     )
     .await;
-    let (_gateway, mut client) = stack.gateway_process_via(&relay.endpoint(), &[], None).await;
+    let (_gateway, mut client) = stack
+        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
+        .await;
     let data = big_text(256, 6);
     let size = data.len() as u64;
     let url = stack.put_input("outage/in.bin", data.clone()).await;
@@ -202,7 +212,9 @@ async fn a_minute_long_outage_while_uploading_resends_only_the_parts_cut() {
         },
     )
     .await;
-    let (_gateway, mut client) = stack.gateway_process_via(&relay.endpoint(), &[], None).await;
+    let (_gateway, mut client) = stack
+        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
+        .await;
     let text = big_text(128, 7);
     let size = text.len() as u64;
     let url = stack.put_input("outage/upper.txt", text.clone()).await;
@@ -253,7 +265,11 @@ async fn a_store_that_never_comes_back_fails_within_the_budget() {
     )
     .await;
     let (_gateway, mut client) = stack
-        .gateway_process_via(&relay.endpoint(), &["--s3-retry-seconds=5"], None)
+        .gateway_process_via(
+            &relay.endpoint(),
+            &["--s3-retry-seconds=5"],
+            Some(&quiet_log(&stack)),
+        )
         .await;
     let data = big_text(128, 8);
     let size = data.len() as u64;
@@ -293,7 +309,11 @@ async fn an_upload_cut_by_an_outage_is_aborted_once_the_store_is_back() {
     )
     .await;
     let (_gateway, mut client) = stack
-        .gateway_process_via(&relay.endpoint(), &["--s3-retry-seconds=3"], None)
+        .gateway_process_via(
+            &relay.endpoint(),
+            &["--s3-retry-seconds=3"],
+            Some(&quiet_log(&stack)),
+        )
         .await;
     let url = stack.put_input("outage/abort.txt", big_text(64, 9)).await;
     let request = run_request("uppercase", serde_json::json!({ "text": url }));

@@ -1,6 +1,7 @@
-//! Object storage: the S3 client, `s3://` URLs, and the transfer engine that
-//! streams objects to and from local files with bounded memory, retries and
-//! checksums.
+//! Object storage: the store as a value ([`Storage`]: the S3 client, the
+//! one [`retry`] policy, what the store accepts in [`compat`]), `s3://`
+//! URLs, and the transfer engine that streams objects to and from local
+//! files with bounded memory, retries and checksums.
 
 pub mod checksum;
 mod client;

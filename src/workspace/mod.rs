@@ -1,7 +1,10 @@
 //! Per-request workspaces on the shared volume: `<root>/<request_id>/` with
 //! `inputs/` and `outputs/`. A workspace is named by a [`RequestId`] handle,
 //! never by a path, and everything resolved inside it goes through
-//! [`RelPath`] and descriptor-based, no-follow opens.
+//! [`RelPath`] and descriptor-based, no-follow opens. [`access`] is who may
+//! use a workspace (one shared group, whatever the user ids), [`lease`] and
+//! [`record`] what every gateway replica knows of each run (owner, expiry,
+//! reservation, journal), and [`janitor`] removes what nobody owns.
 
 pub mod access;
 mod confine;
