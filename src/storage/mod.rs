@@ -132,7 +132,13 @@ impl Storage {
                 Err(StorageError::Unsupported { detail, .. })
                     if headers && self.compat.fall_back(&self.endpoint, &detail) =>
                 {
-                    send(false).await
+                    // Refused again without the headers: it was not them.
+                    match send(false).await {
+                        Err(StorageError::Unsupported { url, op, detail }) => {
+                            Err(StorageError::Rejected { url, op, detail })
+                        }
+                        other => other,
+                    }
                 }
                 other => other,
             }
