@@ -228,3 +228,27 @@ pub fn event_json(call_index: u32, event: &Event) -> Value {
     };
     json!({"callIndex": call_index, kind: body})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retrying_transfer_says_so_in_json_and_quiet_ones_do_not() {
+        let mut p = proto::TransferProgress {
+            parameter: "file".into(),
+            url: "s3://b/k".into(),
+            bytes_done: 10,
+            bytes_total: 20,
+            ..Default::default()
+        };
+        let quiet = event_json(0, &Event::Staging(p.clone()));
+        assert!(quiet["staging"].get("retrying").is_none(), "{quiet}");
+        p.retrying = "connection refused".into();
+        p.retry_seconds_left = 95;
+        let loud = event_json(0, &Event::Uploading(p));
+        assert_eq!(loud["uploading"]["retrying"], "connection refused");
+        assert_eq!(loud["uploading"]["retrySecondsLeft"], 95);
+        assert_eq!(loud["uploading"]["bytesDone"], 10);
+    }
+}
