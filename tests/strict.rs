@@ -13,10 +13,12 @@ use common::{
     relay::{Relay, Strict},
     run_request, run_to_end, wait_for,
 };
+use prefab::proto::gateway_client::GatewayClient;
 use prefab::proto::{self, put_file_request::Msg, run_event::Event};
-use tokio::sync::mpsc;
+use tokio::{process::Child, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Behaves like B2 (no checksum headers) and OSS (no aws-chunked) at once.
 const B2_AND_OSS: Strict = Strict {
@@ -31,6 +33,28 @@ const B2_AND_OSS: Strict = Strict {
 fn quiet_log(stack: &Stack) -> std::path::PathBuf {
     stack.tmp.path().join("gateway.log")
 }
+
+/// A gateway process (with `extra` flags) reaching the stack's store
+/// through a relay that behaves as `strict` says.
+async fn through_relay(
+    stack: &Stack,
+    strict: Strict,
+    extra: &[&str],
+) -> (Relay, Child, GatewayClient<Channel>) {
+    let relay = Relay::start(store_addr(stack), strict).await;
+    let (gateway, client) = stack
+        .gateway_process_via(&relay.endpoint(), extra, Some(&quiet_log(stack)))
+        .await;
+    (relay, gateway, client)
+}
+
+/// A relay passing everything at [`THROTTLE`] bytes a second.
+const THROTTLED: Strict = Strict {
+    refuse_checksum_headers: false,
+    refuse_aws_chunked: false,
+    damage_first_part: false,
+    rate: Some(THROTTLE),
+};
 
 /// The store's address, for a relay in front of it.
 fn store_addr(stack: &Stack) -> std::net::SocketAddr {
@@ -123,10 +147,7 @@ async fn a_part_damaged_on_the_way_fails_the_upload_and_leaves_none_open() {
         damage_first_part: true,
         ..B2_AND_OSS
     };
-    let relay = Relay::start(store_addr(&stack), strict).await;
-    let (_gateway, mut client) = stack
-        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
-        .await;
+    let (_relay, _gateway, mut client) = through_relay(&stack, strict, &[]).await;
     let url = stack.put_input("strict/damaged.txt", big_text(24, 4)).await;
     let status = run_to_end(
         &mut client,
@@ -152,17 +173,7 @@ const OUTAGE: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_long_outage_while_staging_resumes_where_it_stopped() {
     let stack = Stack::start().await;
-    let relay = Relay::start(
-        store_addr(&stack),
-        Strict {
-            rate: Some(THROTTLE),
-            ..Strict::default()
-        },
-    )
-    .await;
-    let (_gateway, mut client) = stack
-        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
-        .await;
+    let (relay, _gateway, mut client) = through_relay(&stack, THROTTLED, &[]).await;
     let data = big_text(256, 6);
     let size = data.len() as u64;
     let url = stack.put_input("outage/in.bin", data.clone()).await;
@@ -204,17 +215,7 @@ async fn a_minute_long_outage_while_staging_resumes_where_it_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_long_outage_while_uploading_resends_only_the_parts_cut() {
     let stack = Stack::start().await;
-    let relay = Relay::start(
-        store_addr(&stack),
-        Strict {
-            rate: Some(THROTTLE),
-            ..Strict::default()
-        },
-    )
-    .await;
-    let (_gateway, mut client) = stack
-        .gateway_process_via(&relay.endpoint(), &[], Some(&quiet_log(&stack)))
-        .await;
+    let (relay, _gateway, mut client) = through_relay(&stack, THROTTLED, &[]).await;
     let text = big_text(128, 7);
     let size = text.len() as u64;
     let url = stack.put_input("outage/upper.txt", text.clone()).await;
@@ -256,21 +257,7 @@ async fn a_minute_long_outage_while_uploading_resends_only_the_parts_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_never_comes_back_fails_within_the_budget() {
     let stack = Stack::start().await;
-    let relay = Relay::start(
-        store_addr(&stack),
-        Strict {
-            rate: Some(THROTTLE),
-            ..Strict::default()
-        },
-    )
-    .await;
-    let (_gateway, mut client) = stack
-        .gateway_process_via(
-            &relay.endpoint(),
-            &["--s3-retry-seconds=5"],
-            Some(&quiet_log(&stack)),
-        )
-        .await;
+    let (relay, _gateway, mut client) = through_relay(&stack, THROTTLED, &["--s3-retry-seconds=5"]).await;
     let data = big_text(128, 8);
     let size = data.len() as u64;
     let url = stack.put_input("outage/gone.bin", data).await;
@@ -300,21 +287,7 @@ async fn a_store_that_never_comes_back_fails_within_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_cut_by_an_outage_is_aborted_once_the_store_is_back() {
     let stack = Stack::start().await;
-    let relay = Relay::start(
-        store_addr(&stack),
-        Strict {
-            rate: Some(THROTTLE),
-            ..Strict::default()
-        },
-    )
-    .await;
-    let (_gateway, mut client) = stack
-        .gateway_process_via(
-            &relay.endpoint(),
-            &["--s3-retry-seconds=3"],
-            Some(&quiet_log(&stack)),
-        )
-        .await;
+    let (relay, _gateway, mut client) = through_relay(&stack, THROTTLED, &["--s3-retry-seconds=3"]).await;
     let url = stack.put_input("outage/abort.txt", big_text(64, 9)).await;
     let request = run_request("uppercase", serde_json::json!({ "text": url }));
     let run = tokio::spawn(async move { run_to_end(&mut client, request).await });

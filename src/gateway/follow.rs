@@ -10,9 +10,12 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{journal::HEARTBEAT_EVERY, persist};
+use super::{
+    journal::{self, HEARTBEAT_EVERY},
+    persist,
+};
 use crate::{
-    proto::{self, run_event::Event},
+    proto,
     workspace::{RequestId, record::RecordReader},
 };
 
@@ -106,15 +109,8 @@ pub async fn follow(
         tokio::select! {
             () = tokio::time::sleep(POLL_EVERY) => {}
             () = tx.closed() => return,
-            _ = heartbeat.tick() => {
-                let beat = proto::RunEvent {
-                    call_index: 0,
-                    sequence: 0,
-                    event: Some(Event::Heartbeat(proto::Heartbeat {})),
-                };
-                if tx.try_send(Ok(beat)).is_err() && tx.is_closed() {
-                    return;
-                }
+            _ = heartbeat.tick() => if !journal::beat(&tx) {
+                return;
             }
         }
     }

@@ -168,19 +168,23 @@ impl Journal {
             tokio::select! {
                 changed = latest.changed() => if changed.is_err() { return },
                 () = tx.closed() => return left(),
-                _ = heartbeat.tick() => {
-                    let beat = proto::RunEvent {
-                        call_index: 0,
-                        sequence: 0,
-                        event: Some(Event::Heartbeat(proto::Heartbeat {})),
-                    };
-                    if tx.try_send(Ok(beat)).is_err() && tx.is_closed() {
-                        return left();
-                    }
+                _ = heartbeat.tick() => if !beat(&tx) {
+                    return left();
                 }
             }
         }
     }
+}
+
+/// Sends a heartbeat to a quiet stream's reader unless its queue is full;
+/// false if the reader left.
+pub fn beat(tx: &mpsc::Sender<Result<proto::RunEvent, Status>>) -> bool {
+    let beat = proto::RunEvent {
+        call_index: 0,
+        sequence: 0,
+        event: Some(Event::Heartbeat(proto::Heartbeat {})),
+    };
+    tx.try_send(Ok(beat)).is_ok() || !tx.is_closed()
 }
 
 impl State {

@@ -96,34 +96,32 @@ impl UploadFile {
     /// but they are the exception (bytes not in the page cache).
     pub(super) fn checksum(&self, offset: u64, len: u64) -> std::io::Result<Crc64> {
         let mut crc = Crc64Stream::default();
-        let mut buf = vec![0; CHUNK.min(len as usize)];
-        let mut at = offset;
-        while at < offset + len {
-            let n = buf.len().min((offset + len - at) as usize);
-            self.file.read_exact_at(&mut buf[..n], at)?;
-            crc.update(&buf[..n]);
-            at += n as u64;
-        }
+        self.read_range(offset, len, |bytes| crc.update(bytes))?;
         Ok(crc.finish())
     }
-}
 
-impl UploadFile {
     /// The MD5 of `len` bytes from `offset` (for `Content-MD5`, which
     /// stores that refuse checksum headers check), read on the calling
     /// thread (a blocking one).
     pub(super) fn md5(&self, offset: u64, len: u64) -> std::io::Result<[u8; 16]> {
         use md5::Digest as _;
         let mut md5 = md5::Md5::new();
+        self.read_range(offset, len, |bytes| md5.update(bytes))?;
+        Ok(md5.finalize().into())
+    }
+
+    /// Hands `len` bytes from `offset` to `each`, a chunk at a time, read
+    /// into a buffer of its own (see [`UploadFile::checksum`]).
+    fn read_range(&self, offset: u64, len: u64, mut each: impl FnMut(&[u8])) -> std::io::Result<()> {
         let mut buf = vec![0; CHUNK.min(len as usize)];
         let mut at = offset;
         while at < offset + len {
             let n = buf.len().min((offset + len - at) as usize);
             self.file.read_exact_at(&mut buf[..n], at)?;
-            md5.update(&buf[..n]);
+            each(&buf[..n]);
             at += n as u64;
         }
-        Ok(md5.finalize().into())
+        Ok(())
     }
 }
 
