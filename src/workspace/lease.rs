@@ -71,17 +71,16 @@ pub fn now_ms() -> u64 {
 }
 
 /// Writes (or renews) the lease `name` in the open folder `dir`,
-/// atomically and without following anything planted in it; synced if
-/// `durable`. On a full volume, where the atomic write's new file finds no
+/// atomically and without following anything planted in it (see
+/// [`DirFd::replace`] for why it is not synced). On a full volume, where the atomic write's new file finds no
 /// space, a lease is renewed in place instead: a run must not lose its
 /// workspace to the janitor for that. Blocking.
-pub fn write_blocking(dir: &DirFd, name: &str, lease: &Lease, durable: bool) -> std::io::Result<()> {
+pub fn write_blocking(dir: &DirFd, name: &str, lease: &Lease) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
-    dir.replace(name, &body, durable)
-        .or_else(|e| match e.raw_os_error() {
-            Some(code) if full(code) => dir.overwrite(name, &body).map_err(|_| e),
-            _ => Err(e),
-        })
+    dir.replace(name, &body).or_else(|e| match e.raw_os_error() {
+        Some(code) if full(code) => dir.overwrite(name, &body).map_err(|_| e),
+        _ => Err(e),
+    })
 }
 
 /// Whether `errno` says the volume (or the quota) is full.
@@ -119,7 +118,7 @@ mod tests {
         assert_eq!(read_blocking(&path), None);
         let lease = Lease::new("replica-a", Duration::from_secs(60));
         let fd = DirFd::open(dir.path()).unwrap();
-        write_blocking(&fd, "lease", &lease, true).unwrap();
+        write_blocking(&fd, "lease", &lease).unwrap();
         assert_eq!(read_blocking(&path), Some(lease.clone()));
         assert!(!lease.expired());
         assert!(Lease::new("b", Duration::ZERO).expires_unix_ms <= now_ms());
@@ -150,25 +149,16 @@ mod tests {
         }
         let _unmount = Unmount(dir.path());
         let fd = DirFd::open(dir.path()).unwrap();
-        write_blocking(
-            &fd,
-            "lease",
-            &Lease::new("replica-a", Duration::from_secs(60)),
-            true,
-        )
-        .unwrap();
+        write_blocking(&fd, "lease", &Lease::new("replica-a", Duration::from_secs(60))).unwrap();
         let mut filler = std::fs::File::create(dir.path().join("filler")).unwrap();
         let filled = std::io::Write::write_all(&mut filler, &[0; 64 << 10]).unwrap_err();
         assert_eq!(
             filled.raw_os_error(),
             Some(rustix::io::Errno::NOSPC.raw_os_error())
         );
-        assert!(
-            fd.replace("other", b"{}", true).is_err(),
-            "the volume is not full"
-        );
+        assert!(fd.replace("other", b"{}").is_err(), "the volume is not full");
         let renewed = Lease::new("replica-a", Duration::from_secs(120));
-        write_blocking(&fd, "lease", &renewed, true).unwrap();
+        write_blocking(&fd, "lease", &renewed).unwrap();
         assert_eq!(read_blocking(&dir.path().join("lease")), Some(renewed));
     }
 }

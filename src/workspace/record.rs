@@ -15,7 +15,7 @@
 //! NFSv4 implements) while it counts the reservations of `.live/` and
 //! writes its own, so that N replicas never book the same space twice; its
 //! cost follows the runs in flight, not the ended ones kept for `Watch`.
-//! Admitting writes one file (the live lease, synced); the end of a run
+//! Admitting writes one file (the live lease); the end of a run
 //! appends to the journal and renames the lease out of `.live/`, which is
 //! what says it ended (at the journal's last write). Everything here is the
 //! gateway's own (`0700`): prefabs share the workspace group, not this.
@@ -58,6 +58,10 @@ struct Folders {
     runs: DirFd,
     live: DirFd,
     path: PathBuf,
+    /// The admission lock file, open for the process's life: `flock`
+    /// excludes other processes; the mutex, this one's threads (which
+    /// share the open file, and so its lock).
+    lock: Mutex<std::os::fd::OwnedFd>,
 }
 
 impl Folders {
@@ -90,8 +94,15 @@ impl Records {
         let path = root.path().join(RUNS_DIR);
         let runs = open_or_create(&DirFd::open(root.path())?, RUNS_DIR)?;
         let live = open_or_create(&runs, LIVE_DIR)?;
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let lock = rustix::fs::openat(&runs, LOCK_FILE, flags, Mode::from_raw_mode(PRIVATE_FILE))?;
         Ok(Self {
-            shared: Arc::new(Folders { runs, live, path }),
+            shared: Arc::new(Folders {
+                runs,
+                live,
+                path,
+                lock: Mutex::new(lock),
+            }),
         })
     }
 
@@ -122,16 +133,10 @@ impl Records {
     }
 
     /// Takes the volume-wide admission lock, waiting for it. Blocking.
-    pub fn lock(&self) -> std::io::Result<AdmissionLock> {
-        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(
-            &self.shared.runs,
-            LOCK_FILE,
-            flags,
-            Mode::from_raw_mode(PRIVATE_FILE),
-        )?;
-        rustix::fs::flock(&fd, FlockOperation::LockExclusive)?;
-        Ok(AdmissionLock(fd))
+    pub fn lock(&self) -> std::io::Result<AdmissionLock<'_>> {
+        let file = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
+        rustix::fs::flock(&*file, FlockOperation::LockExclusive)?;
+        Ok(AdmissionLock(file))
     }
 
     /// The leases of the runs not yet ended, by run (those of owners that
@@ -224,7 +229,14 @@ fn open_or_create(parent: &DirFd, name: &str) -> std::io::Result<DirFd> {
 
 /// The admission lock; released when dropped.
 #[derive(Debug)]
-pub struct AdmissionLock(#[allow(dead_code)] std::os::fd::OwnedFd);
+pub struct AdmissionLock<'a>(std::sync::MutexGuard<'a, std::os::fd::OwnedFd>);
+
+impl Drop for AdmissionLock<'_> {
+    fn drop(&mut self) {
+        // Closing the file would release it too, but it stays open.
+        let _ = rustix::fs::flock(&*self.0, FlockOperation::Unlock);
+    }
+}
 
 /// The record of a run this replica owns: it writes the lease and the
 /// journal.
@@ -255,7 +267,7 @@ impl Record {
     /// Stores the live lease. Blocking.
     pub fn write_lease(&self) -> std::io::Result<()> {
         let lease = self.current_lease();
-        lease::write_blocking(&self.folders.live, &self.id.to_string(), &lease, true)
+        lease::write_blocking(&self.folders.live, &self.id.to_string(), &lease)
     }
 
     /// Says the run ended: its lease leaves `.live/` for the record, and
