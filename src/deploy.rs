@@ -12,6 +12,10 @@ pub const NAMESPACE: &str = "prefab-functions";
 pub const PVC: &str = "prefab-workspace";
 /// Where the shared volume is mounted.
 pub const MOUNT: &str = "/mnt/prefab-workspace";
+/// The writable scratch folder of a read-only container (an `emptyDir`),
+/// and its `HOME`: tools that exec prefabs wrap write temporary files (and
+/// caches under `HOME`) even when their outputs go to the workspace.
+pub const SCRATCH: &str = "/tmp";
 /// The workspace group of the manifests in `k8s/`: the gateway image's
 /// (distroless `nonroot`) primary group.
 pub const WORKSPACE_GID: u32 = 65532;
@@ -43,6 +47,9 @@ pub struct RenderArgs {
     /// whatever user id the image runs as.
     #[arg(long, default_value_t = WORKSPACE_GID)]
     pub workspace_gid: u32,
+    /// The user id the prefab runs as (runAsUser), if not the image's.
+    #[arg(long, value_name = "UID")]
+    pub run_as_user: Option<u32>,
     /// Arguments for the container, e.g. `runtime exec --manifest /app/prefab.toml`.
     #[arg(long = "arg")]
     pub args: Vec<String>,
@@ -81,7 +88,10 @@ pub fn knative_service(args: &RenderArgs) -> Result<Value, RenderError> {
             args.image
         )));
     }
-    let mut env = vec![json!({"name": "WORKSPACE_ROOT", "value": MOUNT})];
+    let mut env = vec![
+        json!({"name": "WORKSPACE_ROOT", "value": MOUNT}),
+        json!({"name": "HOME", "value": SCRATCH}),
+    ];
     for kv in &args.env {
         let (k, v) = kv
             .split_once('=')
@@ -118,7 +128,10 @@ pub fn knative_service(args: &RenderArgs) -> Result<Value, RenderError> {
         "image": args.image,
         "ports": [{"name": "h2c", "containerPort": 8080}],
         "env": env,
-        "volumeMounts": [{"name": "workspace", "mountPath": MOUNT}],
+        "volumeMounts": [
+            {"name": "workspace", "mountPath": MOUNT},
+            {"name": "scratch", "mountPath": SCRATCH},
+        ],
         "readinessProbe": probe(5),
         "livenessProbe": probe(10),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
@@ -133,6 +146,9 @@ pub fn knative_service(args: &RenderArgs) -> Result<Value, RenderError> {
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     });
+    if let Some(uid) = args.run_as_user {
+        container["securityContext"]["runAsUser"] = json!(uid);
+    }
     if !env_from.is_empty() {
         container["envFrom"] = Value::Array(env_from);
     }
@@ -151,7 +167,10 @@ pub fn knative_service(args: &RenderArgs) -> Result<Value, RenderError> {
             "spec": {
                 "timeoutSeconds": args.timeout_seconds,
                 "containers": [container],
-                "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": PVC}}],
+                "volumes": [
+                    {"name": "workspace", "persistentVolumeClaim": {"claimName": PVC}},
+                    {"name": "scratch", "emptyDir": {}},
+                ],
             },
         }},
     }))
@@ -238,6 +257,7 @@ mod tests {
             secrets: vec!["hello-secrets".into()],
             timeout_seconds: 600,
             workspace_gid: 4242,
+            run_as_user: Some(1000),
             args: vec!["runtime".into(), "hello".into()],
             apply: false,
         }
@@ -272,6 +292,17 @@ mod tests {
         );
         assert_eq!(c["envFrom"][0]["secretRef"]["name"], "hello-secrets");
         assert_eq!(c["securityContext"]["runAsGroup"], 4242);
+        assert_eq!(c["securityContext"]["runAsUser"], 1000);
+        // Read-only: a scratch emptyDir for /tmp, HOME in it.
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["volumeMounts"][1]["mountPath"], SCRATCH);
+        assert_eq!(spec["volumes"][1], json!({"name": "scratch", "emptyDir": {}}));
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "HOME", "value": SCRATCH}))
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::{
 
 /// Run file-processing functions on files in S3-compatible storage.
 #[derive(Debug, Parser)]
-#[command(name = "prefab", version)]
+#[command(name = "prefab", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PREFAB_GIT_REVISION"), ")"))]
 pub struct Cli {
     /// Log as JSON lines (for Kubernetes) instead of human-readable text.
     #[arg(long, global = true, env = "PREFAB_LOG_JSON")]
