@@ -21,11 +21,17 @@ pub fn struct_to_json(s: Struct) -> Map<String, Json> {
     s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect()
 }
 
+/// The largest integer a double holds exactly, 2^53.
+const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
+
 /// Converts a protobuf `Value` to JSON. Non-finite numbers become `null`,
 /// as JSON cannot carry them.
 pub fn value_to_json(v: Value) -> Json {
     match v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
+        // Whole numbers are integers (a count is `3`, not `3.0`), where
+        // a double holds them exactly.
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= MAX_EXACT => Json::from(n as i64),
         Some(Kind::NumberValue(n)) => Number::from_f64(n).map_or(Json::Null, Json::Number),
         Some(Kind::StringValue(s)) => Json::String(s),
         Some(Kind::BoolValue(b)) => Json::Bool(b),
@@ -97,12 +103,14 @@ mod tests {
 
     #[test]
     fn json_round_trips_through_struct() {
-        let json = serde_json::json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": "e"}});
+        let json = serde_json::json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": "e"}, "n": 3000, "m": -2});
         let Json::Object(map) = json.clone() else {
             unreachable!()
         };
         let back = Json::Object(struct_to_json(json_to_struct(map)));
         assert_eq!(back, json);
+        // Whole numbers come back as integers: `3000`, not `3000.0`.
+        assert_eq!(back["n"].to_string(), "3000");
     }
 
     #[test]

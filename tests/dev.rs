@@ -112,6 +112,15 @@ async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
         .to_owned();
     let downloaded = std::fs::read_to_string(out_dir.join("output.txt")).unwrap();
     assert_eq!(downloaded, text.to_uppercase());
+    // `watch` follows it again by its request id, from its journal.
+    let request_id = events[0]["accepted"]["requestId"].as_str().unwrap();
+    let watched = dev.ok(&["watch", request_id, "--json"]);
+    let watched: Vec<serde_json::Value> = watched
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(watched.last().unwrap()["runCompleted"].is_object());
+    assert!(watched.contains(completed), "{watched:?}");
 
     // A local file as input is uploaded first.
     let counted = dev.ok(&[
@@ -121,9 +130,13 @@ async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
         "-i",
         &format!("text={}", input.display()),
     ]);
+    assert!(
+        counted.contains("\"words\": 45000") && !counted.contains(".0"),
+        "whole numbers as integers: {counted}"
+    );
     let counted: serde_json::Value = serde_json::from_str(&counted).unwrap();
-    assert_eq!(counted["words"], serde_json::json!(45000.0));
-    assert_eq!(counted["lines"], serde_json::json!(10000.0));
+    assert_eq!(counted["words"], serde_json::json!(45000));
+    assert_eq!(counted["lines"], serde_json::json!(10000));
 
     // Exit codes a script can use.
     assert_eq!(

@@ -219,7 +219,7 @@ async fn progress_and_values_come_from_the_line_protocol() {
             .any(|e| matches!(e, Event::RuntimeProgress(p) if p.fraction == 0.5 && p.message == "half way"))
     );
     let outputs = call_outputs(&events);
-    assert_eq!(outputs["answer"], serde_json::json!(42.0));
+    assert_eq!(outputs["answer"], serde_json::json!(42));
     assert_eq!(outputs["note"], serde_json::json!("all good"));
 }
 

@@ -372,7 +372,7 @@ async fn a_detached_run_is_followed_again_with_watch() {
         events
             .iter()
             .any(|e| matches!(&e.event, Some(Event::CallCompleted(c))
-        if proto::struct_to_json(c.outputs.clone().unwrap())["slept"] == serde_json::json!(2.0)))
+        if proto::struct_to_json(c.outputs.clone().unwrap())["slept"] == serde_json::json!(2)))
     );
 
     let unknown = proto::WatchRequest {

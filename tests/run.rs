@@ -121,7 +121,7 @@ async fn word_count_returns_values() {
     let outputs = proto::struct_to_json(done.outputs.unwrap());
     assert_eq!(
         outputs,
-        serde_json::json!({"words": 4.0, "lines": 2.0, "bytes": 20.0})
+        serde_json::json!({"words": 4, "lines": 2, "bytes": 20})
             .as_object()
             .unwrap()
             .clone()

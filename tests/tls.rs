@@ -110,7 +110,7 @@ async fn tls_and_mutual_tls_end_to_end() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let outputs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(outputs["words"], serde_json::json!(3.0));
+    assert_eq!(outputs["words"], serde_json::json!(3));
 
     // Without PREFAB_TLS_CA the client trusts the system's authorities:
     // not the test CA, unless the system's bundle (SSL_CERT_FILE) holds it.

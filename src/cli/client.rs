@@ -341,11 +341,60 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
             proto::OnDisconnect::Cancel
         } as i32,
     };
-    let mut stream = client
+    let stream = client
         .run(conn.request(req)?)
         .await
         .map_err(run_failed)?
         .into_inner();
+    let (outputs, files) = follow(stream, render).await?;
+    if let Some(dir) = &args.download {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| ClientError::local(format!("{}: {e}", dir.display())))?;
+        for file in &files {
+            let ext = file.url.rsplit_once('.').map(|(_, e)| e).unwrap_or("bin");
+            let dest = dir.join(format!("{}.{ext}", file.parameter));
+            get_with(conn, &mut client, &file.url, &dest, render).await?;
+            render.note(&format!("downloaded {} to {}", file.parameter, dest.display()));
+        }
+    }
+    if !render.is_json() {
+        println!("{}", serde_json::to_string_pretty(&outputs).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Follows a run another client started (or this one, detached) by its
+/// request id, from the events after `after`; prints its outputs.
+pub async fn watch(
+    conn: &Connection,
+    request_id: &str,
+    after: u64,
+    render: &mut Render,
+) -> Result<(), ClientError> {
+    let mut client = conn.client().await?;
+    let req = proto::WatchRequest {
+        request_id: request_id.to_owned(),
+        after_sequence: after,
+    };
+    let stream = client
+        .watch(conn.request(req)?)
+        .await
+        .map_err(run_failed)?
+        .into_inner();
+    let (outputs, _) = follow(stream, render).await?;
+    if !render.is_json() {
+        println!("{}", serde_json::to_string_pretty(&outputs).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Shows a run's events to its end: the last call's outputs and every
+/// output file.
+async fn follow(
+    mut stream: tonic::Streaming<proto::RunEvent>,
+    render: &mut Render,
+) -> Result<(Value, Vec<proto::OutputUploaded>), ClientError> {
     let mut outputs = Value::Null;
     let mut files = Vec::new();
     let mut completed = false;
@@ -371,21 +420,7 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
             message: "the run stream ended without a result".into(),
         });
     }
-    if let Some(dir) = &args.download {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| ClientError::local(format!("{}: {e}", dir.display())))?;
-        for file in &files {
-            let ext = file.url.rsplit_once('.').map(|(_, e)| e).unwrap_or("bin");
-            let dest = dir.join(format!("{}.{ext}", file.parameter));
-            get_with(conn, &mut client, &file.url, &dest, render).await?;
-            render.note(&format!("downloaded {} to {}", file.parameter, dest.display()));
-        }
-    }
-    if !render.is_json() {
-        println!("{}", serde_json::to_string_pretty(&outputs).unwrap_or_default());
-    }
-    Ok(())
+    Ok((outputs, files))
 }
 
 /// Asks the gateway's health service; `Ok` when serving.

@@ -73,6 +73,18 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Follow a run by its request id (from any gateway replica) to its
+    /// end, e.g. one started with `run --detach`.
+    Watch {
+        /// The request id `run` printed as accepted.
+        request_id: String,
+        /// Show only the events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Gateway connection.
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Render (or apply) Kubernetes resources.
     #[command(subcommand)]
     Deploy(DeployCommand),
@@ -142,6 +154,11 @@ pub async fn run(cli: Cli) -> u8 {
             })
         }
         Command::Run { args, conn } => client::run(&conn, &args, &mut client(&conn)).await,
+        Command::Watch {
+            request_id,
+            after,
+            conn,
+        } => client::watch(&conn, &request_id, after, &mut client(&conn)).await,
         Command::Health { service, conn } => client::health(&conn, &service, &client(&conn)).await,
         Command::Deploy(DeployCommand::Render(args)) => render_deployment(&args),
         command => {
@@ -213,6 +230,7 @@ async fn serve(command: Command) -> Result<(), BoxError> {
         Command::Put { .. }
         | Command::Get { .. }
         | Command::Run { .. }
+        | Command::Watch { .. }
         | Command::Health { .. }
         | Command::Deploy(_) => {
             unreachable!("client commands are handled by run")

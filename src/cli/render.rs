@@ -94,7 +94,7 @@ impl Render {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
                 if due || done >= total {
                     self.last_line.insert(label.to_owned(), Instant::now());
-                    eprintln!("{label}: {} / {}", mib(done), mib(total));
+                    eprintln!("{label}: {} / {}", size(done), size(total));
                 }
             }
         }
@@ -154,7 +154,7 @@ impl Render {
             Event::Staged(s) => self.note(&format!(
                 "staged {} ({}, crc64nvme {})",
                 s.parameter,
-                mib(s.size),
+                size(s.size),
                 s.crc64nvme
             )),
             Event::Invoking(i) => self.note(&format!(
@@ -170,15 +170,26 @@ impl Render {
                 "uploaded {} -> {} ({})",
                 u.parameter,
                 u.url,
-                mib(u.size)
+                size(u.size)
             )),
             Event::CallCompleted(_) | Event::RunCompleted(_) | Event::Heartbeat(_) => {}
         }
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+/// A size in the unit that fits: `62 B`, `1.5 KiB`, `3.0 GiB`.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// A Run event as JSON, with the proto's field names in lowerCamelCase.
@@ -232,6 +243,14 @@ pub fn event_json(call_index: u32, event: &Event) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_shown_in_the_unit_that_fits() {
+        assert_eq!(size(62), "62 B");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(3 << 20), "3.0 MiB");
+        assert_eq!(size(5 << 30), "5.0 GiB");
+    }
 
     #[test]
     fn a_retrying_transfer_says_so_in_json_and_quiet_ones_do_not() {

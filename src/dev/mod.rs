@@ -35,6 +35,11 @@ pub struct DevArgs {
     /// Also serve the prefab described by this exec manifest (repeatable).
     #[arg(long = "prefab", value_name = "MANIFEST")]
     pub prefabs: Vec<PathBuf>,
+    /// Also route prefab ID@VERSION to a runtime you run yourself, in any
+    /// language, at URL (repeatable); it must use `<data-dir>/workspaces` as
+    /// its workspace root.
+    #[arg(long = "endpoint", value_name = "ID@VERSION=URL")]
+    pub endpoints: Vec<String>,
 }
 
 /// The bucket `prefab dev` creates.
@@ -91,6 +96,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<(), BoxEr
         prefabs.push(format!("{id}@{version} at http://{addr} ({})", path.display()));
         let service = RuntimeService::new(Arc::new(prefab), workspace_root.clone())?;
         tasks.spawn(service.serve(listener, shutdown.clone()));
+    }
+    for endpoint in &args.endpoints {
+        let (prefab, url) = endpoint.split_once('=').unwrap_or((endpoint, "?"));
+        prefabs.push(format!("{prefab} at {url} (yours)"));
+        endpoints.push(endpoint.clone());
     }
 
     let mut gateway = GatewayArgs::from_flags([

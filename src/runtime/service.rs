@@ -233,7 +233,15 @@ async fn add_output_files(
             Ok(m) if m.is_file() => {
                 outputs.insert(p.name.clone(), Value::String(rel.to_owned()));
             }
-            _ => {
+            // What the gateway would refuse to upload, refused here alike.
+            Ok(m) => {
+                return Err(Status::failed_precondition(format!(
+                    "output {:?} at {rel} is {}, not a regular file; the gateway uploads regular files only",
+                    p.name,
+                    file_kind(m.file_type()),
+                )));
+            }
+            Err(_) => {
                 return Err(Status::internal(format!(
                     "the function finished without writing its output file {:?}",
                     p.name
@@ -242,6 +250,22 @@ async fn add_output_files(
         }
     }
     Ok(())
+}
+
+/// What a file that is not a regular one is, for a message.
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::InvokeEvent, Status>> + Send>>;
@@ -346,5 +370,54 @@ struct DecrementOnDrop(Arc<AtomicUsize>);
 impl Drop for DecrementOnDrop {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_output_that_is_no_regular_file_fails_the_precondition() {
+        let ws = tempfile::tempdir().unwrap();
+        let spec: FunctionSpec = serde_json::from_value(serde_json::json!({
+            "name": "f",
+            "parameters": [{"name": "output", "type": "OutputFile", "extension": "txt"}],
+        }))
+        .unwrap();
+        let outputs_dir = ws.path().join("outputs/0");
+        std::fs::create_dir_all(&outputs_dir).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", outputs_dir.join("link.txt")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            outputs_dir.join("fifo.txt"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::write(outputs_dir.join("ok.txt"), "ok").unwrap();
+        let check = |rel: &str| {
+            let args = serde_json::json!({ "output": rel }).as_object().unwrap().clone();
+            let (spec, ws) = (&spec, ws.path().to_owned());
+            async move {
+                let mut outputs = serde_json::Map::new();
+                add_output_files(spec, &args, &ws, &mut outputs)
+                    .await
+                    .map(|()| outputs)
+            }
+        };
+        for (rel, kind) in [
+            ("outputs/0/link.txt", "a symbolic link"),
+            ("outputs/0/fifo.txt", "a FIFO"),
+        ] {
+            let status = check(rel).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{rel}");
+            assert!(status.message().contains(kind), "{}", status.message());
+        }
+        let status = check("outputs/0/missing.txt").await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        let outputs = check("outputs/0/ok.txt").await.unwrap();
+        assert_eq!(outputs["output"], "outputs/0/ok.txt");
     }
 }

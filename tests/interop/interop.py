@@ -1,8 +1,9 @@
 """Interoperability check with a gRPC client nobody here wrote.
 
 Python grpcio stubs are generated from proto/ at run time; the script talks
-to a running `prefab dev` whose gateway address is the first argument, and
-prints a closing line "N passed, N failed".
+to a running `prefab dev` whose gateway address is the first argument (and,
+with two more, to the Python prefab's runtime at that address, serving that
+workspace root), and prints a closing line "N passed, N failed".
 """
 
 import sys
@@ -32,6 +33,43 @@ def generate_stubs(out: pathlib.Path) -> None:
         raise SystemExit("protoc failed")
     for pkg in (out / "prefab", out / "prefab" / "v1"):
         (pkg / "__init__.py").touch()
+
+
+def check_python_runtime(check, address, workspace_root):
+    """The Python prefab's own contract checks: handles, paths, symlinks."""
+    import uuid
+
+    import grpc
+
+    runtime_pb2 = importlib.import_module("prefab.v1.runtime_pb2")
+    runtime_pb2_grpc = importlib.import_module("prefab.v1.runtime_pb2_grpc")
+    runtime = runtime_pb2_grpc.PrefabRuntimeStub(grpc.insecure_channel(address))
+
+    def invoke(workspace, text):
+        request = runtime_pb2.InvokeRequest(workspace=workspace, function_name="word_count")
+        request.arguments.update({"text": text})
+        try:
+            return list(runtime.Invoke(request, timeout=30)), None
+        except grpc.RpcError as e:
+            return None, e
+
+    ws = str(uuid.uuid4())
+    inputs = pathlib.Path(workspace_root) / ws / "inputs" / "0"
+    inputs.mkdir(parents=True)
+    (inputs / "real.txt").write_text("one two\nthree\n")
+    (inputs / "link.txt").symlink_to("/etc/passwd")
+    events, _ = invoke(ws, "inputs/0/real.txt")
+    result = events[-1].result.outputs if events else None
+    check("python runtime counts a staged input", result and result["words"] == 3, str(events))
+    for name, workspace, text, code in [
+        ("a handle that is a path", "../../etc", "inputs/0/real.txt", grpc.StatusCode.INVALID_ARGUMENT),
+        ("an unknown workspace", str(uuid.uuid4()), "inputs/0/real.txt", grpc.StatusCode.NOT_FOUND),
+        ("a path out of inputs/", ws, "inputs/../../x", grpc.StatusCode.INVALID_ARGUMENT),
+        ("a symlinked input", ws, "inputs/0/link.txt", grpc.StatusCode.FAILED_PRECONDITION),
+    ]:
+        _, error = invoke(workspace, text)
+        check(f"python runtime refuses {name}", error is not None and error.code() == code,
+              str(error and (error.code(), error.details())))
 
 
 def main() -> int:
@@ -108,6 +146,28 @@ def main() -> int:
 
     got = b"".join(c.data for c in gateway.GetFile(gateway_pb2.GetFileRequest(url=ref.url), timeout=60))
     check("GetFile returns the bytes", got == text)
+
+    # The Python prefab (examples/prefabs/python) behind the same gateway.
+    def run(function):
+        call = {"prefabId": "hello-python", "version": "1.0.0", "functionName": function, "inputs": {"text": ref.url}}
+        return list(gateway.Run(json_format.ParseDict({"calls": [call]}, gateway_pb2.RunRequest()), timeout=120))
+
+    events = run("word_count")
+    done = [e.call_completed for e in events if e.WhichOneof("event") == "call_completed"]
+    outputs = json_format.MessageToDict(done[0].outputs) if done else {}
+    check("hello-python word_count counts", outputs == {"words": 3000, "lines": 1000, "bytes": len(text)}, str(outputs))
+    progress = [e for e in events if e.WhichOneof("event") == "runtime_progress"]
+    check("hello-python reports progress", progress, str([e.WhichOneof("event") for e in events]))
+    events = run("uppercase")
+    done = [e.call_completed for e in events if e.WhichOneof("event") == "call_completed"]
+    url = json_format.MessageToDict(done[0].outputs).get("output", "") if done else ""
+    check("hello-python uppercase uploads its output", url.endswith(".txt"), str(events[-1:]))
+    if url:
+        got = b"".join(c.data for c in gateway.GetFile(gateway_pb2.GetFileRequest(url=url), timeout=60))
+        check("hello-python uppercase output is the input upper-cased", got == text.upper())
+
+    if len(sys.argv) > 3:
+        check_python_runtime(check, sys.argv[2], sys.argv[3])
 
     try:
         list(gateway.Run(gateway_pb2.RunRequest(), timeout=10))
