@@ -14,6 +14,10 @@ struct Dev {
 
 impl Dev {
     fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    fn start_with(data_dir: &Path, args: &[&str]) -> Self {
         let (g, s, p) = (free_port(), free_port(), free_port());
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_prefab"))
             .args(["dev", "--data-dir"])
@@ -21,6 +25,7 @@ impl Dev {
             .arg(format!("--gateway-addr=127.0.0.1:{g}"))
             .arg(format!("--s3-addr=127.0.0.1:{s}"))
             .arg(format!("--prefab-addr=127.0.0.1:{p}"))
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -148,9 +153,16 @@ async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
     assert_eq!(dev.prefab(&["run", "no-such-prefab", "x"]).status.code(), Some(3));
     dev.stop();
 
-    // Same folder, new process: the object is still there.
-    let dev = Dev::start(&data);
+    // Same folder, new process: the object is still there. (With a runtime
+    // of the caller's own that is not running.)
+    let gone = format!("gone@1.0.0=http://127.0.0.1:{}", free_port());
+    let dev = Dev::start_with(&data, &["--endpoint", &gone]);
     dev.wait_healthy().await;
+    // UNAVAILABLE with the gateway's RetryInfo: worth a retry, and when.
+    let unavailable = dev.prefab(&["run", "gone", "x"]);
+    let told = String::from_utf8_lossy(&unavailable.stderr);
+    assert_eq!(unavailable.status.code(), Some(5), "{told}");
+    assert!(told.contains("retry in 1 s"), "{told}");
     let again = tmp.path().join("again.txt");
     dev.ok(&["get", &output_url, again.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), text.to_uppercase());

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use prefab::proto;
 use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
 
 async fn run_status(stack: &Stack, req: proto::RunRequest) -> tonic::Status {
     let mut client = stack.client().await;
@@ -21,6 +22,28 @@ fn assert_status(status: &tonic::Status, code: Code, needles: &[&str]) {
             status.message()
         );
     }
+}
+
+/// The status's `google.rpc` details as a client decodes them, with the
+/// `ErrorInfo` every error carries checked for `reason`.
+fn details(status: &tonic::Status, reason: &str) -> ErrorDetails {
+    let details = status.check_error_details().expect("the details decode");
+    let info = details.error_info().expect("every error has an ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        (reason, "prefab.dev"),
+        "{status:?}"
+    );
+    details
+}
+
+/// The one BadRequest field violation of `status`.
+fn bad_field(status: &tonic::Status) -> String {
+    let details = details(status, "INVALID_REQUEST");
+    let violations = &details.bad_request().expect("a BadRequest").field_violations;
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(details.retry_info().is_none(), "a bad request is not retried");
+    violations[0].field.clone()
 }
 
 fn call(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::RunRequest {
@@ -66,6 +89,7 @@ async fn errors_have_the_right_codes() {
         Code::NotFound,
         &["no-such-prefab@1.0.0", "not registered"],
     );
+    details(&status, "NOT_FOUND");
 
     let status = run_status(&stack, run_request("nope", serde_json::json!({}))).await;
     assert_status(&status, Code::NotFound, &["no function \"nope\"", "word_count"]);
@@ -77,6 +101,12 @@ async fn errors_have_the_right_codes() {
     )
     .await;
     assert_status(&status, Code::NotFound, &[missing]);
+    let info = details(&status, "OBJECT_NOT_FOUND")
+        .error_info()
+        .cloned()
+        .unwrap();
+    assert_eq!(info.metadata["bucket"], "inputs");
+    assert_eq!(info.metadata["url"], missing);
 
     let status = run_status(
         &stack,
@@ -88,6 +118,7 @@ async fn errors_have_the_right_codes() {
         Code::InvalidArgument,
         &["\"text\"", "http://x/y", "s3://"],
     );
+    assert_eq!(bad_field(&status), "calls[0].inputs.text");
 
     let status = run_status(&stack, run_request("word_count", serde_json::json!({}))).await;
     assert_status(&status, Code::InvalidArgument, &["required input \"text\""]);
@@ -112,6 +143,7 @@ async fn errors_have_the_right_codes() {
     )
     .await;
     assert_status(&status, Code::InvalidArgument, &["unknown input \"extra\""]);
+    assert_eq!(bad_field(&status), "calls[0].inputs.extra");
 
     let status = run_status(
         &stack,
@@ -136,9 +168,11 @@ async fn errors_have_the_right_codes() {
         Code::PermissionDenied,
         &["s3://secret-bucket/passwords.txt", "PREFAB_ALLOWED_BUCKETS"],
     );
+    details(&status, "NOT_ALLOWED");
 
     let status = run_status(&stack, proto::RunRequest::default()).await;
     assert_status(&status, Code::InvalidArgument, &["at least one call"]);
+    assert_eq!(bad_field(&status), "calls");
 
     assert!(stack.workspaces().is_empty());
 }
@@ -160,6 +194,9 @@ async fn an_unreachable_runtime_is_unavailable() {
         Code::Unavailable,
         &["dead-prefab@2.0.0", &format!("127.0.0.1:{port}")],
     );
+    let details = details(&status, "UNAVAILABLE");
+    let retry = details.retry_info().expect("UNAVAILABLE says when to retry");
+    assert!(retry.retry_delay.is_some_and(|d| !d.is_zero()), "{retry:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,6 +298,20 @@ async fn a_runtime_that_cannot_see_the_workspace_is_a_deployment_fault() {
         Code::FailedPrecondition,
         &["hello-world-prefab", "uppercase"],
     );
+    let details = details(&status, "PREFAB_FAILED");
+    assert_eq!(
+        details.error_info().unwrap().metadata["prefab"],
+        "hello-world-prefab@1.0.0"
+    );
+    let violation = &details
+        .precondition_failure()
+        .expect("a PreconditionFailure")
+        .violations[0];
+    assert_eq!(
+        (violation.r#type.as_str(), violation.subject.as_str()),
+        ("PREFAB", "hello-world-prefab@1.0.0")
+    );
+    assert!(details.retry_info().is_none());
     gateway.kill().await.unwrap();
     shutdown.cancel();
     let _ = served.await;
@@ -282,6 +333,7 @@ async fn size_limits_are_not_worth_a_retry() {
         Code::InvalidArgument,
         &["limits/big.txt", "PREFAB_MAX_INPUT_BYTES"],
     );
+    assert_eq!(bad_field(&status), big, "the input's URL is the field");
     // An output over the limit is the prefab's doing (or its deployment's),
     // found after the call; nothing of it is uploaded or left behind.
     let ok = stack.put_input("limits/ok.txt", text(1000, 2)).await;

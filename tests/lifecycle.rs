@@ -232,6 +232,13 @@ async fn a_burst_beyond_the_volume_is_partly_refused_and_the_rest_completes() {
                     "{}",
                     status.message()
                 );
+                // For programs: a quota, and when to try again.
+                use tonic_types::StatusExt;
+                let details = status.check_error_details().unwrap();
+                assert_eq!(details.error_info().unwrap().reason, "ADMISSION_REFUSED");
+                let quota = details.quota_failure().expect("a QuotaFailure");
+                assert!(quota.violations[0].description.contains("high-water mark"));
+                assert!(details.retry_info().is_some_and(|r| r.retry_delay.is_some()));
                 refused += 1;
             }
         }

@@ -9,6 +9,7 @@ use std::{
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Request, Status, transport::Channel};
+use tonic_types::StatusExt;
 
 use super::render::Render;
 use crate::{
@@ -57,19 +58,26 @@ impl ClientError {
 
 impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
+        // The gateway says when a retry is worth it (google.rpc.RetryInfo);
+        // a status without details (the connection itself failed) is
+        // judged by its code.
+        let retry = s.get_details_retry_info();
         let exit = match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled => 5,
+            _ if retry.is_some() => 5,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => 5,
             Code::InvalidArgument
             | Code::NotFound
             | Code::PermissionDenied
             | Code::Unauthenticated
-            | Code::FailedPrecondition => 3,
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted => 3,
             _ => 4,
         };
-        Self {
-            exit,
-            message: format!("{:?}: {}", s.code(), s.message()),
+        let mut message = format!("{:?}: {}", s.code(), s.message());
+        if let Some(delay) = retry.and_then(|r| r.retry_delay) {
+            message.push_str(&format!(" (retry in {} s)", delay.as_secs_f64().ceil()));
         }
+        Self { exit, message }
     }
 }
 

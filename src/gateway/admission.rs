@@ -140,11 +140,14 @@ impl Admission {
         if let Some((url, size)) = sizes.iter().find(|(_, s)| *s > limits.max_input_bytes) {
             // Never admitted, however long the caller waits: not a
             // resource to retry for.
-            return Err(GatewayError::InvalidArgument(format!(
-                "input {url} has {size} bytes, more than the {} a single input may have here \
-                 (PREFAB_MAX_INPUT_BYTES)",
-                limits.max_input_bytes
-            )));
+            return Err(GatewayError::invalid(
+                url.as_str(),
+                format!(
+                    "input {url} has {size} bytes, more than the {} a single input may have here \
+                     (PREFAB_MAX_INPUT_BYTES)",
+                    limits.max_input_bytes
+                ),
+            ));
         }
         let inputs: u64 = sizes.iter().map(|(_, s)| s).sum();
         let need = (inputs as f64 * limits.reserve_factor).ceil() as u64;

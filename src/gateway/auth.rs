@@ -24,6 +24,8 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
+use super::GatewayError;
+
 /// What a token may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -112,16 +114,17 @@ impl Tokens {
 
     /// Checks the `authorization: Bearer <token>` metadata of a request.
     pub fn check<T>(&self, req: &Request<T>) -> Result<Grant, Status> {
+        let refuse = |why: &str| Status::from(GatewayError::Unauthenticated(why.to_owned()));
         let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing authorization metadata: send \"authorization: Bearer <token>\"")
+            refuse("missing authorization metadata: send \"authorization: Bearer <token>\"")
         })?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .ok_or_else(|| Status::unauthenticated("authorization metadata must be \"Bearer <token>\""))?;
+            .ok_or_else(|| refuse("authorization metadata must be \"Bearer <token>\""))?;
         self.grant(token.trim())
-            .ok_or_else(|| Status::unauthenticated("the bearer token is not valid"))
+            .ok_or_else(|| refuse("the bearer token is not valid"))
     }
 
     /// Reloads the file at `path` whenever it changes, checking every

@@ -32,24 +32,28 @@ pub async fn put_file(
             msg: Some(proto::put_file_request::Msg::Header(h)),
         })) => h,
         Ok(_) => {
-            return Err(GatewayError::InvalidArgument(
-                "the first PutFile message must be the header".into(),
+            return Err(GatewayError::invalid(
+                "header",
+                "the first PutFile message must be the header",
             ));
         }
         Err(status) => {
-            return Err(GatewayError::InvalidArgument(format!(
-                "PutFile stream failed: {}",
-                status.message()
-            )));
+            return Err(GatewayError::invalid(
+                "header",
+                format!("PutFile stream failed: {}", status.message()),
+            ));
         }
     };
     if let Some(size) = header.size
         && size > state.max_input_bytes
     {
-        return Err(GatewayError::InvalidArgument(format!(
-            "PutFile header declares {size} bytes; this gateway takes files up to {} bytes",
-            state.max_input_bytes
-        )));
+        return Err(GatewayError::invalid(
+            "header.size",
+            format!(
+                "PutFile header declares {size} bytes; this gateway takes files up to {} bytes",
+                state.max_input_bytes
+            ),
+        ));
     }
     let name = sanitize_name(&header.file_name);
     let key = format!("{UPLOADS}/{}/{name}", uuid::Uuid::new_v4());
@@ -80,10 +84,13 @@ pub async fn put_file(
             .key(dest.key())
             .send()
             .await;
-        return Err(GatewayError::InvalidArgument(format!(
-            "PutFile header promised {expected} bytes but {} arrived",
-            done.size
-        )));
+        return Err(GatewayError::invalid(
+            "header.size",
+            format!(
+                "PutFile header promised {expected} bytes but {} arrived",
+                done.size
+            ),
+        ));
     }
     tracing::info!(url = %dest, size = done.size, "file stored");
     Ok(proto::FileRef {
@@ -144,15 +151,17 @@ impl PartSource for ChunkSource {
                 })) => {
                     self.received += chunk.len() as u64;
                     if self.limit.is_some_and(|l| self.received > l) {
-                        return Err(cut(GatewayError::InvalidArgument(
-                            "more bytes arrived than the PutFile header declared".into(),
+                        return Err(cut(GatewayError::invalid(
+                            "chunk",
+                            "more bytes arrived than the PutFile header declared",
                         )));
                     }
                     self.pending.extend_from_slice(&chunk);
                 }
                 Some(Ok(_)) => {
-                    return Err(cut(GatewayError::InvalidArgument(
-                        "only data chunks may follow the PutFile header".into(),
+                    return Err(cut(GatewayError::invalid(
+                        "header",
+                        "only data chunks may follow the PutFile header",
                     )));
                 }
                 Some(Err(status)) => {
@@ -186,7 +195,7 @@ pub async fn get_file(
     req: proto::GetFileRequest,
 ) -> Result<mpsc::Receiver<Result<proto::FileChunk, Status>>, GatewayError> {
     let url =
-        S3Url::parse(&req.url).map_err(|e| GatewayError::InvalidArgument(format!("{:?}: {e}", req.url)))?;
+        S3Url::parse(&req.url).map_err(|e| GatewayError::invalid("url", format!("{:?}: {e}", req.url)))?;
     let written_here = url.bucket() == state.bucket
         && WRITTEN_HERE.iter().any(|dir| {
             url.key()
@@ -200,10 +209,13 @@ pub async fn get_file(
     }
     let info = storage::head(&state.s3, &url).await?;
     if req.offset > info.size || (req.offset == info.size && info.size > 0) {
-        return Err(GatewayError::InvalidArgument(format!(
-            "offset {} is past the end of {url} ({} bytes)",
-            req.offset, info.size
-        )));
+        return Err(GatewayError::invalid(
+            "offset",
+            format!(
+                "offset {} is past the end of {url} ({} bytes)",
+                req.offset, info.size
+            ),
+        ));
     }
     let end = match req.length {
         0 => info.size,

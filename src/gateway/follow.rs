@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::{
+    GatewayError,
     journal::{self, HEARTBEAT_EVERY},
     persist,
 };
@@ -46,9 +47,10 @@ pub async fn follow(
         let chunk = match read {
             Ok(Ok(chunk)) => chunk,
             Ok(Err(e)) => {
-                let status = Status::unavailable(format!(
+                let status = GatewayError::Unavailable(format!(
                     "cannot read the journal of run {id} on the workspace volume: {e}; retry Watch"
-                ));
+                ))
+                .status(Some(id));
                 let _ = tx.send(Err(status)).await;
                 return;
             }
@@ -60,9 +62,10 @@ pub async fn follow(
         let entries = match persist::decode(&mut pending) {
             Ok(entries) => entries,
             Err(e) => {
-                let status = Status::internal(format!(
+                let status = GatewayError::Internal(format!(
                     "the journal of run {id} on the workspace volume is damaged near byte {offset}: {e}"
-                ));
+                ))
+                .status(Some(id));
                 let _ = tx.send(Err(status)).await;
                 return;
             }
@@ -133,10 +136,13 @@ async fn quiet(id: RequestId, record: &Arc<RecordReader>) -> Quiet {
         return Quiet::Going;
     };
     let Some(lease) = lease else {
-        return Quiet::Over(Status::not_found(format!(
-            "the record of run {id} was removed from the workspace volume while it was followed \
-             (its retention ran out)"
-        )));
+        return Quiet::Over(
+            GatewayError::NotFound(format!(
+                "the record of run {id} was removed from the workspace volume while it was followed \
+                 (its retention ran out)"
+            ))
+            .status(Some(id)),
+        );
     };
     if lease.finished_unix_ms.is_some() {
         return Quiet::Finished(lease.owner);
@@ -144,10 +150,13 @@ async fn quiet(id: RequestId, record: &Arc<RecordReader>) -> Quiet {
     if !lease.expired() {
         return Quiet::Going;
     }
-    Quiet::Over(Status::aborted(format!(
-        "run {id} was abandoned: gateway replica {} owned it and stopped renewing its lease without \
-         finishing it (the replica was stopped or lost the volume); its workspace is removed by the \
-         janitor; start the run again",
-        lease.owner
-    )))
+    Quiet::Over(
+        GatewayError::Abandoned(format!(
+            "run {id} was abandoned: gateway replica {} owned it and stopped renewing its lease without \
+             finishing it (the replica was stopped or lost the volume); its workspace is removed by the \
+             janitor; start the run again",
+            lease.owner
+        ))
+        .status(Some(id)),
+    )
 }

@@ -170,14 +170,13 @@ impl State {
     /// Resolves and checks every call of a request.
     async fn plan(&self, req: &proto::RunRequest) -> Result<Vec<plan::CallPlan>, GatewayError> {
         if req.calls.is_empty() {
-            return Err(GatewayError::InvalidArgument(
-                "a run needs at least one call".into(),
-            ));
+            return Err(GatewayError::invalid("calls", "a run needs at least one call"));
         }
         if req.calls.len() > MAX_CALLS {
-            return Err(GatewayError::InvalidArgument(format!(
-                "a run may have at most {MAX_CALLS} calls"
-            )));
+            return Err(GatewayError::invalid(
+                "calls",
+                format!("a run may have at most {MAX_CALLS} calls"),
+            ));
         }
         let mut plans = Vec::with_capacity(req.calls.len());
         for (index, call) in req.calls.iter().enumerate() {
@@ -275,9 +274,10 @@ fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
 /// Refuses a `Watch` by a token that may not run every prefab of the run.
 fn may_follow(grant: &Grant, prefabs: &[String]) -> Result<(), Status> {
     match prefabs.iter().find(|p| !grant.may_run(p)) {
-        Some(id) => Err(Status::permission_denied(format!(
+        Some(id) => Err(GatewayError::PermissionDenied(format!(
             "this token may not follow runs of prefab {id:?}; ask for a token with scope run:{id}"
-        ))),
+        ))
+        .into()),
         None => Ok(()),
     }
 }
@@ -286,9 +286,10 @@ fn files_allowed<T>(req: &Request<T>) -> Result<(), Status> {
     if Grant::of(req).may_move_files() {
         Ok(())
     } else {
-        Err(Status::permission_denied(
-            "this token may not use PutFile or GetFile; ask for a token with scope files",
-        ))
+        Err(GatewayError::PermissionDenied(
+            "this token may not use PutFile or GetFile; ask for a token with scope files".into(),
+        )
+        .into())
     }
 }
 
@@ -301,18 +302,21 @@ impl proto::gateway_server::Gateway for Gateway {
         let grant = Grant::of(&req);
         let req = req.into_inner();
         if let Some(call) = req.calls.iter().find(|c| !grant.may_run(&c.prefab_id)) {
-            return Err(Status::permission_denied(format!(
+            return Err(GatewayError::PermissionDenied(format!(
                 "this token may not run prefab {:?}; ask for a token with scope run:{}",
                 call.prefab_id, call.prefab_id
-            )));
+            ))
+            .into());
         }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
         if detach && !self.state.allow_detach {
-            return Err(Status::failed_precondition(
+            return Err(GatewayError::Deployment(
                 "this gateway refuses ON_DISCONNECT_DETACH (PREFAB_ALLOW_DETACH=false): its replicas are \
                  stopped when no request is open (Knative scaling down), which would cancel a detached run; \
-                 keep the Run stream open (ON_DISCONNECT_CANCEL)",
-            ));
+                 keep the Run stream open (ON_DISCONNECT_CANCEL)"
+                    .into(),
+            )
+            .into());
         }
         let id = RequestId::new();
         let prefabs: Vec<String> = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
@@ -386,7 +390,8 @@ impl proto::gateway_server::Gateway for Gateway {
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let grant = Grant::of(&req);
         let req = req.into_inner();
-        let id = RequestId::parse(&req.request_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = RequestId::parse(&req.request_id)
+            .map_err(|e| GatewayError::invalid("request_id", e.to_string()))?;
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let stream = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::WatchStream);
         // Runs of this replica are followed in memory, others' on the volume.
@@ -402,13 +407,14 @@ impl proto::gateway_server::Gateway for Gateway {
             record.lease().map(|lease| (record, lease))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
         let Some((record, lease)) = found else {
-            return Err(Status::not_found(format!(
+            return Err(GatewayError::NotFound(format!(
                 "run {id} is unknown on this workspace volume: it finished more than {} s ago \
                  (PREFAB_RUN_RETENTION_SECONDS), or it never ran here",
                 self.state.retention.as_secs()
-            )));
+            ))
+            .into());
         };
         may_follow(&grant, &lease.prefabs)?;
         tokio::spawn(follow::follow(id, record, req.after_sequence, tx));

@@ -175,16 +175,23 @@ pub fn plan(
         })?
         .clone();
     let here = format!("call {index} ({} {})", prefab.name, function.name);
-    let invalid = |msg: String| GatewayError::InvalidArgument(format!("{here}: {msg}"));
-    check_shape(&inputs).map_err(invalid)?;
+    // The field a violation names: the call's inputs, or one of them.
+    let invalid = |name: &str, msg: String| {
+        let field = match name {
+            "" => format!("calls[{index}].inputs"),
+            name => format!("calls[{index}].inputs.{name}"),
+        };
+        GatewayError::invalid(field, format!("{here}: {msg}"))
+    };
+    check_shape(&inputs).map_err(|msg| invalid("", msg))?;
     let declared: HashSet<&str> = function.parameters.iter().map(|p| p.name.as_str()).collect();
     if let Some(unknown) = inputs.keys().find(|k| !declared.contains(k.as_str())) {
         let mut names: Vec<_> = declared.iter().copied().collect();
         names.sort_unstable();
-        return Err(invalid(format!(
-            "unknown input {unknown:?}; expected: {}",
-            names.join(", ")
-        )));
+        return Err(invalid(
+            unknown,
+            format!("unknown input {unknown:?}; expected: {}", names.join(", ")),
+        ));
     }
     let mut plan = CallPlan {
         index,
@@ -198,9 +205,10 @@ pub fn plan(
         let name = &p.name;
         if p.kind == ParamKind::OutputFile {
             if inputs.contains_key(name) {
-                return Err(invalid(format!(
-                    "{name:?} is an output file; the gateway names it, do not pass it"
-                )));
+                return Err(invalid(
+                    name,
+                    format!("{name:?} is an output file; the gateway names it, do not pass it"),
+                ));
             }
             let extension = p.extension.clone().unwrap_or_else(|| "bin".into());
             let rel = format!("{OUTPUTS}/{index}/{name}.{extension}");
@@ -214,7 +222,7 @@ pub fn plan(
         }
         let Some(value) = inputs.get(name) else {
             if p.required {
-                return Err(invalid(format!("required input {name:?} is missing")));
+                return Err(invalid(name, format!("required input {name:?} is missing")));
             }
             continue;
         };
@@ -231,11 +239,15 @@ pub fn plan(
                 ParamKind::Number => "a number",
                 _ => "a boolean",
             };
-            return Err(invalid(format!("input {name:?} must be {expected}, got {value}")));
+            return Err(invalid(
+                name,
+                format!("input {name:?} must be {expected}, got {value}"),
+            ));
         }
         if p.kind == ParamKind::InputFile {
             let raw = value.as_str().unwrap_or_default();
-            let url = S3Url::parse(raw).map_err(|e| invalid(format!("input {name:?} = {raw:?}: {e}")))?;
+            let url =
+                S3Url::parse(raw).map_err(|e| invalid(name, format!("input {name:?} = {raw:?}: {e}")))?;
             if !policy.allows(&url) {
                 return Err(GatewayError::PermissionDenied(format!(
                     "{here}: input {name:?} = {url}: the bucket or prefix is not in PREFAB_ALLOWED_BUCKETS"

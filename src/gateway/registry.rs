@@ -75,14 +75,18 @@ impl Registry {
     /// Finds, connects to and describes prefab `id@version`.
     pub async fn resolve(&self, id: &str, version: &str) -> Result<Resolved, GatewayError> {
         if !is_dns_label(id) {
-            return Err(GatewayError::InvalidArgument(format!(
-                "prefab id {id:?} is not valid: use lower-case letters, digits and '-'"
-            )));
+            return Err(GatewayError::invalid(
+                "prefab_id",
+                format!("prefab id {id:?} is not valid: use lower-case letters, digits and '-'"),
+            ));
         }
         if !is_version(version) {
-            return Err(GatewayError::InvalidArgument(format!(
-                "version {version:?} of prefab {id} is not valid: use letters, digits, '.', '_' and '-'"
-            )));
+            return Err(GatewayError::invalid(
+                "version",
+                format!(
+                    "version {version:?} of prefab {id} is not valid: use letters, digits, '.', '_' and '-'"
+                ),
+            ));
         }
         let key = (id.to_owned(), version.to_owned());
         let name = format!("{id}@{version}");

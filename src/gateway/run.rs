@@ -141,7 +141,7 @@ impl Run {
             }
             Err(e) => {
                 tracing::info!(error = %e, "run failed");
-                journal.finish(Err(e.into()));
+                journal.finish(Err(e.status(Some(id))));
             }
         }
         state.retire(id, journal.bytes());

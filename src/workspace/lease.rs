@@ -71,10 +71,10 @@ pub fn now_ms() -> u64 {
 }
 
 /// Writes (or renews) the lease `name` in the open folder `dir`,
-/// atomically and without following anything planted in it (see
-/// [`DirFd::replace`] for why it is not synced). On a full volume, where the atomic write's new file finds no
-/// space, a lease is renewed in place instead: a run must not lose its
-/// workspace to the janitor for that. Blocking.
+/// atomically and without following anything planted in it (not synced:
+/// see [`DirFd::replace`]). On a full volume, where the atomic write's new
+/// file finds no space, a lease is renewed in place instead: a run must not
+/// lose its workspace to the janitor for that. Blocking.
 pub fn write_blocking(dir: &DirFd, name: &str, lease: &Lease) -> std::io::Result<()> {
     let body = serde_json::to_vec(lease).map_err(std::io::Error::other)?;
     dir.replace(name, &body).or_else(|e| match e.raw_os_error() {
