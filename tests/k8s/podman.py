@@ -154,6 +154,8 @@ class Kubelet:
         return args
 
     def start(self, pod):
+        # Listed first, so that whatever of it started is removed at the end.
+        self.pods.append(pod)
         pod_dir = self.scratch / pod.name
         pod_dir.mkdir()
         pod_ctx = pod.spec.get("securityContext", {})
@@ -195,7 +197,6 @@ class Kubelet:
                 out = podman("port", name, str(port["containerPort"]))
                 ports[port["containerPort"]] = int(out.splitlines()[0].rsplit(":", 1)[1])
             pod.containers[container["name"]] = ports
-        self.pods.append(pod)
 
     def check_ids(self, name, uid, gid, groups):
         """The container's process has the ids the manifest asks for."""
