@@ -30,18 +30,8 @@ cp "$CARGO_TARGET_DIR/bench-base/release/prefab" "$cache/bench-bin/prefab-base"
 git worktree remove --force "$base_tree"
 client="$cache/bench-bin/runbench"
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
-s3=http://127.0.0.1:8333
-mkdir -p "$work/weed"
-"$venv/bin/weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-  -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 120); do curl -s -o /dev/null "$s3" && break; sleep 0.5; done
-sleep 3
+source benches/seaweedfs.sh
+start_seaweedfs "$venv/bin/weed"
 head -c 1024 /dev/urandom | base64 >"$work/small.txt"
 head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"
 s5="$venv/bin/s5cmd --endpoint-url $s3"

@@ -17,18 +17,9 @@ venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
 cargo build --release --locked --example smallcalls --bin prefab
 bin="$CARGO_TARGET_DIR/release"
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
-s3=http://127.0.0.1:8333
-mkdir -p "$work/weed" "$work/ws"
-"$venv/bin/weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-  -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 120); do curl -s -o /dev/null "$s3" && break; sleep 0.5; done
-sleep 3
+source benches/seaweedfs.sh
+start_seaweedfs "$venv/bin/weed"
+mkdir -p "$work/ws"
 head -c 768 /dev/urandom | base64 -w 0 | fold -w 64 >"$work/small.txt"
 "$venv/bin/s5cmd" --endpoint-url "$s3" cp "$work/small.txt" s3://bench/small.txt >/dev/null
 

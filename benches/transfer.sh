@@ -15,19 +15,9 @@ venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
 cargo build --release --locked --example transfer --bin prefab
 bin="$venv/bin" rel="$CARGO_TARGET_DIR/release"
 
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
-export S3_ENDPOINT_URL=http://127.0.0.1:8333 S3_BUCKET=bench
-mkdir -p "$work/weed"
-"$bin/weed" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-  -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 120); do curl -s -o /dev/null "$S3_ENDPOINT_URL" && break; sleep 0.5; done
-sleep 3
+source benches/seaweedfs.sh
+start_seaweedfs "$bin/weed"
+export S3_ENDPOINT_URL="$s3" S3_BUCKET=bench
 
 export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$S3_ENDPOINT_URL" \
   RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret

@@ -17,16 +17,17 @@
 //! cargo run --release --example smallcalls -- GATEWAY RUNTIME WORKSPACE_ROOT S3_ENDPOINT SMALL_URL RUNS CONCURRENCY
 //! (S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{Error, run};
 use prefab::{
     config::{S3Args, Secret},
     proto::{self, gateway_client::GatewayClient, prefab_runtime_client::PrefabRuntimeClient},
     workspace::RequestId,
 };
 use tonic::transport::Channel;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -72,7 +73,7 @@ async fn main() -> Result<(), Error> {
         let started = Instant::now();
         invoke(&mut runtime, id).await?;
         let invoked = started.elapsed();
-        let ran = run(&mut gateway, url).await?;
+        let ran = run(&mut gateway, "word_count", "text", url).await?;
         if round >= 5 {
             gets.push(got);
             invokes.push(invoked);
@@ -95,7 +96,7 @@ async fn main() -> Result<(), Error> {
         let url = url.clone();
         clients.spawn(async move {
             for _ in 0..runs.div_ceil(concurrency) {
-                run(&mut client, &url).await?;
+                run(&mut client, "word_count", "text", &url).await?;
             }
             Ok::<_, Error>(())
         });
@@ -154,31 +155,4 @@ async fn invoke(runtime: &mut PrefabRuntimeClient<Channel>, id: RequestId) -> Re
         return Err("Invoke ended without a result".into());
     }
     Ok(())
-}
-
-/// `word_count` on `url` through the gateway, timed to the end of its stream.
-async fn run(client: &mut GatewayClient<Channel>, url: &str) -> Result<Duration, Error> {
-    let inputs = serde_json::json!({ "text": url });
-    let serde_json::Value::Object(inputs) = inputs else {
-        unreachable!("an object literal")
-    };
-    let request = proto::RunRequest {
-        calls: vec![proto::Call {
-            prefab_id: "hello-world-prefab".into(),
-            version: "1.0.0".into(),
-            function_name: "word_count".into(),
-            inputs: Some(proto::json_to_struct(inputs)),
-        }],
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let mut stream = client.run(request).await?.into_inner();
-    let mut completed = false;
-    while let Some(event) = stream.message().await? {
-        completed |= matches!(event.event, Some(proto::run_event::Event::RunCompleted(_)));
-    }
-    if !completed {
-        return Err(format!("word_count on {url} ended without completing").into());
-    }
-    Ok(started.elapsed())
 }

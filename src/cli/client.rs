@@ -366,9 +366,7 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
             render.note(&format!("downloaded {} to {}", file.parameter, dest.display()));
         }
     }
-    if !render.is_json() {
-        println!("{}", serde_json::to_string_pretty(&outputs).unwrap_or_default());
-    }
+    print_outputs(render, &outputs);
     Ok(())
 }
 
@@ -391,10 +389,15 @@ pub async fn watch(
         .map_err(run_failed)?
         .into_inner();
     let (outputs, _) = follow(stream, render).await?;
-    if !render.is_json() {
-        println!("{}", serde_json::to_string_pretty(&outputs).unwrap_or_default());
-    }
+    print_outputs(render, &outputs);
     Ok(())
+}
+
+/// Prints the last call's outputs, unless the events went out as JSON.
+fn print_outputs(render: &Render, outputs: &Value) {
+    if !render.is_json() {
+        println!("{}", serde_json::to_string_pretty(outputs).unwrap_or_default());
+    }
 }
 
 /// Shows a run's events to its end: the last call's outputs and every

@@ -163,10 +163,7 @@ fn arg_text(call: &Invocation, spec: &FunctionSpec, name: &str) -> Result<Option
         None | Some(Value::Null) => None,
         Some(_) if is_file => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
-            _ => n.to_string(),
-        }),
+        // Whole numbers arrive as integers (`proto::value_to_json`): `6`.
         Some(v) => Some(v.to_string()),
     })
 }
