@@ -19,5 +19,6 @@ pub mod proto;
 pub mod runtime;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 pub mod workspace;

@@ -6,6 +6,10 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     prefab::storage::keep_freed_buffers();
     let cli = prefab::cli::Cli::parse();
-    prefab::cli::init_tracing(cli.log_json);
-    std::process::ExitCode::from(prefab::cli::run(cli).await)
+    let exporter = prefab::cli::init_tracing(&cli);
+    let code = prefab::cli::run(cli).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    std::process::ExitCode::from(code)
 }

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BUCKET, INPUT_BUCKET, authed, connect, free_port, list, run_to_end, wait_for};
+use common::{
+    BUCKET, INPUT_BUCKET, authed, call, connect, list, outputs, request, run_to_end, start_listening, url_of,
+    wait_for,
+};
 use prefab::{
     dev,
     proto::{self, gateway_client::GatewayClient, run_event::Event},
@@ -157,30 +160,17 @@ impl Volume {
     /// Starts `prefab ARGS… --addr 127.0.0.1:<port>` as `ids` and waits
     /// until it listens.
     async fn start(&self, ids: Ids, args: &[String], log: &str) -> (Child, SocketAddr) {
-        for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let command = |addr: SocketAddr| {
             let mut cmd = Command::new(&self.bin);
             cmd.args(args)
                 .arg(format!("--addr={addr}"))
                 .env("AWS_ACCESS_KEY_ID", dev::s3::ACCESS_KEY)
                 .env("AWS_SECRET_ACCESS_KEY", dev::s3::SECRET_KEY)
-                .env("RUST_LOG", "info")
-                .stderr(std::fs::File::create(self.tmp.path().join(log)).unwrap())
-                .kill_on_drop(true);
+                .env("RUST_LOG", "info");
             as_user(&mut cmd, ids);
-            let mut child = cmd.spawn().expect("start prefab");
-            for _ in 0..500 {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    return (child, addr);
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = child.kill().await;
-        }
-        panic!("prefab {args:?} never listened; see {log}: {}", self.log(log));
+            cmd
+        };
+        start_listening(command, &self.tmp.path().join(log)).await
     }
 
     fn log(&self, name: &str) -> String {
@@ -264,40 +254,6 @@ fn as_user(cmd: &mut Command, ids: Ids) {
             Ok(())
         });
     }
-}
-
-fn call(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::Call {
-    let serde_json::Value::Object(map) = inputs else {
-        panic!("inputs must be an object")
-    };
-    proto::Call {
-        prefab_id: prefab.into(),
-        version: "1.0.0".into(),
-        function_name: function.into(),
-        inputs: Some(proto::json_to_struct(map)),
-    }
-}
-
-fn request(calls: Vec<proto::Call>) -> proto::RunRequest {
-    proto::RunRequest {
-        calls,
-        ..Default::default()
-    }
-}
-
-/// The outputs of each completed call, in order.
-fn outputs(events: &[Event]) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::CallCompleted(c) => Some(proto::struct_to_json(c.outputs.clone().unwrap_or_default())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn url_of(outputs: &serde_json::Map<String, serde_json::Value>, name: &str) -> String {
-    outputs[name].as_str().expect("an output URL").to_owned()
 }
 
 /// Runs every example function and the inspecting exec prefab with their

@@ -133,6 +133,11 @@ impl Connection {
             })?;
             req.metadata_mut().insert("authorization", value);
         }
+        // A script that runs in a trace (TRACEPARENT, as OpenTelemetry's
+        // environment carriers name it) has the call continue it.
+        crate::telemetry::Remote::from_env()
+            .passed_on()
+            .inject(req.metadata_mut());
         Ok(req)
     }
 }

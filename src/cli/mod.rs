@@ -21,11 +21,15 @@ use crate::{
     runtime::exec::{ExecArgs, ExecPrefab},
     runtime::{self, RuntimeArgs},
     server::{BoxError, cancel_on_signal},
+    telemetry::{self, Exporter},
 };
+
+/// This build: the package version and the git revision it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PREFAB_GIT_REVISION"), ")");
 
 /// Run file-processing functions on files in S3-compatible storage.
 #[derive(Debug, Parser)]
-#[command(name = "prefab", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PREFAB_GIT_REVISION"), ")"))]
+#[command(name = "prefab", version = VERSION)]
 pub struct Cli {
     /// Log as JSON lines (for Kubernetes) instead of human-readable text.
     #[arg(long, global = true, env = "PREFAB_LOG_JSON")]
@@ -113,6 +117,19 @@ pub enum RuntimeCommand {
     Hello(RuntimeArgs),
     /// Any command-line program as a prefab, described by a TOML manifest.
     Exec(ExecArgs),
+}
+
+impl Command {
+    /// The service name this command's spans are exported under, if it
+    /// serves (client commands export nothing).
+    fn service_name(&self) -> Option<&'static str> {
+        match self {
+            Command::Gateway(_) => Some("prefab-gateway"),
+            Command::Runtime(_) => Some("prefab-runtime"),
+            Command::Dev(_) => Some("prefab-dev"),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -238,17 +255,34 @@ async fn serve(command: Command) -> Result<(), BoxError> {
     }
 }
 
-/// Sets up `tracing` output: `RUST_LOG` filters (default `info`).
-pub fn init_tracing(json: bool) {
+/// Sets up `tracing` output: `RUST_LOG` filters (default `info`); for the
+/// servers, OpenTelemetry export when the `OTEL_*` variables ask for it
+/// (see [`crate::telemetry`]). The exporter returned must be shut down at
+/// the end, to send the last spans.
+pub fn init_tracing(cli: &Cli) -> Option<Exporter> {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let exporter = cli
+        .command
+        .service_name()
+        .filter(|_| telemetry::export_configured())
+        .and_then(|service| {
+            Exporter::from_env(service)
+                .inspect_err(|e| eprintln!("prefab: {e}; spans are not exported"))
+                .ok()
+        });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let fmt = match cli.log_json {
+        true => fmt.json().boxed(),
+        false => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(exporter.as_ref().map(Exporter::layer))
+        .with(fmt)
+        .init();
+    exporter
 }

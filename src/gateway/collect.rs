@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 
 use super::{GatewayError, State, events::Events, plan::CallPlan};
 use crate::{
@@ -92,7 +93,9 @@ pub async fn collect_outputs(
         let (mut progress, s3) =
             events.transfer_progress(&state.s3, plan.index, &out.param, &url, size, false);
         progress(0);
-        let done = storage::upload(&s3, file, size, &dest, &mut progress).await?;
+        let done = storage::upload(&s3, file, size, &dest, &mut progress)
+            .instrument(tracing::info_span!("upload", parameter = %out.param, %url, size))
+            .await?;
         let uploaded = proto::OutputUploaded {
             parameter: out.param.clone(),
             url: url.clone(),

@@ -12,6 +12,7 @@ use super::{GatewayError, events::Events, plan::CallPlan};
 use crate::{
     config::Redactor,
     proto::{self, invoke_event, run_event::Event},
+    telemetry,
     workspace::RequestId,
 };
 
@@ -22,6 +23,7 @@ pub async fn invoke(
     events: &Events,
     secrets: HashMap<String, String>,
     budget: Option<std::time::Duration>,
+    trace: &telemetry::Propagated,
 ) -> Result<Map<String, Value>, GatewayError> {
     let prefab = &plan.prefab;
     let invoking = proto::Invoking {
@@ -33,13 +35,14 @@ pub async fn invoke(
     // What the runtime says goes to the caller and the logs: without the
     // secrets it was given.
     let redactor = Redactor::new(secrets.values().map(String::as_str));
-    let request = proto::InvokeRequest {
+    let mut request = tonic::Request::new(proto::InvokeRequest {
         workspace: id.to_string(),
         function_name: plan.function.name.clone(),
         arguments: Some(proto::json_to_struct(plan.arguments.clone())),
         secrets,
         timeout_ms: budget.map_or(0, |b| b.as_millis().min(u128::from(u64::MAX)) as u64),
-    };
+    });
+    trace.inject(request.metadata_mut());
     let failed = |status: tonic::Status| runtime_error(plan, status, &redactor);
     let mut stream = prefab
         .client

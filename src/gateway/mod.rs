@@ -36,13 +36,14 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::{
     config::GatewayArgs,
     metrics::Metrics,
     proto::{self, gateway_server::GatewayServer},
     server::BoxError,
-    storage,
+    storage, telemetry,
     workspace::{RequestId, WorkspaceRoot, access, janitor, record::Records},
 };
 
@@ -300,6 +301,7 @@ impl proto::gateway_server::Gateway for Gateway {
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
         let deadline = run::Deadline::starting_now(deadline_of(&req), self.state.max_run);
         let grant = Grant::of(&req);
+        let caller = telemetry::Remote::from_metadata(req.metadata());
         let req = req.into_inner();
         if let Some(call) = req.calls.iter().find(|c| !grant.may_run(&c.prefab_id)) {
             return Err(GatewayError::PermissionDenied(format!(
@@ -320,26 +322,46 @@ impl proto::gateway_server::Gateway for Gateway {
         }
         let id = RequestId::new();
         let prefabs: Vec<String> = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
+        let first = req.calls.first();
+        let span = tracing::info_span!(
+            "run",
+            request_id = %id,
+            prefab_id = first.map_or("", |c| c.prefab_id.as_str()),
+            function_name = first.map_or("", |c| c.function_name.as_str()),
+            calls = req.calls.len(),
+            trace_id = tracing::field::Empty,
+        );
+        let trace = caller.continue_in(&span);
         // Describing the prefabs, looking at the inputs and waiting for
         // admission count against the caller's deadline too.
         let admitted = async {
             let plans = self.state.plan(&req).await?;
-            let probes = stage::probe_all(&self.state.s3, &plans).await?;
+            let probes = stage::probe_all(&self.state.s3, &plans)
+                .instrument(tracing::info_span!("probe"))
+                .await?;
             let sizes: Vec<(String, u64)> = probes
                 .iter()
                 .flatten()
                 .zip(plans.iter().flat_map(|plan| &plan.inputs))
                 .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
                 .collect();
-            let reservation = self.state.admission.admit(id, prefabs.clone(), &sizes).await?;
+            let reservation = self
+                .state
+                .admission
+                .admit(id, prefabs.clone(), &sizes)
+                .instrument(tracing::info_span!("admission"))
+                .await?;
             Ok::<_, Status>((plans, probes, reservation))
-        };
-        let (plans, probes, reservation) = match deadline {
+        }
+        .instrument(span.clone());
+        let admitted = match deadline {
             Some(d) => tokio::time::timeout_at(d.before_run().into(), admitted)
                 .await
-                .map_err(|_| Status::from(d.exceeded()))??,
-            None => admitted.await?,
+                .unwrap_or_else(|_| Err(d.exceeded().into())),
+            None => admitted.await,
         };
+        let (plans, probes, reservation) =
+            admitted.inspect_err(|status| telemetry::record_failure(&span, status))?;
 
         let journal = journal::Journal::new(prefabs);
         self.state.journals().insert(id, Arc::clone(&journal));
@@ -355,6 +377,8 @@ impl proto::gateway_server::Gateway for Gateway {
             probes,
             deadline,
             reservation,
+            span,
+            trace,
         };
         self.state
             .tasks

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     metrics::{Outcome, Phase},
     proto::{self, run_event::Event},
+    telemetry,
     workspace::{RequestId, Workspace, access},
 };
 
@@ -41,6 +42,11 @@ pub struct Run {
     pub deadline: Option<Deadline>,
     /// Workspace space held for the run.
     pub reservation: Reservation,
+    /// The run's span, which every phase's span is a child of.
+    pub span: tracing::Span,
+    /// The trace context the caller sent, passed on as is when spans are
+    /// not exported.
+    pub trace: telemetry::Propagated,
 }
 
 /// How much longer than the gateway's deadline a runtime is given.
@@ -104,14 +110,7 @@ impl Deadline {
 impl Run {
     /// Runs to the end, writing to `events`.
     pub async fn execute(self, events: Events) {
-        let first = &self.plans[0];
-        let span = tracing::info_span!(
-            "run",
-            request_id = %self.id,
-            prefab_id = %first.prefab.manifest.id,
-            function_name = %first.function.name,
-            calls = self.plans.len(),
-        );
+        let span = self.span.clone();
         let state = Arc::clone(&self.state);
         let id = self.id;
         let journal = events.journal();
@@ -141,7 +140,9 @@ impl Run {
             }
             Err(e) => {
                 tracing::info!(error = %e, "run failed");
-                journal.finish(Err(e.status(Some(id))));
+                let status = e.status(Some(id));
+                telemetry::record_failure(&span, &status);
+                journal.finish(Err(status));
             }
         }
         state.retire(id, journal.bytes());
@@ -151,7 +152,12 @@ impl Run {
     async fn guarded(mut self, events: &Events) -> Result<(), GatewayError> {
         let probes = std::mem::take(&mut self.probes);
         let state = &self.state;
-        let workspace = match state.root.create(self.id).await {
+        let created = state
+            .root
+            .create(self.id)
+            .instrument(tracing::info_span!("workspace"))
+            .await;
+        let workspace = match created {
             Ok(workspace) => workspace,
             Err(e) if access::is_denied(&e) => {
                 let dir = state.root.path().join(self.id.to_string());
@@ -179,86 +185,93 @@ impl Run {
             }
         };
         let cancelled = events.journal().cancellation().clone();
-        let deadline_at = self.deadline.map(|d| d.at);
         let outcome = tokio::select! {
-            outcome = calls(state, &workspace, &self.plans, probes, events, deadline_at, &self.reservation) => outcome,
+            outcome = self.calls(&workspace, probes, events) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             exceeded = deadline => Err(exceeded),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
         };
-        if let Err(e) = workspace.remove().await {
+        let removed = workspace
+            .remove()
+            .instrument(tracing::info_span!("cleanup"))
+            .await;
+        if let Err(e) = removed {
             tracing::error!(error = %e, "could not remove the workspace");
         }
         drop(self.reservation);
         outcome
     }
-}
 
-async fn calls(
-    state: &State,
-    ws: &Workspace,
-    plans: &[CallPlan],
-    probes: Probes,
-    events: &Events,
-    deadline_at: Option<Instant>,
-    reservation: &Reservation,
-) -> Result<(), GatewayError> {
-    let accepted = proto::RunAccepted {
-        request_id: ws.id().to_string(),
-        calls: plans.len() as u32,
-    };
-    events.send(0, Event::Accepted(accepted)).await?;
-    for (plan, probes) in plans.iter().zip(probes) {
-        let phase = |phase| {
+    /// Stages, invokes and collects each call in turn.
+    async fn calls(&self, ws: &Workspace, probes: Probes, events: &Events) -> Result<(), GatewayError> {
+        let (state, plans, reservation) = (&self.state, &self.plans, &self.reservation);
+        let deadline_at = self.deadline.map(|d| d.at);
+        let accepted = proto::RunAccepted {
+            request_id: ws.id().to_string(),
+            calls: plans.len() as u32,
+        };
+        events.send(0, Event::Accepted(accepted)).await?;
+        for (plan, probes) in plans.iter().zip(probes) {
+            let phase = |phase| {
+                state
+                    .metrics
+                    .phase_seconds
+                    .get_or_create(&Phase { phase })
+                    .clone()
+            };
+            let t = Instant::now();
+            let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, probes, events).await?;
+            state.metrics.bytes_staged.inc_by(staged);
+            reservation.written(staged);
+            phase("stage").observe(t.elapsed().as_secs_f64());
+
+            let t = Instant::now();
+            let secrets = super::secrets::for_prefab(state.secrets_dir.as_deref(), &plan.prefab.manifest.id)
+                .await
+                .map_err(|e| {
+                    GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
+                })?;
+            // The runtime gets what is left of the deadline, and a moment more:
+            // the gateway's own deadline ends the call first, and says which.
+            let budget = deadline_at.map(|at| at.saturating_duration_since(Instant::now()) + RUNTIME_SLACK);
+            let span = tracing::info_span!(
+                "invoke",
+                call = plan.index,
+                prefab_id = %plan.prefab.manifest.id,
+                version = %plan.prefab.manifest.version,
+                function_name = %plan.function.name,
+            );
+            let trace = self.trace.from_span(&span);
+            let reported = invoke(plan, ws.id(), events, secrets, budget, &trace)
+                .instrument(span)
+                .await
+                .inspect_err(|e| {
+                    if matches!(e, GatewayError::Unavailable(_)) {
+                        state
+                            .registry
+                            .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
+                    }
+                })?;
+            phase("invoke").observe(t.elapsed().as_secs_f64());
+
+            let t = Instant::now();
+            let (outputs, files) = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
             state
                 .metrics
-                .phase_seconds
-                .get_or_create(&Phase { phase })
-                .clone()
-        };
-        let t = Instant::now();
-        let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, probes, events).await?;
-        state.metrics.bytes_staged.inc_by(staged);
-        reservation.written(staged);
-        phase("stage").observe(t.elapsed().as_secs_f64());
+                .bytes_uploaded
+                .inc_by(files.iter().map(|f| f.size).sum());
+            phase("upload").observe(t.elapsed().as_secs_f64());
 
-        let t = Instant::now();
-        let secrets = super::secrets::for_prefab(state.secrets_dir.as_deref(), &plan.prefab.manifest.id)
-            .await
-            .map_err(|e| {
-                GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
-            })?;
-        // The runtime gets what is left of the deadline, and a moment more:
-        // the gateway's own deadline ends the call first, and says which.
-        let budget = deadline_at.map(|at| at.saturating_duration_since(Instant::now()) + RUNTIME_SLACK);
-        let reported = invoke(plan, ws.id(), events, secrets, budget)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, GatewayError::Unavailable(_)) {
-                    state
-                        .registry
-                        .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
-                }
-            })?;
-        phase("invoke").observe(t.elapsed().as_secs_f64());
-
-        let t = Instant::now();
-        let (outputs, files) = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
-        state
-            .metrics
-            .bytes_uploaded
-            .inc_by(files.iter().map(|f| f.size).sum());
-        phase("upload").observe(t.elapsed().as_secs_f64());
-
-        let completed = proto::CallCompleted {
-            outputs: Some(proto::json_to_struct(outputs)),
-            files,
-        };
-        events.send(plan.index, Event::CallCompleted(completed)).await?;
+            let completed = proto::CallCompleted {
+                outputs: Some(proto::json_to_struct(outputs)),
+                files,
+            };
+            events.send(plan.index, Event::CallCompleted(completed)).await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use tokio::{
     sync::{Semaphore, SemaphorePermit},
     task::JoinSet,
 };
+use tracing::Instrument as _;
 
 use super::{
     GatewayError,
@@ -105,10 +106,14 @@ pub async fn stage_inputs(
     for (input, looked) in inputs.iter().cloned().zip(probes) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
         let dir = workspace.fd();
-        tasks.spawn(async move {
-            let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-            stage_one(&s3, &input, &looked.probed, dir, index, &events).await
-        });
+        let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url);
+        tasks.spawn(
+            async move {
+                let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
+                stage_one(&s3, &input, &looked.probed, dir, index, &events).await
+            }
+            .instrument(span),
+        );
     }
     while let Some(done) = tasks.join_next().await {
         done.map_err(|e| GatewayError::Internal(format!("staging task failed: {e}")))??;

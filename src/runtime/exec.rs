@@ -209,6 +209,12 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
             Ok(())
         });
     }
+    // The program continues the call's trace, never one this runtime was
+    // started in.
+    cmd.env_remove("TRACEPARENT").env_remove("TRACESTATE");
+    for (name, value) in call.trace_headers() {
+        cmd.env(name.to_uppercase(), value);
+    }
     for (name, value) in call.secrets() {
         cmd.env(name, value);
     }

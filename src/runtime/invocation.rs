@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::PrefabError;
 use crate::{
     config::Secret,
-    proto,
+    proto, telemetry,
     workspace::{DirFd, access},
 };
 
@@ -31,6 +31,7 @@ pub struct Invocation {
     pub(super) secrets: HashMap<String, Secret>,
     pub(super) events: mpsc::Sender<Result<proto::InvokeEvent, tonic::Status>>,
     pub(super) cancel: CancellationToken,
+    pub(super) trace: telemetry::Propagated,
 }
 
 impl Invocation {
@@ -48,6 +49,14 @@ impl Invocation {
     /// Every argument.
     pub fn args(&self) -> &Map<String, Value> {
         &self.args
+    }
+
+    /// The W3C trace context to hand to work this call starts elsewhere
+    /// (another service, a program): `traceparent` and, if any,
+    /// `tracestate`, naming this call's span when spans are exported, the
+    /// gateway's context otherwise. Empty when the call is not traced.
+    pub fn trace_headers(&self) -> HashMap<String, String> {
+        self.trace.from_span(&tracing::Span::current()).headers()
     }
 
     /// The string argument `name`.

@@ -22,6 +22,7 @@ use crate::{
     config::Secret,
     manifest::{FunctionSpec, Manifest, ParamKind},
     proto::{self, prefab_runtime_server::PrefabRuntime},
+    telemetry,
     workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot, access, open_regular},
 };
 
@@ -99,6 +100,7 @@ impl<P: Prefab> RuntimeService<P> {
         req: proto::InvokeRequest,
         events: mpsc::Sender<Result<proto::InvokeEvent, Status>>,
         cancel: CancellationToken,
+        trace: telemetry::Propagated,
     ) -> Result<Invocation, Status> {
         let workspace = match self.root.resolve(&req.workspace).await {
             Ok(dir) => dir,
@@ -135,6 +137,7 @@ impl<P: Prefab> RuntimeService<P> {
                 .collect(),
             events,
             cancel,
+            trace,
         })
     }
 }
@@ -284,21 +287,35 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
     type InvokeStream = EventStream;
 
     async fn invoke(&self, req: Request<proto::InvokeRequest>) -> Result<Response<EventStream>, Status> {
+        // The call continues the gateway's trace; its fields are filled in
+        // once the request is checked.
+        let span = tracing::info_span!(
+            "invoke",
+            function = tracing::field::Empty,
+            workspace = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let trace = telemetry::Remote::from_metadata(req.metadata()).continue_in(&span);
         let req = req.into_inner();
         let timeout = Some(Duration::from_millis(req.timeout_ms)).filter(|t| !t.is_zero());
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let cancel = CancellationToken::new();
-        let call = self.prepare(req, tx.clone(), cancel.clone()).await?;
+        let call = tracing::Instrument::instrument(
+            self.prepare(req, tx.clone(), cancel.clone(), trace),
+            span.clone(),
+        )
+        .await?;
         let spec = self
             .manifest
             .function(call.function())
             .expect("prepare checked the function exists")
             .clone();
         let (args, workspace) = (call.args.clone(), call.workspace.clone());
+        span.record("function", spec.name.as_str());
+        span.record("workspace", tracing::field::display(workspace.display()));
         let redactor = crate::config::Redactor::new(call.secrets().map(|(_, value)| value));
         let prefab = Arc::clone(&self.prefab);
         let active = Arc::clone(&self.active);
-        let span = tracing::info_span!("invoke", function = %spec.name, workspace = %workspace.display());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 active.fetch_add(1, Ordering::SeqCst);
@@ -325,6 +342,7 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
                 });
                 if let Err(status) = &event {
                     tracing::info!(code = ?status.code(), message = status.message(), "function failed");
+                    telemetry::record_failure(&tracing::Span::current(), status);
                 }
                 let _ = tx.send(event).await;
             },

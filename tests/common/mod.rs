@@ -389,18 +389,73 @@ pub fn run_request(function: &str, inputs: serde_json::Value) -> proto::RunReque
 
 /// A one-call run request of `prefab@1.0.0`.
 pub fn call_request(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::RunRequest {
+    request(vec![call(prefab, function, inputs)])
+}
+
+/// A call of `prefab@1.0.0`.
+pub fn call(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::Call {
     let serde_json::Value::Object(map) = inputs else {
         panic!("inputs must be an object")
     };
+    proto::Call {
+        prefab_id: prefab.into(),
+        version: "1.0.0".into(),
+        function_name: function.into(),
+        inputs: Some(proto::json_to_struct(map)),
+    }
+}
+
+/// A run request of `calls`, in order.
+pub fn request(calls: Vec<proto::Call>) -> proto::RunRequest {
     proto::RunRequest {
-        calls: vec![proto::Call {
-            prefab_id: prefab.into(),
-            version: "1.0.0".into(),
-            function_name: function.into(),
-            inputs: Some(proto::json_to_struct(map)),
-        }],
+        calls,
         ..Default::default()
     }
+}
+
+/// The outputs of each completed call, in order.
+pub fn outputs(events: &[Event]) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CallCompleted(c) => Some(proto::struct_to_json(c.outputs.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The URL an output file was uploaded to.
+pub fn url_of(outputs: &serde_json::Map<String, serde_json::Value>, name: &str) -> String {
+    outputs[name].as_str().expect("an output URL").to_owned()
+}
+
+/// Starts a server process on a free loopback port and waits until it
+/// listens: `command` builds it for the address (`--addr`); if it exits
+/// first (another test took the port meanwhile), it is tried again on
+/// another port. `log` is where its standard error goes, shown if it
+/// never listens.
+pub async fn start_listening(
+    mut command: impl FnMut(SocketAddr) -> tokio::process::Command,
+    log: &Path,
+) -> (tokio::process::Child, SocketAddr) {
+    for _ in 0..3 {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = command(addr);
+        cmd.stderr(std::fs::File::create(log).unwrap()).kill_on_drop(true);
+        let mut child = cmd.spawn().expect("start the process");
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return (child, addr);
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill().await;
+    }
+    let output = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("the process never listened; {}: {output}", log.display());
 }
 
 /// The outputs of the first completed call.
