@@ -59,7 +59,7 @@ async fn main() -> Result<(), Error> {
             let url = storage::S3Url::parse(url)?;
             let probed = storage::probe(&client, &url).await?;
             let file = create(dest.into()).await?;
-            let done = storage::download_probed(&client, &url, &probed, file, &mut |_| {}).await?;
+            let done = storage::download_probed(&client, &url, &probed, file, &mut |_| {}, None).await?;
             format!("{} bytes crc64nvme {}", done.size, done.checksum())
         }
         ("put", [src, url]) => {
@@ -81,7 +81,7 @@ async fn main() -> Result<(), Error> {
                     let _permit = limit.acquire_owned().await?;
                     let probed = storage::probe(&client, &url).await?;
                     let file = create(dest).await?;
-                    storage::download_probed(&client, &url, &probed, file, &mut |_| {}).await?;
+                    storage::download_probed(&client, &url, &probed, file, &mut |_| {}, None).await?;
                     Ok::<_, Error>(())
                 });
             }

@@ -94,7 +94,7 @@ async fn run_through(
         run_request("sha256", serde_json::json!({ "file": url })),
     )
     .await;
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     (stack, result, expected, proxy.fired())
 }
 
@@ -198,7 +198,7 @@ async fn a_300_mib_object_staged_by_ranges_is_byte_identical() {
         "gateway peak RSS {} MiB for a 300 MiB input",
         peak >> 20
     );
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }
 

@@ -110,7 +110,7 @@ async fn a_200_mib_file_round_trips_with_bounded_gateway_memory() {
         "gateway peak RSS {} MiB moving 200 MiB",
         peak >> 20
     );
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     assert!(open_multipart_uploads(&stack).is_empty());
 }
 

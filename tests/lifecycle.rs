@@ -193,7 +193,7 @@ async fn the_janitor_logs_its_summary_and_metrics_follow() {
     // The run's log lines carry its request id.
     let text = read_log();
     assert!(text.contains("request_id="), "log:\n{text}");
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
 }
 
 const HOLD: &str = r#"
@@ -428,7 +428,7 @@ async fn the_deadline_counts_from_the_request_not_from_the_start_of_the_work() {
     let status = end_of(&mut client, req).await;
     assert!(proxy.fired(), "the runtime was not reached through the proxy");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }
 
@@ -444,7 +444,7 @@ async fn a_deadline_passed_before_the_run_starts_is_named_as_such() {
     let status = end_of(&mut client, req).await;
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("deadline of 1s"), "{status:?}");
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }
 

@@ -249,6 +249,6 @@ async fn sha256_of_256_mib_streams_through_a_gateway_of_bounded_memory() {
         "gateway peak RSS {} MiB for a 256 MiB input",
         peak >> 20
     );
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }

@@ -421,6 +421,6 @@ async fn a_run_stages_from_and_uploads_to_seaweedfs() {
         Some(crc64nvme(&expected))
     );
     assert_eq!(weed.open_uploads().await, 0);
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }

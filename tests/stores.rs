@@ -270,8 +270,24 @@ async fn probe_and_download(object: Object) -> (bool, (usize, usize), Result<Vec
     let probed = storage::probe(&s3, &url).await.unwrap();
     assert_eq!(probed.info.size, data.len() as u64);
     let out = tempfile::tempfile().unwrap();
-    let got = storage::download_probed(&s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {}).await;
+    let completed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&completed);
+    let complete = Box::new(move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    });
+    let got = storage::download_probed(
+        &s3,
+        &url,
+        &probed,
+        out.try_clone().unwrap(),
+        &mut |_| {},
+        Some(complete),
+    )
+    .await;
     server.abort();
+    // Completed (renamed into place, in the gateway) only once verified.
+    assert_eq!(completed.load(std::sync::atomic::Ordering::SeqCst), got.is_ok());
     let got = got.map_err(|e| e.to_string()).map(|done| {
         assert_eq!(done.checksum(), crc64nvme(&data));
         let mut written = Vec::new();
@@ -506,7 +522,7 @@ async fn get_file_relays_a_reply_cut_after_its_last_byte_and_refuses_an_ignored_
             Ok::<_, tonic::Status>(got)
         }
         .await;
-        gateway.kill().await.unwrap();
+        common::stop(&mut gateway).await;
         server.abort();
         match (cut_after_body, got) {
             (true, Ok(got)) => assert!(got == data[1000..], "the relayed bytes differ"),

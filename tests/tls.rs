@@ -147,6 +147,6 @@ async fn tls_and_mutual_tls_end_to_end() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    gateway.kill().await.unwrap();
+    common::stop(&mut gateway).await;
     runtime.kill().await.unwrap();
 }

@@ -19,10 +19,9 @@ use super::GatewayError;
 use crate::{
     metrics::Metrics,
     workspace::{
-        RequestId,
-        janitor::disk_usage,
+        janitor::disk_usage_blocking,
         lease::Lease,
-        record::{Record, Records},
+        record::{PendingRecord, Record, Records},
     },
 };
 
@@ -128,11 +127,37 @@ impl Admission {
         self.booked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits run `id`, calling `prefabs`, whose inputs have `sizes` (URL,
-    /// bytes), and creates its record.
+    /// Fails if this replica runs as many runs as it takes: checked before
+    /// a run's workspace is made, so that a burst beyond the limit costs no
+    /// disk work, and again on admission, which takes the run's place.
+    pub fn has_room(&self) -> Result<(), GatewayError> {
+        self.refuse_if_full(&self.lock())
+    }
+
+    fn refuse_if_full(&self, booked: &Booked) -> Result<(), GatewayError> {
+        if booked.runs >= self.limits.max_runs {
+            return Err(GatewayError::ResourceExhausted(format!(
+                "{} runs are in flight, the most this gateway replica takes; retry later",
+                booked.runs
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes a place for a run among this replica's, if one is left.
+    fn take_slot(&self) -> Result<Slot<'_>, GatewayError> {
+        let mut booked = self.lock();
+        self.refuse_if_full(&booked)?;
+        booked.runs += 1;
+        self.metrics.runs_in_flight.set(booked.runs as i64);
+        Ok(Slot(self))
+    }
+
+    /// Admits the `pending` run, calling `prefabs`, whose inputs have
+    /// `sizes` (URL, bytes), and creates its record.
     pub async fn admit(
         self: &Arc<Self>,
-        id: RequestId,
+        pending: PendingRecord,
         prefabs: Vec<String>,
         sizes: &[(String, u64)],
     ) -> Result<Reservation, GatewayError> {
@@ -151,31 +176,28 @@ impl Admission {
         }
         let inputs: u64 = sizes.iter().map(|(_, s)| s).sum();
         let need = (inputs as f64 * limits.reserve_factor).ceil() as u64;
-        let (total, used) = match limits.capacity_bytes {
-            Some(capacity) => (capacity, 0),
-            None => {
-                let usage = disk_usage(&self.root).await.map_err(|e| {
-                    GatewayError::Internal(format!("cannot read workspace volume usage: {e}"))
-                })?;
-                (usage.total, usage.used)
-            }
-        };
-        let limit = (total as f64 * limits.high_water) as u64;
-        {
-            let booked = self.lock();
-            if booked.runs >= limits.max_runs {
-                return Err(GatewayError::ResourceExhausted(format!(
-                    "{} runs are in flight, the most this gateway replica takes; retry later",
-                    booked.runs
-                )));
-            }
-        }
+        // This replica's slot for the run, given back unless admitted.
+        let slot = self.take_slot()?;
         let mut lease = Lease::new(&self.owner.replica, self.owner.ttl);
         lease.reserved_bytes = need;
         lease.prefabs = prefabs;
-        let records = Arc::clone(&self.records);
+        let (records, root, capacity) = (
+            Arc::clone(&self.records),
+            self.root.clone(),
+            limits.capacity_bytes,
+        );
         let (factor, high_water) = (limits.reserve_factor, limits.high_water);
         let booked_on_volume = tokio::task::spawn_blocking(move || {
+            let (total, used) = match capacity {
+                Some(capacity) => (capacity, 0),
+                None => {
+                    let usage = disk_usage_blocking(&root).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot read workspace volume usage: {e}"))
+                    })?;
+                    (usage.total, usage.used)
+                }
+            };
+            let limit = (total as f64 * high_water) as u64;
             let _lock = records.lock()?;
             let live: Vec<Lease> = records.live_leases()?.into_iter().map(|(_, lease)| lease).collect();
             let reserved: u64 = live.iter().map(|l| l.reserved_bytes).sum();
@@ -194,14 +216,14 @@ impl Admission {
                     live.len(),
                 ))));
             }
-            records.create(id, lease).map(Ok)
+            records.create(pending, lease).map(Ok)
         })
         .await
         .map_err(|e| GatewayError::Internal(e.to_string()))?
         .map_err(|e| GatewayError::Internal(format!("cannot record the run on the workspace volume: {e}")))?;
         let record = booked_on_volume?;
+        slot.keep();
         let mut booked = self.lock();
-        booked.runs += 1;
         booked.bytes += need;
         self.metrics.reserved_bytes.set(booked.bytes as i64);
         self.metrics.runs_in_flight.set(booked.runs as i64);
@@ -210,6 +232,24 @@ impl Admission {
             record: Arc::new(record),
             bytes: need.into(),
         })
+    }
+}
+
+/// A run's place among a replica's, given back when dropped unless
+/// [`Slot::keep`] hands it to the run's [`Reservation`].
+struct Slot<'a>(&'a Admission);
+
+impl Slot<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut booked = self.0.lock();
+        booked.runs -= 1;
+        self.0.metrics.runs_in_flight.set(booked.runs as i64);
     }
 }
 
@@ -228,7 +268,7 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workspace::WorkspaceRoot;
+    use crate::workspace::{RequestId, WorkspaceRoot};
 
     /// A volume's records in a temporary folder, and admission as a
     /// replica of it; more replicas with [`replica`].
@@ -274,8 +314,8 @@ mod tests {
     }
 
     async fn admit(a: &Arc<Admission>, url: &str, size: u64) -> Result<Reservation, GatewayError> {
-        a.admit(RequestId::new(), vec!["p".into()], &[(url.into(), size)])
-            .await
+        let pending = a.records.prepare(RequestId::new()).unwrap();
+        a.admit(pending, vec!["p".into()], &[(url.into(), size)]).await
     }
 
     #[tokio::test]
@@ -347,12 +387,10 @@ mod tests {
         let a = volume.replica(Some(1 << 40), 1);
         let err = admit(&a, "s3://b/huge", 5000).await.unwrap_err().to_string();
         assert!(err.contains("s3://b/huge"), "{err}");
-        let _one = a.admit(RequestId::new(), vec![], &[]).await.unwrap();
-        let err = a
-            .admit(RequestId::new(), vec![], &[])
-            .await
-            .unwrap_err()
-            .to_string();
+        let _one = admit(&a, "s3://b/small", 10).await.unwrap();
+        let err = admit(&a, "s3://b/small", 10).await.unwrap_err().to_string();
+        assert!(err.contains("runs are in flight"), "{err}");
+        let err = a.has_room().unwrap_err().to_string();
         assert!(err.contains("runs are in flight"), "{err}");
     }
 }

@@ -336,22 +336,31 @@ impl proto::gateway_server::Gateway for Gateway {
         // admission count against the caller's deadline too.
         let admitted = async {
             let plans = self.state.plan(&req).await?;
-            let probes = stage::probe_all(&self.state.s3, &plans)
-                .instrument(tracing::info_span!("probe"))
-                .await?;
+            self.state.admission.has_room()?;
+            // The workspace is made while the inputs are looked at.
+            let (probes, prepared) = tokio::join!(
+                stage::probe_all(&self.state.s3, &plans).instrument(tracing::info_span!("probe")),
+                run::prepare(&self.state, id, &plans).instrument(tracing::info_span!("workspace")),
+            );
+            let (probes, prepared) = (probes?, prepared?);
             let sizes: Vec<(String, u64)> = probes
                 .iter()
                 .flatten()
                 .zip(plans.iter().flat_map(|plan| &plan.inputs))
                 .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
                 .collect();
+            let run::Prepared {
+                record,
+                workspace,
+                inputs,
+            } = prepared;
             let reservation = self
                 .state
                 .admission
-                .admit(id, prefabs.clone(), &sizes)
+                .admit(record, prefabs.clone(), &sizes)
                 .instrument(tracing::info_span!("admission"))
                 .await?;
-            Ok::<_, Status>((plans, probes, reservation))
+            Ok::<_, Status>((plans, probes, reservation, workspace, inputs))
         }
         .instrument(span.clone());
         let admitted = match deadline {
@@ -360,7 +369,7 @@ impl proto::gateway_server::Gateway for Gateway {
                 .unwrap_or_else(|_| Err(d.exceeded().into())),
             None => admitted.await,
         };
-        let (plans, probes, reservation) =
+        let (plans, probes, reservation, workspace, inputs) =
             admitted.inspect_err(|status| telemetry::record_failure(&span, status))?;
 
         let journal = journal::Journal::new(prefabs);
@@ -377,6 +386,8 @@ impl proto::gateway_server::Gateway for Gateway {
             probes,
             deadline,
             reservation,
+            workspace,
+            inputs,
             span,
             trace,
         };

@@ -25,8 +25,59 @@ use crate::{
     metrics::{Outcome, Phase},
     proto::{self, run_event::Event},
     telemetry,
-    workspace::{RequestId, Workspace, access},
+    workspace::{PartFile, RequestId, Workspace, access, record::PendingRecord},
 };
+
+/// What a run needs on the volume before it is admitted, made while its
+/// inputs are looked at (a store round trip, which this work then costs no
+/// time beyond): the file its lease will be written to, its workspace, and
+/// an empty `.part` file for each input of each call. Dropped unused (the
+/// run refused, its caller gone), all of it is removed.
+pub struct Prepared {
+    /// The run's lease file, for admission.
+    pub record: PendingRecord,
+    /// The workspace.
+    pub workspace: Workspace,
+    /// Each call's input files, in plan order.
+    pub inputs: Vec<Vec<PartFile>>,
+}
+
+/// Makes what run `id` of `plans` needs on the volume (see [`Prepared`]).
+pub async fn prepare(state: &State, id: RequestId, plans: &[CallPlan]) -> Result<Prepared, GatewayError> {
+    let (root, records) = (state.root.clone(), Arc::clone(&state.records));
+    let inputs: Vec<Vec<String>> = plans
+        .iter()
+        .map(|plan| plan.inputs.iter().map(|input| input.rel.clone()).collect())
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let workspace = root.create_blocking(id).map_err(|e| {
+            if access::is_denied(&e) {
+                let dir = root.path().join(id.to_string());
+                GatewayError::Deployment(access::explain_denied(
+                    "the gateway cannot create the workspace",
+                    &dir,
+                ))
+            } else {
+                GatewayError::Internal(format!("cannot create the workspace for {id}: {e}"))
+            }
+        })?;
+        let inputs = inputs
+            .iter()
+            .map(|call| call.iter().map(|rel| workspace.create_input(rel)).collect())
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| GatewayError::Internal(format!("cannot create the input files of {id}: {e}")))?;
+        let record = records.prepare(id).map_err(|e| {
+            GatewayError::Internal(format!("cannot record the run on the workspace volume: {e}"))
+        })?;
+        Ok(Prepared {
+            record,
+            workspace,
+            inputs,
+        })
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(e.to_string()))?
+}
 
 /// An admitted run, ready to execute.
 pub struct Run {
@@ -42,6 +93,10 @@ pub struct Run {
     pub deadline: Option<Deadline>,
     /// Workspace space held for the run.
     pub reservation: Reservation,
+    /// Its workspace, and each call's input files.
+    pub workspace: Workspace,
+    /// Each call's input files, in plan order.
+    pub inputs: Vec<Vec<PartFile>>,
     /// The run's span, which every phase's span is a child of.
     pub span: tracing::Span,
     /// The trace context the caller sent, passed on as is when spans are
@@ -148,33 +203,11 @@ impl Run {
         state.retire(id, journal.bytes());
     }
 
-    /// Creates the workspace, runs the calls, and removes the workspace.
+    /// Runs the calls, and removes the workspace.
     async fn guarded(mut self, events: &Events) -> Result<(), GatewayError> {
         let probes = std::mem::take(&mut self.probes);
+        let inputs = std::mem::take(&mut self.inputs);
         let state = &self.state;
-        let created = state
-            .root
-            .create(self.id)
-            .instrument(tracing::info_span!("workspace"))
-            .await;
-        let workspace = match created {
-            Ok(workspace) => workspace,
-            Err(e) if access::is_denied(&e) => {
-                let dir = state.root.path().join(self.id.to_string());
-                let explained = tokio::task::spawn_blocking(move || {
-                    access::explain_denied("the gateway cannot create the workspace", &dir)
-                })
-                .await
-                .map_err(|e| GatewayError::Internal(e.to_string()))?;
-                return Err(GatewayError::Deployment(explained));
-            }
-            Err(e) => {
-                return Err(GatewayError::Internal(format!(
-                    "cannot create the workspace for {}: {e}",
-                    self.id
-                )));
-            }
-        };
         let deadline = async {
             match self.deadline {
                 Some(d) => {
@@ -186,15 +219,16 @@ impl Run {
         };
         let cancelled = events.journal().cancellation().clone();
         let outcome = tokio::select! {
-            outcome = self.calls(&workspace, probes, events) => outcome,
+            outcome = self.calls(probes, inputs, events) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             exceeded = deadline => Err(exceeded),
             () = state.stop.cancelled() => Err(GatewayError::Unavailable(
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
         };
-        let removed = workspace
-            .remove()
+        let removed = self
+            .workspace
+            .remove_later(&state.tasks)
             .instrument(tracing::info_span!("cleanup"))
             .await;
         if let Err(e) = removed {
@@ -205,15 +239,20 @@ impl Run {
     }
 
     /// Stages, invokes and collects each call in turn.
-    async fn calls(&self, ws: &Workspace, probes: Probes, events: &Events) -> Result<(), GatewayError> {
-        let (state, plans, reservation) = (&self.state, &self.plans, &self.reservation);
+    async fn calls(
+        &self,
+        probes: Probes,
+        inputs: Vec<Vec<PartFile>>,
+        events: &Events,
+    ) -> Result<(), GatewayError> {
+        let (state, plans, reservation, ws) = (&self.state, &self.plans, &self.reservation, &self.workspace);
         let deadline_at = self.deadline.map(|d| d.at);
         let accepted = proto::RunAccepted {
             request_id: ws.id().to_string(),
             calls: plans.len() as u32,
         };
         events.send(0, Event::Accepted(accepted)).await?;
-        for (plan, probes) in plans.iter().zip(probes) {
+        for ((plan, probes), files) in plans.iter().zip(probes).zip(inputs) {
             let phase = |phase| {
                 state
                     .metrics
@@ -222,7 +261,7 @@ impl Run {
                     .clone()
             };
             let t = Instant::now();
-            let staged = stage_inputs(&state.s3, ws, plan.index, &plan.inputs, probes, events).await?;
+            let staged = stage_inputs(&state.s3, plan.index, &plan.inputs, probes, files, events).await?;
             state.metrics.bytes_staged.inc_by(staged);
             reservation.written(staged);
             phase("stage").observe(t.elapsed().as_secs_f64());

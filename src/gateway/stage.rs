@@ -19,7 +19,7 @@ use super::{
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, Probed, Storage},
-    workspace::{DirFd, Workspace, access},
+    workspace::PartFile,
 };
 
 /// Inputs of one call staged at once.
@@ -90,27 +90,26 @@ pub async fn probe_all(s3: &Storage, plans: &[CallPlan]) -> Result<Probes, Gatew
     Ok(probes)
 }
 
-/// Stages every input of call `index` into `workspace`; returns the bytes
-/// staged.
+/// Stages every input of call `index` into its prepared file; returns the
+/// bytes staged.
 pub async fn stage_inputs(
     s3: &Storage,
-    workspace: &Workspace,
     index: u32,
     inputs: &[FileInput],
     probes: Vec<Looked>,
+    files: Vec<PartFile>,
     events: &Events,
 ) -> Result<u64, GatewayError> {
     let total = probes.iter().map(|looked| looked.probed.info.size).sum();
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    for (input, looked) in inputs.iter().cloned().zip(probes) {
+    for ((input, looked), file) in inputs.iter().cloned().zip(probes).zip(files) {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
-        let dir = workspace.fd();
         let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url);
         tasks.spawn(
             async move {
                 let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-                stage_one(&s3, &input, &looked.probed, dir, index, &events).await
+                stage_one(&s3, &input, &looked.probed, file, index, &events).await
             }
             .instrument(span),
         );
@@ -125,38 +124,18 @@ async fn stage_one(
     s3: &Storage,
     input: &FileInput,
     probed: &Probed,
-    workspace: Arc<DirFd>,
+    file: PartFile,
     index: u32,
     events: &Events,
 ) -> Result<(), GatewayError> {
-    let io = |e: std::io::Error| GatewayError::Internal(format!("cannot write {}: {e}", input.rel));
-    // `rel` is built by the planner: inputs/<call>/<name>.
-    let (folders, name) = input.rel.rsplit_once('/').expect("input paths have a folder");
-    let folders: Vec<String> = folders.split('/').map(str::to_owned).collect();
-    let part = format!("{name}.part");
-    let (dir, file) = {
-        let part = part.clone();
-        tokio::task::spawn_blocking(move || {
-            let names: Vec<&str> = folders.iter().map(String::as_str).collect();
-            let dir = workspace.subdir(&names)?;
-            let file = dir.create_new(&part, access::INPUT_MODE)?;
-            Ok::<_, std::io::Error>((dir, file))
-        })
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?
-    };
     let url = input.url.to_string();
     let size = probed.info.size;
     let (mut progress, s3) = events.transfer_progress(s3, index, &input.param, &url, size, true);
     progress(0);
     tracing::debug!(%url, size, "staging input");
-    let done = storage::download_probed(&s3, &input.url, probed, file, &mut progress).await?;
-    let final_name = name.to_owned();
-    tokio::task::spawn_blocking(move || dir.rename(&part, &final_name))
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?;
+    let PartFile { file, target } = file;
+    let complete = Box::new(move || target.complete());
+    let done = storage::download_probed(&s3, &input.url, probed, file, &mut progress, Some(complete)).await?;
     let staged = proto::InputStaged {
         parameter: input.param.clone(),
         url,

@@ -52,23 +52,36 @@ pub async fn download(
     if info.size > 0 {
         fetch_range(&FetchSpec::new(storage, url, info), 0, info.size, &mut gathered).await?;
     }
-    let transfer = save(url, info, gathered, file).await?;
+    let transfer = save(url, info, gathered, file, None).await?;
     progress(info.size);
     Ok(transfer)
 }
 
+/// What to do with a downloaded file once its bytes are written and
+/// verified (rename it into place, say); blocking.
+pub type Complete = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
 /// Downloads what [`super::probe`] found into `file`, as [`download`]
-/// does: a small object that came with the probe is written at once and
-/// verified the same way.
+/// does, then runs `complete` if given: a small object that came with the
+/// probe is written, verified and completed in one blocking call.
 pub async fn download_probed(
     storage: &Storage,
     url: &S3Url,
     probed: &Probed,
     file: File,
     progress: &mut (dyn FnMut(u64) + Send),
+    complete: Option<Complete>,
 ) -> Result<Transfer, StorageError> {
+    let completed = |e| StorageError::io(format!("the file staged from {url}"), e);
     let Some(body) = &probed.body else {
-        return download(storage, url, &probed.info, file, progress).await;
+        let transfer = download(storage, url, &probed.info, file, progress).await?;
+        if let Some(complete) = complete {
+            tokio::task::spawn_blocking(complete)
+                .await
+                .map_err(|e| completed(std::io::Error::other(e)))?
+                .map_err(completed)?;
+        }
+        return Ok(transfer);
     };
     let piece = Piece {
         range: 0,
@@ -76,36 +89,43 @@ pub async fn download_probed(
         len: body.len(),
         chunks: vec![body.clone()],
     };
-    let transfer = save(url, &probed.info, vec![piece], file).await?;
+    let transfer = save(url, &probed.info, vec![piece], file, complete).await?;
     progress(transfer.size);
     Ok(transfer)
 }
 
 /// Writes the pieces of a whole small object into `file` in one blocking
-/// call and verifies them.
+/// call, verifies them, and then, if given, runs `complete` in that call.
 async fn save(
     url: &S3Url,
     info: &ObjectInfo,
     gathered: Vec<Piece>,
     file: File,
+    complete: Option<Complete>,
 ) -> Result<Transfer, StorageError> {
-    let (with_md5, stored) = (expected_md5(info).is_some(), info.checksum);
-    let written = tokio::task::spawn_blocking(move || {
-        let mut sums = Sums::new(stored);
-        let mut md5 = with_md5.then(Md5::new);
-        for piece in &gathered {
-            super::ranged::write_all_at(&file, &piece.chunks, piece.offset)?;
-            for chunk in &piece.chunks {
-                sums.update(chunk);
-                md5.iter_mut().for_each(|m| m.update(chunk));
+    let failed = |e| StorageError::io(format!("the file staged from {url}"), std::io::Error::other(e));
+    let (url, info) = (url.clone(), info.clone());
+    tokio::task::spawn_blocking(move || {
+        let written = || {
+            let mut sums = Sums::new(info.checksum);
+            let mut md5 = expected_md5(&info).is_some().then(Md5::new);
+            for piece in &gathered {
+                super::ranged::write_all_at(&file, &piece.chunks, piece.offset)?;
+                for chunk in &piece.chunks {
+                    sums.update(chunk);
+                    md5.iter_mut().for_each(|m| m.update(chunk));
+                }
             }
-        }
-        Ok::<_, std::io::Error>((sums.finish(), md5.map(|m| m.finalize().into())))
+            Ok::<_, std::io::Error>((sums.finish(), md5.map(|m| m.finalize().into())))
+        };
+        let staged = |e| StorageError::io(format!("the file staged from {url}"), e);
+        let (sums, md5) = written().map_err(staged)?;
+        let transfer = verify(&url, &info, sums, md5)?;
+        complete.map_or(Ok(()), |complete| complete()).map_err(staged)?;
+        Ok(transfer)
     })
     .await
-    .map_err(|e| StorageError::io(url, std::io::Error::other(e)))?;
-    let (sums, md5) = written.map_err(|e| StorageError::io(format!("the file staged from {url}"), e))?;
-    verify(url, info, sums, md5)
+    .map_err(failed)?
 }
 
 /// Checks what was received against what the store says of the object.

@@ -153,14 +153,39 @@ impl DirFd {
     /// run about 0.4 ms of its latency.
     pub fn replace(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
         let tmp = format!("{name}.tmp");
-        match rustix::fs::unlinkat(&self.0, tmp.as_str(), AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let mut file = self.create_new(&tmp, PRIVATE_MODE)?;
+        self.remove_file(&tmp)?;
+        let file = self.create_new(&tmp, PRIVATE_MODE)?;
+        self.fill_and_rename(file, &tmp, name, contents)
+    }
+
+    /// Makes the temporary file [`DirFd::replace`] would write `name`
+    /// through (`<name>.tmp`), for [`DirFd::fill_and_rename`] later: what
+    /// creating a file costs (a volume round trip on NFS, 0.2 ms on this
+    /// machine's disk) can then be paid before the moment that matters.
+    pub fn create_tmp(&self, name: &str) -> std::io::Result<File> {
+        self.create_new(&format!("{name}.tmp"), PRIVATE_MODE)
+    }
+
+    /// Writes `contents` into `file` (made as `tmp` here), closes it
+    /// checking the close, and renames it to `to`.
+    pub fn fill_and_rename(
+        &self,
+        mut file: File,
+        tmp: &str,
+        to: &str,
+        contents: &[u8],
+    ) -> std::io::Result<()> {
         std::io::Write::write_all(&mut file, contents)?;
         close_checked(file)?;
-        self.rename(&tmp, name)
+        self.rename(tmp, to)
+    }
+
+    /// Removes the file `name`; it being gone already is no error.
+    pub fn remove_file(&self, name: &str) -> std::io::Result<()> {
+        match rustix::fs::unlinkat(&self.0, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Writes `contents` over the existing regular file `name`, in place:

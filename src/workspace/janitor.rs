@@ -48,17 +48,20 @@ impl DiskUsage {
 /// `statvfs` of the volume holding `path`.
 pub async fn disk_usage(path: &Path) -> std::io::Result<DiskUsage> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let s = rustix::fs::statvfs(&path)?;
-        let total = s.f_blocks * s.f_frsize;
-        let free = s.f_bavail * s.f_frsize;
-        Ok(DiskUsage {
-            total,
-            used: total.saturating_sub(free),
-        })
+    tokio::task::spawn_blocking(move || disk_usage_blocking(&path))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// [`disk_usage`], blocking.
+pub fn disk_usage_blocking(path: &Path) -> std::io::Result<DiskUsage> {
+    let s = rustix::fs::statvfs(path)?;
+    let total = s.f_blocks * s.f_frsize;
+    let free = s.f_bavail * s.f_frsize;
+    Ok(DiskUsage {
+        total,
+        used: total.saturating_sub(free),
     })
-    .await
-    .map_err(std::io::Error::other)?
 }
 
 /// Removes every abandoned workspace under `root` once.
@@ -249,21 +252,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = WorkspaceRoot::new(tmp.path()).unwrap();
         let records = super::super::record::Records::open(&root).unwrap();
+        let lease = |id, owner, ttl| {
+            let pending = records.prepare(id).unwrap();
+            records
+                .create(pending, super::super::lease::Lease::new(owner, ttl))
+                .unwrap()
+        };
         let live = root.create(RequestId::new()).await.unwrap();
         // Held: a record dropped unfinished ends its lease.
-        let _lease = records
-            .create(
-                live.id(),
-                super::super::lease::Lease::new("me", Duration::from_secs(60)),
-            )
-            .unwrap();
+        let _lease = lease(live.id(), "me", Duration::from_secs(60));
         let expired = root.create(RequestId::new()).await.unwrap();
-        records
-            .create(
-                expired.id(),
-                super::super::lease::Lease::new("dead", Duration::ZERO),
-            )
-            .unwrap();
+        lease(expired.id(), "dead", Duration::ZERO);
         tokio::fs::write(expired.dir().join("inputs/big"), vec![0u8; 4096])
             .await
             .unwrap();

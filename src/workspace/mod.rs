@@ -122,40 +122,27 @@ impl WorkspaceRoot {
     /// folder is opened once, and the gateway's writes go through that
     /// descriptor (see [`DirFd`]).
     pub async fn create(&self, id: RequestId) -> std::io::Result<Workspace> {
-        let dir = self.path.join(id.to_string());
-        let (root, group) = (self.path.clone(), self.group);
-        let name = id.to_string();
-        let created = tokio::task::spawn_blocking(move || {
-            DirFd::open(&root)?.create_dir(&name, group, access::DIR_MODE)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        let opened = match created {
-            Ok(fd) => tokio::task::spawn_blocking(move || {
-                fd.subdir(&[INPUTS])?;
-                fd.subdir(&[OUTPUTS])?;
-                Ok::<_, std::io::Error>(fd)
-            })
+        let root = self.clone();
+        tokio::task::spawn_blocking(move || root.create_blocking(id))
             .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r),
-            // A folder half made (its group refused) is removed below.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(e),
-            Err(e) => Err(e),
+            .map_err(std::io::Error::other)?
+    }
+
+    /// [`WorkspaceRoot::create`], blocking.
+    pub fn create_blocking(&self, id: RequestId) -> std::io::Result<Workspace> {
+        let dir = self.path.join(id.to_string());
+        let fd = DirFd::open(&self.path)?.create_dir(&id.to_string(), self.group, access::DIR_MODE)?;
+        // From here on a failure leaves a folder half made (its group
+        // refused, say): dropping the workspace removes it.
+        let workspace = Workspace {
+            id,
+            dir,
+            fd: std::sync::Arc::new(fd),
+            removed: false,
         };
-        match opened {
-            Ok(fd) => Ok(Workspace {
-                id,
-                dir,
-                fd: std::sync::Arc::new(fd),
-                removed: false,
-            }),
-            Err(e) => {
-                let _ = tokio::fs::remove_dir_all(&dir).await;
-                Err(e)
-            }
-        }
+        workspace.fd.subdir(&[INPUTS])?;
+        workspace.fd.subdir(&[OUTPUTS])?;
+        Ok(workspace)
     }
 
     /// Resolves a handle received over the network to its folder, which
@@ -198,28 +185,104 @@ impl Workspace {
         std::sync::Arc::clone(&self.fd)
     }
 
-    /// Removes the folder and everything in it. It is first renamed aside
-    /// (see [`REMOVING_PREFIX`]), so that a runtime still writing into it by
-    /// path writes nowhere; a few attempts then cover writers that hold it
-    /// open. What is left after that is the janitor's.
-    pub async fn remove(mut self) -> std::io::Result<()> {
+    /// Makes the input file at `rel` (`inputs/<call>/<name>`, as the
+    /// planner builds it) ready to be staged: its folders, and the new,
+    /// empty `<name>.part`, which [`PartTarget::complete`] renames once
+    /// complete. Blocking.
+    pub fn create_input(&self, rel: &str) -> std::io::Result<PartFile> {
+        let (folders, name) = rel.rsplit_once('/').ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{rel} has no folder"))
+        })?;
+        let folders: Vec<&str> = folders.split('/').collect();
+        let dir = self.fd.subdir(&folders)?;
+        let file = dir.create_new(&format!("{name}{PART}"), access::INPUT_MODE)?;
+        Ok(PartFile {
+            file,
+            target: PartTarget {
+                dir,
+                name: name.to_owned(),
+            },
+        })
+    }
+
+    /// Removes the folder and everything in it, and waits for that. It is
+    /// first renamed aside (see [`REMOVING_PREFIX`]), so that a runtime
+    /// still writing into it by path writes nowhere; a few attempts then
+    /// cover writers that hold it open. What is left after that is the
+    /// janitor's.
+    pub async fn remove(self) -> std::io::Result<()> {
+        match self.set_aside().await? {
+            Some(aside) => remove_aside(aside).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the folder away from its handle at once (renamed aside: no
+    /// runtime resolves it any more) and leaves removing what it holds to
+    /// a task on `tasks` (which a gateway's shutdown waits for; after a
+    /// crash, the janitor's). What a run's caller waits for is the first.
+    pub async fn remove_later(self, tasks: &tokio_util::task::TaskTracker) -> std::io::Result<()> {
+        if let Some(aside) = self.set_aside().await? {
+            tasks.spawn(async move {
+                if let Err(e) = remove_aside(aside.clone()).await {
+                    tracing::error!(dir = %aside.display(), error = %e, "could not remove the workspace");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Renames the folder aside; where it is now, `None` if it was gone.
+    async fn set_aside(mut self) -> std::io::Result<Option<PathBuf>> {
         self.removed = true;
         let aside = self.dir.with_file_name(format!("{REMOVING_PREFIX}{}", self.id));
-        let dir = match tokio::fs::rename(&self.dir, &aside).await {
-            Ok(()) => aside,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(_) => self.dir.clone(),
-        };
-        let mut attempt = 0;
-        loop {
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if attempt >= 10 => return Err(e),
-                Err(_) => attempt += 1,
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match tokio::fs::rename(&self.dir, &aside).await {
+            Ok(()) => Ok(Some(aside)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(_) => Ok(Some(self.dir.clone())),
         }
+    }
+}
+
+/// The suffix of an input file being staged.
+const PART: &str = ".part";
+
+/// An input file made ready for staging (see [`Workspace::create_input`]).
+#[derive(Debug)]
+pub struct PartFile {
+    /// The open, empty `<name>.part` to write the bytes to.
+    pub file: std::fs::File,
+    /// Where it goes once complete.
+    pub target: PartTarget,
+}
+
+/// The final name of an input file being staged.
+#[derive(Debug)]
+pub struct PartTarget {
+    dir: DirFd,
+    name: String,
+}
+
+impl PartTarget {
+    /// Renames `<name>.part` to `<name>`: the input is complete, and only
+    /// now visible to a function under its name. Blocking.
+    pub fn complete(&self) -> std::io::Result<()> {
+        self.dir.rename(&format!("{}{PART}", self.name), &self.name)
+    }
+}
+
+/// Removes a workspace set aside, with a few attempts for writers that
+/// still hold it open.
+async fn remove_aside(dir: PathBuf) -> std::io::Result<()> {
+    let mut attempt = 0;
+    loop {
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if attempt >= 10 => return Err(e),
+            Err(_) => attempt += 1,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -15,7 +15,8 @@
 //! NFSv4 implements) while it counts the reservations of `.live/` and
 //! writes its own, so that N replicas never book the same space twice; its
 //! cost follows the runs in flight, not the ended ones kept for `Watch`.
-//! Admitting writes one file (the live lease); the end of a run
+//! Admitting writes one file (the live lease, made beforehand as
+//! `.live/<id>.tmp` while the inputs are looked at); the end of a run
 //! appends to the journal and renames the lease out of `.live/`, which is
 //! what says it ended (at the journal's last write). Everything here is the
 //! gateway's own (`0700`): prefabs share the workspace group, not this.
@@ -37,6 +38,8 @@ pub const RUNS_DIR: &str = ".runs";
 const JOURNAL: &str = ".journal";
 /// The suffix of a record's last lease.
 const LEASE: &str = ".lease";
+/// The suffix of a live lease being written (see [`DirFd::replace`]).
+const TMP: &str = ".tmp";
 /// The admission lock file in [`RUNS_DIR`].
 const LOCK_FILE: &str = ".admission.lock";
 /// The folder of live runs' leases in [`RUNS_DIR`].
@@ -111,16 +114,39 @@ impl Records {
         &self.shared.path
     }
 
-    /// Starts the record of run `id` with its first lease. Blocking.
-    pub fn create(&self, id: RequestId, lease: Lease) -> std::io::Result<Record> {
-        let record = Record {
+    /// Makes the file run `id`'s first lease will be written to
+    /// (`.live/<id>.tmp`), so that admission, which holds the volume-wide
+    /// lock, only fills and renames it. Blocking.
+    pub fn prepare(&self, id: RequestId) -> std::io::Result<PendingRecord> {
+        let file = self.shared.live.create_tmp(&id.to_string())?;
+        Ok(PendingRecord {
+            id,
+            folders: Arc::clone(&self.shared),
+            file: Some(file),
+        })
+    }
+
+    /// Starts the record of the prepared run with its first lease.
+    /// Blocking.
+    pub fn create(&self, mut pending: PendingRecord, lease: Lease) -> std::io::Result<Record> {
+        let id = pending.id;
+        let file = pending.file.take().expect("a pending record is created once");
+        let body = serde_json::to_vec(&lease).map_err(std::io::Error::other)?;
+        let name = id.to_string();
+        let written = self
+            .shared
+            .live
+            .fill_and_rename(file, &tmp_name(id), &name, &body);
+        if let Err(e) = written {
+            let _ = self.shared.live.remove_file(&tmp_name(id));
+            return Err(e);
+        }
+        Ok(Record {
             id,
             folders: Arc::clone(&self.shared),
             lease: Mutex::new(lease),
             finished: Default::default(),
-        };
-        record.write_lease()?;
-        Ok(record)
+        })
     }
 
     /// Opens the record of run `id` for reading, if there is one. Blocking.
@@ -180,6 +206,7 @@ impl Records {
                 let id = name
                     .strip_suffix(JOURNAL)
                     .or(name.strip_suffix(LEASE))
+                    .or(name.strip_suffix(TMP))
                     .unwrap_or(&name);
                 if let Ok(id) = RequestId::parse(id) {
                     ids.push((id, entry.path()));
@@ -207,6 +234,7 @@ impl Records {
                 folders.record(id, JOURNAL),
                 folders.record(id, LEASE),
                 folders.live_lease(id),
+                folders.live_lease(id).with_file_name(tmp_name(id)),
             ]
             .map(|path| std::fs::remove_file(path).is_ok());
             if gone.contains(&true) {
@@ -235,6 +263,38 @@ impl Drop for AdmissionLock<'_> {
     fn drop(&mut self) {
         // Closing the file would release it too, but it stays open.
         let _ = rustix::fs::flock(&*self.0, FlockOperation::Unlock);
+    }
+}
+
+/// The name of the file a lease is written through before its rename.
+fn tmp_name(id: RequestId) -> String {
+    format!("{id}{TMP}")
+}
+
+/// The lease file of a run not admitted yet (see [`Records::prepare`]);
+/// dropped unused, it is removed.
+#[derive(Debug)]
+pub struct PendingRecord {
+    id: RequestId,
+    folders: Arc<Folders>,
+    file: Option<std::fs::File>,
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if self.file.take().is_none() {
+            return;
+        }
+        let (folders, name) = (Arc::clone(&self.folders), tmp_name(self.id));
+        let remove = move || {
+            if let Err(e) = folders.live.remove_file(&name) {
+                tracing::warn!(file = name, error = %e, "could not remove an unused lease file");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
     }
 }
 
@@ -344,17 +404,18 @@ mod tests {
         let again = Records::open(&root).unwrap();
         let (live, done, dead) = (RequestId::new(), RequestId::new(), RequestId::new());
         let ttl = Duration::from_secs(60);
-        let record = records.create(live, Lease::new("a", ttl)).unwrap();
+        let create = |id, lease| records.create(records.prepare(id).unwrap(), lease).unwrap();
+        let record = create(live, Lease::new("a", ttl));
         let reader = again.find(live).expect("a record");
         assert!(reader.read_journal(0, 100).unwrap().is_empty(), "no journal yet");
         record.append(b"one").unwrap();
         record.append(b"two").unwrap();
         record.update_lease(|l| l.reserved_bytes = 7);
         record.write_lease().unwrap();
-        let finished = records.create(done, Lease::new("a", ttl)).unwrap();
+        let finished = create(done, Lease::new("a", ttl));
         finished.append(b"end").unwrap();
         finished.finish().unwrap();
-        records.create(dead, Lease::new("b", Duration::ZERO)).unwrap();
+        create(dead, Lease::new("b", Duration::ZERO));
 
         assert_eq!(reader.read_journal(0, 100).unwrap(), b"onetwo");
         assert_eq!(reader.read_journal(3, 2).unwrap(), b"tw");
@@ -387,5 +448,25 @@ mod tests {
         assert!(records.find(done).is_none() && records.find(dead).is_none());
         assert!(records.find(live).is_some());
         let _lock = records.lock().unwrap();
+    }
+
+    #[test]
+    fn a_lease_file_made_for_a_run_never_admitted_does_not_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = WorkspaceRoot::new(tmp.path()).unwrap();
+        let records = Records::open(&root).unwrap();
+        let live = records.path().join(LIVE_DIR);
+        let files = || std::fs::read_dir(&live).unwrap().count();
+        // Refused (or its caller left): dropped, removed.
+        drop(records.prepare(RequestId::new()).unwrap());
+        assert_eq!(files(), 0);
+        // Left by a replica that died before admitting: swept after the
+        // grace, like any leaseless record.
+        std::mem::forget(records.prepare(RequestId::new()).unwrap());
+        assert_eq!(files(), 1);
+        assert_eq!(records.sweep(Duration::ZERO, Duration::from_secs(60)), 0);
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(records.sweep(Duration::ZERO, Duration::from_millis(5)), 1);
+        assert_eq!(files(), 0);
     }
 }

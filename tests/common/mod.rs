@@ -220,10 +220,18 @@ impl Stack {
     pub async fn wait_idle(&self) {
         let active = Arc::clone(&self.runtime_active);
         let root = self.workspace_root.clone();
-        wait_for("no workspace and no running function", || {
-            list(&root).is_empty() && active.load(std::sync::atomic::Ordering::SeqCst) == 0
-        })
-        .await;
+        let idle = || list(&root).is_empty() && active.load(std::sync::atomic::Ordering::SeqCst) == 0;
+        for _ in 0..500 {
+            if idle() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "still busy after 10 s: workspaces {:?}, functions running {}",
+            list(&root),
+            active.load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
 }
 
@@ -429,6 +437,21 @@ pub fn url_of(outputs: &serde_json::Map<String, serde_json::Value>, name: &str) 
     outputs[name].as_str().expect("an output URL").to_owned()
 }
 
+/// Stops a `prefab` server process as Kubernetes does, with SIGTERM, and
+/// waits (up to 10 s) for it to finish its work (a gateway: the removal of
+/// finished runs' workspaces) and exit.
+pub async fn stop(child: &mut tokio::process::Child) {
+    let pid = rustix::process::Pid::from_raw(child.id().expect("the process runs") as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(status) => assert!(status.unwrap().success(), "the process failed to stop cleanly"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!("the process did not stop within 10 s of SIGTERM");
+        }
+    }
+}
+
 /// Starts a server process on a free loopback port and waits until it
 /// listens: `command` builds it for the address (`--addr`); if it exits
 /// first (another test took the port meanwhile), it is tried again on
@@ -549,9 +572,26 @@ pub async fn check_probe_sizes(
         assert_eq!(probed.info.size, size as u64, "{size} bytes");
         assert_eq!(probed.body.is_some(), whole, "{size} bytes");
         let out = tempfile::tempfile().unwrap();
-        let done = storage::download_probed(s3, &url, &probed, out.try_clone().unwrap(), &mut |_| {})
-            .await
-            .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
+        let completed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&completed);
+        let complete = Box::new(move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let done = storage::download_probed(
+            s3,
+            &url,
+            &probed,
+            out.try_clone().unwrap(),
+            &mut |_| {},
+            Some(complete),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{size} bytes: {e}"));
+        assert!(
+            completed.load(std::sync::atomic::Ordering::SeqCst),
+            "{size} bytes: not completed"
+        );
         assert_eq!(done.checksum(), crc64nvme(&data), "{size} bytes");
         let mut written = Vec::new();
         std::io::Read::read_to_end(&mut &out, &mut written).unwrap();
