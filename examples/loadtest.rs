@@ -196,6 +196,7 @@ async fn run(
                     .cloned()
                     .unwrap_or_default(),
             )),
+            ..Default::default()
         }],
         ..Default::default()
     };

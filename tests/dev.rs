@@ -127,6 +127,30 @@ async fn dev_mode_serves_the_whole_flow_and_keeps_its_data() {
     assert!(watched.last().unwrap()["runCompleted"].is_object());
     assert!(watched.contains(completed), "{watched:?}");
 
+    // A pipeline from a request file, as grpcurl takes it: the upper-cased
+    // text, never uploaded, hashed by the next call.
+    let pipeline = tmp.path().join("pipeline.json");
+    let request = serde_json::json!({"calls": [
+        {"prefabId": "hello-world-prefab", "functionName": "uppercase",
+         "inputs": {"text": url}, "intermediate": ["output"]},
+        {"prefabId": "hello-world-prefab", "version": "1.0.0", "functionName": "sha256",
+         "inputs": {"file": "call://0/output"}},
+    ]});
+    std::fs::write(&pipeline, request.to_string()).unwrap();
+    let hashed = dev.ok(&["run", "--request", pipeline.to_str().unwrap()]);
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.to_uppercase()));
+    assert!(hashed.contains(&digest), "{hashed}");
+    let typo = tmp.path().join("typo.json");
+    std::fs::write(
+        &typo,
+        r#"{"calls": [{"prefabId": "p", "functionName": "f", "input": {}}]}"#,
+    )
+    .unwrap();
+    let refused = dev.prefab(&["run", "--request", typo.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("unknown field \"input\" in calls[0]"), "{said}");
+
     // A local file as input is uploaded first.
     let counted = dev.ok(&[
         "run",

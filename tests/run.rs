@@ -252,3 +252,372 @@ async fn sha256_of_256_mib_streams_through_a_gateway_of_bounded_memory() {
     common::stop(&mut gateway).await;
     stack.wait_idle().await;
 }
+
+// Pipelines: a call's output file feeds a later call on the workspace.
+
+/// The `InputStaged` events of call `index`.
+fn staged(events: &[proto::RunEvent], index: u32) -> Vec<proto::InputStaged> {
+    events
+        .iter()
+        .filter(|e| e.call_index == index)
+        .filter_map(|e| match &e.event {
+            Some(Event::Staged(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs to the end, keeping each event's call index.
+async fn run_events(
+    client: &mut prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+    req: proto::RunRequest,
+) -> Result<Vec<proto::RunEvent>, tonic::Status> {
+    let mut stream = client.run(authed(req)).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        events.push(msg);
+    }
+    Ok(events)
+}
+
+fn bodies(events: &[proto::RunEvent]) -> Vec<Event> {
+    events.iter().filter_map(|e| e.event.clone()).collect()
+}
+
+/// A gateway process whose store requests go through a logging relay.
+async fn gateway_via_relay(
+    stack: &Stack,
+) -> (
+    relay::Relay,
+    tokio::process::Child,
+    prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
+) {
+    let store = stack.s3_endpoint.trim_start_matches("http://").parse().unwrap();
+    let relay = relay::Relay::start(store, relay::Strict::default()).await;
+    let log = stack.tmp.path().join("gateway.log");
+    let (gateway, client) = stack
+        .gateway_process_via(&relay.endpoint(), &[], Some(&log))
+        .await;
+    (relay, gateway, client)
+}
+
+/// The relay's requests that named `key`.
+fn requests_for(relay: &relay::Relay, key: &str) -> Vec<String> {
+    let seen = relay.seen.requests.lock().unwrap();
+    seen.iter().filter(|r| r.contains(key)).cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_output_feeds_later_calls_without_a_round_trip_through_the_store() {
+    let stack = Stack::start().await;
+    let data = text(3 << 20, 11);
+    let upper = data.to_ascii_uppercase();
+    let url = stack.put_input("pipe/in.txt", data.clone()).await;
+    let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
+
+    let req = request(vec![
+        call(
+            "hello-world-prefab",
+            "uppercase",
+            serde_json::json!({ "text": url }),
+        ),
+        call(
+            "hello-world-prefab",
+            "word_count",
+            serde_json::json!({ "text": "call://0/output" }),
+        ),
+        call(
+            "hello-world-prefab",
+            "sha256",
+            serde_json::json!({ "file": "call://0/output" }),
+        ),
+    ]);
+    let events = run_events(&mut client, req).await.expect("the pipeline succeeds");
+    let outputs = outputs(&bodies(&events));
+    let words = upper
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .count();
+    assert_eq!(outputs[1]["words"], words);
+    assert_eq!(outputs[1]["bytes"], upper.len());
+    assert_eq!(outputs[2]["sha256"], hex::encode(Sha256::digest(&upper)));
+
+    // Each later call was handed the file, with its size and checksum as
+    // collected, and says where it came from.
+    for index in [1, 2] {
+        let handed = staged(&events, index);
+        assert_eq!(handed.len(), 1, "call {index}: {handed:?}");
+        assert_eq!(handed[0].url, "call://0/output");
+        assert_eq!(handed[0].size, upper.len() as u64);
+        assert_eq!(handed[0].crc64nvme, crc64nvme(&upper));
+    }
+    // Call 0's output went up once, and was never read back.
+    let uploaded = url_of(&outputs[0], "output");
+    assert_eq!(get_object(&stack.s3, &uploaded).await, upper);
+    let key = uploaded.trim_start_matches(&format!("s3://{BUCKET}/"));
+    let seen = requests_for(&relay, key);
+    assert!(
+        seen.iter()
+            .all(|r| !r.starts_with("GET") && !r.starts_with("HEAD")),
+        "{seen:?}"
+    );
+    assert!(!seen.is_empty(), "the upload went through the relay");
+    common::stop(&mut gateway).await;
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_output_is_handed_on_and_never_uploaded() {
+    let stack = Stack::start().await;
+    let data = text(256 << 10, 12);
+    let upper = data.to_ascii_uppercase();
+    let url = stack.put_input("pipe/mid.txt", data).await;
+    let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
+
+    let mut first = call(
+        "hello-world-prefab",
+        "uppercase",
+        serde_json::json!({ "text": url }),
+    );
+    first.intermediate = vec!["output".into()];
+    let req = request(vec![
+        first,
+        call(
+            "hello-world-prefab",
+            "sha256",
+            serde_json::json!({ "file": "call://0/output" }),
+        ),
+    ]);
+    let events = run_events(&mut client, req).await.expect("the pipeline succeeds");
+    let bodies = bodies(&events);
+    let outputs = outputs(&bodies);
+    assert_eq!(outputs[0]["output"], "call://0/output");
+    assert_eq!(outputs[1]["sha256"], hex::encode(Sha256::digest(&upper)));
+    assert!(uploaded(&bodies).is_empty(), "nothing was uploaded");
+    let handed = staged(&events, 1);
+    assert_eq!(
+        (handed[0].size, handed[0].crc64nvme.as_str()),
+        (upper.len() as u64, crc64nvme(&upper).as_str())
+    );
+    // No request wrote to the output bucket.
+    let writes = requests_for(&relay, &format!("/{BUCKET}/"));
+    assert!(writes.is_empty(), "{writes:?}");
+    common::stop(&mut gateway).await;
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_several_calls_name_is_staged_once() {
+    let stack = Stack::start().await;
+    let data = text(1 << 20, 13);
+    let url = stack.put_input("pipe/shared.txt", data.clone()).await;
+    let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
+    let req = request(vec![
+        call(
+            "hello-world-prefab",
+            "word_count",
+            serde_json::json!({ "text": url }),
+        ),
+        call("hello-world-prefab", "sha256", serde_json::json!({ "file": url })),
+    ]);
+    let events = run_events(&mut client, req).await.expect("the run succeeds");
+    assert_eq!(
+        outputs(&bodies(&events))[1]["sha256"],
+        hex::encode(Sha256::digest(&data))
+    );
+    assert_eq!(staged(&events, 1)[0].url, url);
+    // Its bytes came from the store once (and the first 64 KiB, which
+    // looking at it fetched, at most once more).
+    let moved = relay
+        .seen
+        .response_bytes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        moved < data.len() as u64 * 3 / 2,
+        "{moved} bytes for a {} byte object",
+        data.len()
+    );
+    common::stop(&mut gateway).await;
+    stack.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_are_checked_before_anything_runs() {
+    let stack = Stack::start().await;
+    let url = stack.put_input("pipe/check.txt", b"a b c\n".to_vec()).await;
+    let mut client = stack.client().await;
+    let upper = || {
+        call(
+            "hello-world-prefab",
+            "uppercase",
+            serde_json::json!({ "text": url }),
+        )
+    };
+    let count = |reference: &str| {
+        call(
+            "hello-world-prefab",
+            "word_count",
+            serde_json::json!({ "text": reference }),
+        )
+    };
+    let mut unused = upper();
+    unused.intermediate = vec!["output".into()];
+    let mut not_an_output = upper();
+    not_an_output.intermediate = vec!["text".into()];
+    let cases = [
+        (
+            vec![count("call://1/output"), upper()],
+            "calls[0].inputs.text",
+            "a later call",
+        ),
+        (
+            vec![upper(), count("call://1/output")],
+            "calls[1].inputs.text",
+            "this call itself",
+        ),
+        (
+            vec![upper(), count("call://0/nothing")],
+            "calls[1].inputs.text",
+            "no output file \"nothing\"",
+        ),
+        (
+            vec![count(&url), count("call://0/words")],
+            "calls[1].inputs.text",
+            "returns \"words\" as a value, not a file",
+        ),
+        (
+            vec![upper(), count("call://zero/output")],
+            "calls[1].inputs.text",
+            "call://<index>/<output>",
+        ),
+        (
+            vec![
+                upper(),
+                call(
+                    "hello-world-prefab",
+                    "fail",
+                    serde_json::json!({ "message": "call://0/output" }),
+                ),
+            ],
+            "calls[1].inputs.message",
+            "only input files take call:// references",
+        ),
+        (
+            vec![unused, count(&url)],
+            "calls[0].intermediate",
+            "no later call takes call://0/output",
+        ),
+        (
+            vec![not_an_output, count(&url)],
+            "calls[0].intermediate",
+            "\"text\" is not an output file",
+        ),
+    ];
+    for (calls, field, complaint) in cases {
+        let status = run_to_end(&mut client, request(calls)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().contains(complaint),
+            "{field}: {}",
+            status.message()
+        );
+        let violations = status_field(&status);
+        assert_eq!(violations, field, "{}", status.message());
+        // Refused before anything was made or staged.
+        assert!(stack.workspaces().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_later_call_removes_the_workspace_and_keeps_what_completed() {
+    let stack = Stack::start().await;
+    let url = stack.put_input("pipe/fail.txt", b"keep me\n".to_vec()).await;
+    let mut client = stack.client().await;
+    let req = request(vec![
+        call(
+            "hello-world-prefab",
+            "uppercase",
+            serde_json::json!({ "text": url }),
+        ),
+        call(
+            "hello-world-prefab",
+            "fail",
+            serde_json::json!({ "message": "second call broke" }),
+        ),
+    ]);
+    let mut stream = client.run(authed(req)).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(msg)) => events.extend(msg.event),
+            Ok(None) => panic!("the run must fail"),
+            Err(status) => break status,
+        }
+    };
+    assert!(status.message().contains("second call broke"), "{status:?}");
+    let done = uploaded(&events);
+    assert_eq!(done.len(), 1, "{events:?}");
+    assert_eq!(get_object(&stack.s3, &done[0].url).await, b"KEEP ME\n");
+    stack.wait_idle().await;
+    assert!(open_multipart_uploads(&stack).is_empty());
+}
+
+/// The field a `BadRequest` detail of `status` names.
+fn status_field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let bad = status.get_details_bad_request().expect("a BadRequest detail");
+    bad.field_violations[0].field.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_file_leaves_the_workspace_once_its_last_taker_ended() {
+    let stack = Stack::start().await;
+    let url = stack.put_input("pipe/release.txt", text(64 << 10, 14)).await;
+    let mut client = stack.client().await;
+    let mut first = call(
+        "hello-world-prefab",
+        "uppercase",
+        serde_json::json!({ "text": url }),
+    );
+    first.intermediate = vec!["output".into()];
+    let req = request(vec![
+        first,
+        call(
+            "hello-world-prefab",
+            "sha256",
+            serde_json::json!({ "file": "call://0/output" }),
+        ),
+        call("hello-world-prefab", "sleep", serde_json::json!({ "seconds": 2 })),
+    ]);
+    // While the third call runs, the first two calls' files are gone:
+    // the intermediate output, the input staged for call 0, the one
+    // handed to call 1.
+    let mut stream = client.run(authed(req)).await.unwrap().into_inner();
+    loop {
+        let msg = stream.message().await.unwrap().expect("the run goes on");
+        if msg.call_index == 2 && matches!(msg.event, Some(Event::RuntimeProgress(_))) {
+            break;
+        }
+    }
+    let workspaces = stack.workspaces();
+    let files: Vec<String> = walk(&workspaces[0])
+        .iter()
+        .map(|p| p.strip_prefix(&workspaces[0]).unwrap().display().to_string())
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+    while stream.message().await.unwrap().is_some() {}
+    stack.wait_idle().await;
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        match path.is_dir() {
+            true => files.extend(walk(&path)),
+            false => files.push(path),
+        }
+    }
+    files
+}

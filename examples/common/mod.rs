@@ -26,6 +26,7 @@ pub async fn run(
             version: "1.0.0".into(),
             function_name: function.into(),
             inputs: Some(proto::json_to_struct(inputs)),
+            ..Default::default()
         }],
         ..Default::default()
     };

@@ -304,17 +304,25 @@ impl std::str::FromStr for Input {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// The prefab, e.g. hello-world-prefab.
-    pub prefab_id: String,
+    #[arg(required_unless_present = "request")]
+    pub prefab_id: Option<String>,
     /// The function, e.g. word_count.
-    pub function: String,
+    #[arg(required_unless_present = "request")]
+    pub function: Option<String>,
     /// The prefab's version.
     #[arg(long, default_value = "1.0.0")]
     pub version: String,
-    /// An input as name=value: an s3:// URL, a local file (uploaded first),
-    /// or a JSON value (a number, true/false, an object); anything else is
-    /// a string.
+    /// An input as name=value: an s3:// URL, a call:// reference, a local
+    /// file (uploaded first), or a JSON value (a number, true/false, an
+    /// object); anything else is a string.
     #[arg(long = "input", short = 'i', value_name = "NAME=VALUE")]
     pub inputs: Vec<Input>,
+    /// Run the calls of this JSON request instead (`-` reads standard
+    /// input): the RunRequest as grpcurl takes it, e.g. a pipeline
+    /// {"calls": [{"prefabId": "p", "functionName": "f", "inputs": {…},
+    /// "intermediate": ["output"]}, {… "inputs": {"text": "call://0/output"}}]}
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prefab_id", "function", "inputs"])]
+    pub request: Option<PathBuf>,
     /// Download the output files into this folder afterwards.
     #[arg(long, value_name = "DIR")]
     pub download: Option<PathBuf>,
@@ -325,35 +333,17 @@ pub struct RunArgs {
     pub detach: bool,
 }
 
-/// Runs a prefab function; prints its outputs.
+/// Runs a prefab function, or the calls of a request file; prints the last
+/// call's outputs.
 pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Result<(), ClientError> {
     let mut client = conn.client().await?;
-    let mut inputs = Map::new();
-    for input in &args.inputs {
-        let value = if input.value.starts_with("s3://") {
-            Value::String(input.value.clone())
-        } else if Path::new(&input.value).is_file() {
-            let stored = put_with(conn, &mut client, Path::new(&input.value), render).await?;
-            render.note(&format!("uploaded {} as {}", input.value, stored.url));
-            Value::String(stored.url)
-        } else {
-            serde_json::from_str(&input.value).unwrap_or_else(|_| Value::String(input.value.clone()))
-        };
-        inputs.insert(input.name.clone(), value);
-    }
-    let req = proto::RunRequest {
-        calls: vec![proto::Call {
-            prefab_id: args.prefab_id.clone(),
-            version: args.version.clone(),
-            function_name: args.function.clone(),
-            inputs: Some(proto::json_to_struct(inputs)),
-        }],
-        on_disconnect: if args.detach {
-            proto::OnDisconnect::Detach
-        } else {
-            proto::OnDisconnect::Cancel
-        } as i32,
+    let mut req = match &args.request {
+        Some(path) => read_request(path).await?,
+        None => one_call(conn, &mut client, args, render).await?,
     };
+    if args.detach {
+        req.on_disconnect = proto::OnDisconnect::Detach as i32;
+    }
     let stream = client
         .run(conn.request(req)?)
         .await
@@ -373,6 +363,54 @@ pub async fn run(conn: &Connection, args: &RunArgs, render: &mut Render) -> Resu
     }
     print_outputs(render, &outputs);
     Ok(())
+}
+
+/// The request of `prefab run PREFAB FUNCTION -i …`, local files uploaded.
+async fn one_call(
+    conn: &Connection,
+    client: &mut GatewayClient<Channel>,
+    args: &RunArgs,
+    render: &mut Render,
+) -> Result<proto::RunRequest, ClientError> {
+    let mut inputs = Map::new();
+    for input in &args.inputs {
+        let value = if input.value.starts_with("s3://") || input.value.starts_with("call://") {
+            Value::String(input.value.clone())
+        } else if Path::new(&input.value).is_file() {
+            let stored = put_with(conn, client, Path::new(&input.value), render).await?;
+            render.note(&format!("uploaded {} as {}", input.value, stored.url));
+            Value::String(stored.url)
+        } else {
+            serde_json::from_str(&input.value).unwrap_or_else(|_| Value::String(input.value.clone()))
+        };
+        inputs.insert(input.name.clone(), value);
+    }
+    let call = proto::Call {
+        prefab_id: args.prefab_id.clone().unwrap_or_default(),
+        version: args.version.clone(),
+        function_name: args.function.clone().unwrap_or_default(),
+        inputs: Some(proto::json_to_struct(inputs)),
+        intermediate: Vec::new(),
+    };
+    Ok(proto::RunRequest {
+        calls: vec![call],
+        ..Default::default()
+    })
+}
+
+/// Reads a RunRequest written as JSON, as grpcurl takes it (field names in
+/// lowerCamelCase or snake_case).
+async fn read_request(path: &Path) -> Result<proto::RunRequest, ClientError> {
+    let text = if path.as_os_str() == "-" {
+        let mut text = String::new();
+        tokio::io::stdin().read_to_string(&mut text).await.map(|_| text)
+    } else {
+        tokio::fs::read_to_string(path).await
+    };
+    let text = text.map_err(|e| ClientError::local(format!("{}: {e}", path.display())))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| ClientError::local(format!("{}: not JSON: {e}", path.display())))?;
+    proto::run_request_from_json(&json).map_err(|e| ClientError::local(format!("{}: {e}", path.display())))
 }
 
 /// Follows a run another client started (or this one, detached) by its

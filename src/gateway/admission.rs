@@ -153,13 +153,21 @@ impl Admission {
         Ok(Slot(self))
     }
 
+    /// Workspace reserved per input byte: the input and the outputs made
+    /// from it.
+    pub fn reserve_factor(&self) -> f64 {
+        self.limits.reserve_factor
+    }
+
     /// Admits the `pending` run, calling `prefabs`, whose inputs have
-    /// `sizes` (URL, bytes), and creates its record.
+    /// `sizes` (URL, bytes) and which needs `need` bytes of workspace (see
+    /// [`Admission::reserve_factor`]), and creates its record.
     pub async fn admit(
         self: &Arc<Self>,
         pending: PendingRecord,
         prefabs: Vec<String>,
         sizes: &[(String, u64)],
+        need: u64,
     ) -> Result<Reservation, GatewayError> {
         let limits = &self.limits;
         if let Some((url, size)) = sizes.iter().find(|(_, s)| *s > limits.max_input_bytes) {
@@ -175,7 +183,6 @@ impl Admission {
             ));
         }
         let inputs: u64 = sizes.iter().map(|(_, s)| s).sum();
-        let need = (inputs as f64 * limits.reserve_factor).ceil() as u64;
         // This replica's slot for the run, given back unless admitted.
         let slot = self.take_slot()?;
         let mut lease = Lease::new(&self.owner.replica, self.owner.ttl);
@@ -203,11 +210,13 @@ impl Admission {
             let reserved: u64 = live.iter().map(|l| l.reserved_bytes).sum();
             if used + reserved + need > limit {
                 return Ok(Err(GatewayError::ResourceExhausted(format!(
-                    "the run needs {:.2} GiB of workspace ({:.2} GiB of inputs x {factor}), but only {:.2} GiB \
+                    "the run needs {:.2} GiB of workspace ({:.2} GiB of inputs, and outputs estimated at {} x \
+                     each call's inputs), but only {:.2} GiB \
                      is left below the {:.0}% high-water mark of the {:.2} GiB volume ({:.2} GiB used, \
                      {:.2} GiB reserved by {} runs on this volume); retry later",
                     need as f64 / GIB,
                     inputs as f64 / GIB,
+                    factor - 1.0,
                     limit.saturating_sub(used + reserved) as f64 / GIB,
                     high_water * 100.0,
                     total as f64 / GIB,
@@ -315,7 +324,9 @@ mod tests {
 
     async fn admit(a: &Arc<Admission>, url: &str, size: u64) -> Result<Reservation, GatewayError> {
         let pending = a.records.prepare(RequestId::new()).unwrap();
-        a.admit(pending, vec!["p".into()], &[(url.into(), size)]).await
+        let need = (size as f64 * a.reserve_factor()) as u64;
+        a.admit(pending, vec!["p".into()], &[(url.into(), size)], need)
+            .await
     }
 
     #[tokio::test]

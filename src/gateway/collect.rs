@@ -8,15 +8,48 @@ use std::path::Path;
 use serde_json::{Map, Value};
 use tracing::Instrument as _;
 
-use super::{GatewayError, State, events::Events, plan::CallPlan};
+use super::{
+    GatewayError, State,
+    events::Events,
+    plan::{CALL_SCHEME, CallPlan},
+};
 use crate::{
     proto::{self, run_event::Event},
-    storage::{self, S3Url},
+    storage::{
+        self, S3Url,
+        checksum::{self, Crc64Stream},
+    },
     workspace::{OUTPUTS, RelPath, RequestId, access, open_regular},
 };
 
-/// Uploads the output files of `plan` and returns the call's final outputs,
-/// file values replaced by their URLs, plus one record per file.
+/// An output file as collected: where it is on the workspace, its size and
+/// CRC-64/NVME (S3's base64 form).
+#[derive(Debug, Clone)]
+pub struct Collected {
+    /// The output parameter.
+    pub param: String,
+    /// Workspace-relative path.
+    pub rel: RelPath,
+    /// Size in bytes.
+    pub size: u64,
+    /// Checksum.
+    pub crc64nvme: String,
+}
+
+/// What a call left: its final outputs (file values replaced by their URLs,
+/// intermediate ones by their `call://` reference), the uploads, and every
+/// output file as collected.
+pub struct CallOutputs {
+    /// The outputs as the caller sees them.
+    pub values: Map<String, Value>,
+    /// One record per uploaded file.
+    pub uploaded: Vec<proto::OutputUploaded>,
+    /// Every output file.
+    pub files: Vec<Collected>,
+}
+
+/// Uploads the output files of `plan` (but the intermediate ones) and
+/// returns what the call left.
 pub async fn collect_outputs(
     state: &State,
     workspace: &Path,
@@ -24,7 +57,7 @@ pub async fn collect_outputs(
     plan: &CallPlan,
     mut reported: Map<String, Value>,
     events: &Events,
-) -> Result<(Map<String, Value>, Vec<proto::OutputUploaded>), GatewayError> {
+) -> Result<CallOutputs, GatewayError> {
     let prefab = plan.prefab.name.clone();
     let contract = |message: String| GatewayError::Contract {
         prefab: prefab.clone(),
@@ -46,7 +79,7 @@ pub async fn collect_outputs(
             outputs.insert(declared.name.clone(), v);
         }
     }
-    let mut files = Vec::new();
+    let (mut files, mut collected) = (Vec::new(), Vec::new());
     for out in &plan.outputs {
         let raw = match reported.remove(&out.param) {
             Some(Value::String(s)) => s,
@@ -65,12 +98,12 @@ pub async fn collect_outputs(
                 out.param
             )));
         }
-        let (base, param) = (workspace.to_owned(), out.param.clone());
+        let (base, param, opened_rel) = (workspace.to_owned(), out.param.clone(), rel.clone());
         let opened = tokio::task::spawn_blocking(move || {
-            open_regular(&base, &rel).map_err(|e| {
+            open_regular(&base, &opened_rel).map_err(|e| {
                 let doing = format!("the gateway cannot read output {param:?} at");
-                let denied =
-                    access::is_denied(&e).then(|| access::explain_denied(&doing, &base.join(rel.as_str())));
+                let denied = access::is_denied(&e)
+                    .then(|| access::explain_denied(&doing, &base.join(opened_rel.as_str())));
                 (e, denied)
             })
         })
@@ -86,6 +119,23 @@ pub async fn collect_outputs(
                  (PREFAB_MAX_OUTPUT_BYTES)",
                 out.param, state.max_output_bytes
             )));
+        }
+        if out.intermediate {
+            // Handed to later calls on the workspace: its checksum is taken
+            // here, since no upload takes it.
+            let crc = tokio::task::spawn_blocking(move || checksum_file(file))
+                .await
+                .map_err(|e| GatewayError::Internal(e.to_string()))?
+                .map_err(|e| GatewayError::Internal(format!("cannot read output {:?}: {e}", out.param)))?;
+            let reference = format!("{CALL_SCHEME}{}/{}", plan.index, out.param);
+            outputs.insert(out.param.clone(), Value::String(reference));
+            collected.push(Collected {
+                param: out.param.clone(),
+                rel,
+                size,
+                crc64nvme: crc,
+            });
+            continue;
         }
         let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
         let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
@@ -104,7 +154,29 @@ pub async fn collect_outputs(
         };
         events.send(plan.index, Event::Uploaded(uploaded.clone())).await?;
         outputs.insert(out.param.clone(), Value::String(url));
+        collected.push(Collected {
+            param: out.param.clone(),
+            rel,
+            size: uploaded.size,
+            crc64nvme: uploaded.crc64nvme.clone(),
+        });
         files.push(uploaded);
     }
-    Ok((outputs, files))
+    Ok(CallOutputs {
+        values: outputs,
+        uploaded: files,
+        files: collected,
+    })
+}
+
+/// The CRC-64/NVME of a whole file, in S3's form. Blocking.
+fn checksum_file(mut file: std::fs::File) -> std::io::Result<String> {
+    let mut crc = Crc64Stream::default();
+    let mut buf = vec![0; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut file, &mut buf)? {
+            0 => return Ok(checksum::to_base64(crc.finish().value())),
+            n => crc.update(&buf[..n]),
+        }
+    }
 }

@@ -181,16 +181,17 @@ impl State {
         }
         let mut plans = Vec::with_capacity(req.calls.len());
         for (index, call) in req.calls.iter().enumerate() {
-            let prefab = self.registry.resolve(&call.prefab_id, &call.version).await?;
-            let inputs = call.inputs.clone().map(proto::struct_to_json).unwrap_or_default();
-            plans.push(plan::plan(
-                index as u32,
-                prefab,
-                &call.function_name,
-                inputs,
-                &self.buckets,
-            )?);
+            let requested = plan::Requested {
+                index: index as u32,
+                prefab: self.registry.resolve(&call.prefab_id, &call.version).await?,
+                function_name: &call.function_name,
+                inputs: call.inputs.clone().map(proto::struct_to_json).unwrap_or_default(),
+                intermediate: &call.intermediate,
+            };
+            let planned = plan::plan(requested, &plans, &self.buckets)?;
+            plans.push(planned);
         }
+        plan::check_intermediates(&plans)?;
         Ok(plans)
     }
 
@@ -349,6 +350,11 @@ impl proto::gateway_server::Gateway for Gateway {
                 .zip(plans.iter().flat_map(|plan| &plan.inputs))
                 .map(|(looked, input)| (input.url.to_string(), looked.probed.info.size))
                 .collect();
+            let by_call: Vec<Vec<u64>> = probes
+                .iter()
+                .map(|call| call.iter().map(|looked| looked.probed.info.size).collect())
+                .collect();
+            let need = plan::workspace_need(&plans, &by_call, self.state.admission.reserve_factor());
             let run::Prepared {
                 record,
                 workspace,
@@ -357,7 +363,7 @@ impl proto::gateway_server::Gateway for Gateway {
             let reservation = self
                 .state
                 .admission
-                .admit(record, prefabs.clone(), &sizes)
+                .admit(record, prefabs.clone(), &sizes, need)
                 .instrument(tracing::info_span!("admission"))
                 .await?;
             Ok::<_, Status>((plans, probes, reservation, workspace, inputs))

@@ -1,8 +1,9 @@
 //! Turning a caller's `Call` into a checked plan: every input matched
 //! against the prefab's manifest and typed, every file input parsed as an
-//! allowed `s3://` URL, every file assigned its place in the workspace.
+//! allowed `s3://` URL or a `call://` reference to an earlier call's output
+//! file, every file assigned its place in the workspace.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value};
 
@@ -24,6 +25,40 @@ pub struct FileInput {
     pub rel: String,
 }
 
+/// An input file handed over on the workspace from earlier in the run:
+/// another call's output file, or an object an earlier call staged.
+#[derive(Debug, Clone)]
+pub struct HandedInput {
+    /// The parameter.
+    pub param: String,
+    /// What the caller passed: `call://<index>/<output>`, or the URL.
+    pub reference: String,
+    /// The file it is.
+    pub from: Origin,
+    /// Workspace-relative destination, e.g. `inputs/1/text.txt`.
+    pub rel: String,
+}
+
+/// A file of the run on the workspace, by the call and parameter it
+/// belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The output file `param` of call `call`.
+    Output {
+        /// The call.
+        call: u32,
+        /// Its output parameter.
+        param: String,
+    },
+    /// The input file `param` of call `call`, staged from the store.
+    Input {
+        /// The call.
+        call: u32,
+        /// Its input parameter.
+        param: String,
+    },
+}
+
 /// An output file to collect.
 #[derive(Debug, Clone)]
 pub struct FileOutput {
@@ -33,7 +68,12 @@ pub struct FileOutput {
     pub rel: String,
     /// Extension of the uploaded object.
     pub extension: String,
+    /// Whether it only feeds later calls, and is not uploaded.
+    pub intermediate: bool,
 }
+
+/// The prefix of a reference to an earlier call's output file.
+pub const CALL_SCHEME: &str = "call://";
 
 /// One call, checked and ready to run.
 #[derive(Debug, Clone)]
@@ -44,8 +84,10 @@ pub struct CallPlan {
     pub prefab: Resolved,
     /// The function.
     pub function: FunctionSpec,
-    /// Files to stage.
+    /// Files to stage from the store.
     pub inputs: Vec<FileInput>,
+    /// Files handed over from earlier in the run.
+    pub handed: Vec<HandedInput>,
     /// Files to upload afterwards.
     pub outputs: Vec<FileOutput>,
     /// Arguments for the runtime, file parameters as workspace paths.
@@ -149,14 +191,34 @@ fn check_shape(inputs: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks `inputs` of call `index` against `function` of `prefab`.
+/// One call as the caller gave it.
+pub struct Requested<'a> {
+    /// Position in the request.
+    pub index: u32,
+    /// The prefab.
+    pub prefab: Resolved,
+    /// The function's name.
+    pub function_name: &'a str,
+    /// Its inputs.
+    pub inputs: Map<String, Value>,
+    /// Its output files that only feed later calls.
+    pub intermediate: &'a [String],
+}
+
+/// Checks the inputs of a call against its function, `earlier` being the
+/// plans of the calls before it.
 pub fn plan(
-    index: u32,
-    prefab: Resolved,
-    function_name: &str,
-    inputs: Map<String, Value>,
+    call: Requested<'_>,
+    earlier: &[CallPlan],
     policy: &BucketPolicy,
 ) -> Result<CallPlan, GatewayError> {
+    let Requested {
+        index,
+        prefab,
+        function_name,
+        inputs,
+        intermediate,
+    } = call;
     let function = prefab
         .manifest
         .function(function_name)
@@ -193,9 +255,21 @@ pub fn plan(
             format!("unknown input {unknown:?}; expected: {}", names.join(", ")),
         ));
     }
+    if let Some(name) = intermediate.iter().find(|name| {
+        !function
+            .parameters
+            .iter()
+            .any(|p| &p.name == *name && p.kind == ParamKind::OutputFile)
+    }) {
+        return Err(GatewayError::invalid(
+            format!("calls[{index}].intermediate"),
+            format!("{here}: {name:?} is not an output file of {}", function.name),
+        ));
+    }
     let mut plan = CallPlan {
         index,
         inputs: Vec::new(),
+        handed: Vec::new(),
         outputs: Vec::new(),
         arguments: Map::new(),
         prefab: prefab.clone(),
@@ -217,6 +291,7 @@ pub fn plan(
                 param: name.clone(),
                 rel,
                 extension,
+                intermediate: intermediate.contains(name),
             });
             continue;
         }
@@ -244,6 +319,26 @@ pub fn plan(
                 format!("input {name:?} must be {expected}, got {value}"),
             ));
         }
+        let reference = value.as_str().filter(|s| s.starts_with(CALL_SCHEME));
+        if let (Some(raw), false) = (reference, p.kind == ParamKind::InputFile) {
+            return Err(invalid(
+                name,
+                format!("input {name:?} = {raw:?}: only input files take {CALL_SCHEME} references"),
+            ));
+        }
+        if let Some(raw) = reference {
+            let (from, extension) = referenced_output(raw, index, earlier)
+                .map_err(|e| invalid(name, format!("input {name:?} = {raw:?}: {e}")))?;
+            let rel = format!("{INPUTS}/{index}/{name}.{extension}");
+            plan.arguments.insert(name.clone(), Value::String(rel.clone()));
+            plan.handed.push(HandedInput {
+                param: name.clone(),
+                reference: raw.to_owned(),
+                from,
+                rel,
+            });
+            continue;
+        }
         if p.kind == ParamKind::InputFile {
             let raw = value.as_str().unwrap_or_default();
             let url =
@@ -258,16 +353,155 @@ pub fn plan(
                 None => format!("{INPUTS}/{index}/{name}"),
             };
             plan.arguments.insert(name.clone(), Value::String(rel.clone()));
-            plan.inputs.push(FileInput {
-                param: name.clone(),
-                url,
-                rel,
-            });
+            // An object an earlier call staged is handed over, not staged
+            // again.
+            let staged = earlier
+                .iter()
+                .find_map(|e| e.inputs.iter().find(|i| i.url == url).map(|i| (e.index, i)));
+            match staged {
+                Some((call, input)) => plan.handed.push(HandedInput {
+                    param: name.clone(),
+                    reference: url.to_string(),
+                    from: Origin::Input {
+                        call,
+                        param: input.param.clone(),
+                    },
+                    rel,
+                }),
+                None => plan.inputs.push(FileInput {
+                    param: name.clone(),
+                    url,
+                    rel,
+                }),
+            }
         } else {
             plan.arguments.insert(name.clone(), value.clone());
         }
     }
     Ok(plan)
+}
+
+/// Resolves `call://<index>/<output>` given to call `index`: the output
+/// file it names, and that file's extension.
+fn referenced_output(raw: &str, index: u32, earlier: &[CallPlan]) -> Result<(Origin, String), String> {
+    let malformed = || format!("a reference is {CALL_SCHEME}<index>/<output>, e.g. {CALL_SCHEME}0/output");
+    let rest = raw.strip_prefix(CALL_SCHEME).ok_or_else(malformed)?;
+    let (call, output) = rest.split_once('/').ok_or_else(malformed)?;
+    let call: u32 = call.parse().map_err(|_| malformed())?;
+    if output.is_empty() || output.contains('/') {
+        return Err(malformed());
+    }
+    if call >= index {
+        let which = if call == index {
+            "this call itself"
+        } else {
+            "a later call"
+        };
+        return Err(format!(
+            "it refers to {which}; a call can take the output files of earlier calls only (index below {index})"
+        ));
+    }
+    let plan = &earlier[call as usize];
+    let here = format!("call {call} ({} {})", plan.prefab.name, plan.function.name);
+    match plan.outputs.iter().find(|o| o.param == output) {
+        Some(file) => Ok((
+            Origin::Output {
+                call,
+                param: output.to_owned(),
+            },
+            file.extension.clone(),
+        )),
+        None if plan.function.outputs.iter().any(|o| o.name == output) => Err(format!(
+            "{here} returns {output:?} as a value, not a file; only output files can be handed on"
+        )),
+        None => {
+            let files: Vec<&str> = plan.outputs.iter().map(|o| o.param.as_str()).collect();
+            Err(format!(
+                "{here} has no output file {output:?}; its output files: {}",
+                match files.is_empty() {
+                    true => "none".to_owned(),
+                    false => files.join(", "),
+                }
+            ))
+        }
+    }
+}
+
+/// The last call that takes each file handed over in the run.
+pub fn last_users(plans: &[CallPlan]) -> HashMap<Origin, u32> {
+    let mut last = HashMap::new();
+    for plan in plans {
+        for handed in &plan.handed {
+            last.insert(handed.from.clone(), plan.index);
+        }
+    }
+    last
+}
+
+/// The inputs call `plan` staged that no later call takes. (Its output
+/// files stay for the caller; intermediate ones always have a taker, who
+/// releases them.)
+pub fn spent(plan: &CallPlan, last_users: &HashMap<Origin, u32>) -> Vec<Origin> {
+    plan.inputs
+        .iter()
+        .map(|i| Origin::Input {
+            call: plan.index,
+            param: i.param.clone(),
+        })
+        .filter(|origin| !last_users.contains_key(origin))
+        .collect()
+}
+
+/// The workspace a run may fill: the inputs it stages (`sizes[call][i]`
+/// is the size of `plans[call].inputs[i]`), and each call's output files,
+/// estimated at `factor - 1` times the call's inputs, counting what earlier
+/// calls hand it at their own estimate. For one call, inputs x `factor`.
+pub fn workspace_need(plans: &[CallPlan], sizes: &[Vec<u64>], factor: f64) -> u64 {
+    let mut staged: HashMap<Origin, u64> = HashMap::new();
+    let mut outputs: Vec<f64> = Vec::with_capacity(plans.len());
+    for (plan, sizes) in plans.iter().zip(sizes) {
+        let mut inputs = 0.0;
+        for (input, size) in plan.inputs.iter().zip(sizes) {
+            let origin = Origin::Input {
+                call: plan.index,
+                param: input.param.clone(),
+            };
+            staged.insert(origin, *size);
+            inputs += *size as f64;
+        }
+        for handed in &plan.handed {
+            inputs += match &handed.from {
+                Origin::Input { .. } => staged.get(&handed.from).copied().unwrap_or(0) as f64,
+                Origin::Output { call, .. } => outputs[*call as usize],
+            };
+        }
+        outputs.push(inputs * (factor - 1.0).max(0.0));
+    }
+    let staged: u64 = staged.values().sum();
+    (staged as f64 + outputs.iter().sum::<f64>()).ceil() as u64
+}
+
+/// Checks that every intermediate output file of `plans` feeds a later
+/// call: one that nothing uses would be computed and thrown away.
+pub fn check_intermediates(plans: &[CallPlan]) -> Result<(), GatewayError> {
+    for plan in plans {
+        for out in plan.outputs.iter().filter(|o| o.intermediate) {
+            let origin = Origin::Output {
+                call: plan.index,
+                param: out.param.clone(),
+            };
+            if !plans.iter().flat_map(|p| &p.handed).any(|h| h.from == origin) {
+                return Err(GatewayError::invalid(
+                    format!("calls[{}].intermediate", plan.index),
+                    format!(
+                        "call {} ({} {}): output {:?} is intermediate, but no later call takes {CALL_SCHEME}{}/{}",
+                        plan.index, plan.prefab.name, plan.function.name, out.param, plan.index, out.param
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

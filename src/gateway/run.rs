@@ -6,6 +6,7 @@
 //! (a caller that left, a deadline, shutdown) stops everything in flight.
 
 use std::{
+    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,14 +19,14 @@ use super::{
     collect::collect_outputs,
     events::Events,
     invoke::invoke,
-    plan::CallPlan,
+    plan::{self, CallPlan, Origin},
     stage::{Probes, stage_inputs},
 };
 use crate::{
     metrics::{Outcome, Phase},
     proto::{self, run_event::Event},
     telemetry,
-    workspace::{PartFile, RequestId, Workspace, access, record::PendingRecord},
+    workspace::{PartFile, RelPath, RequestId, Workspace, access, record::PendingRecord},
 };
 
 /// What a run needs on the volume before it is admitted, made while its
@@ -252,6 +253,10 @@ impl Run {
             calls: plans.len() as u32,
         };
         events.send(0, Event::Accepted(accepted)).await?;
+        // The run's files on the volume that later calls take: where, size
+        // and checksum; and which call takes each last.
+        let mut on_volume = HashMap::new();
+        let last_users = plan::last_users(plans);
         for ((plan, probes), files) in plans.iter().zip(probes).zip(inputs) {
             let phase = |phase| {
                 state
@@ -262,8 +267,18 @@ impl Run {
             };
             let t = Instant::now();
             let staged = stage_inputs(&state.s3, plan.index, &plan.inputs, probes, files, events).await?;
-            state.metrics.bytes_staged.inc_by(staged);
-            reservation.written(staged);
+            let bytes = staged.iter().map(|s| s.size).sum();
+            state.metrics.bytes_staged.inc_by(bytes);
+            reservation.written(bytes);
+            for input in staged {
+                let origin = Origin::Input {
+                    call: plan.index,
+                    param: input.parameter.clone(),
+                };
+                let rel = RelPath::parse(&input.path).map_err(|e| GatewayError::Internal(e.to_string()))?;
+                on_volume.insert(origin, (rel, input.size, input.crc64nvme));
+            }
+            self.hand_over(plan, &mut on_volume, &last_users, events).await?;
             phase("stage").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
@@ -296,18 +311,76 @@ impl Run {
             phase("invoke").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let (outputs, files) = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
+            let collected = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
             state
                 .metrics
                 .bytes_uploaded
-                .inc_by(files.iter().map(|f| f.size).sum());
+                .inc_by(collected.uploaded.iter().map(|f| f.size).sum());
             phase("upload").observe(t.elapsed().as_secs_f64());
+            for file in collected.files {
+                let origin = Origin::Output {
+                    call: plan.index,
+                    param: file.param,
+                };
+                on_volume.insert(origin, (file.rel, file.size, file.crc64nvme));
+            }
+            // Before a later call: what no later call uses leaves the
+            // volume (the last call's go with the workspace).
+            if (plan.index as usize) + 1 < plans.len() {
+                let done = plan::spent(plan, &last_users);
+                let rels = done
+                    .iter()
+                    .filter_map(|o| on_volume.remove(o))
+                    .map(|(rel, ..)| rel);
+                let mut rels: Vec<RelPath> = rels.collect();
+                rels.extend(plan.handed.iter().filter_map(|h| RelPath::parse(&h.rel).ok()));
+                ws.remove_files(rels).await.map_err(|e| {
+                    GatewayError::Internal(format!("cannot release the inputs of call {}: {e}", plan.index))
+                })?;
+            }
 
             let completed = proto::CallCompleted {
-                outputs: Some(proto::json_to_struct(outputs)),
-                files,
+                outputs: Some(proto::json_to_struct(collected.values)),
+                files: collected.uploaded,
             };
             events.send(plan.index, Event::CallCompleted(completed)).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands call `plan` the files it takes from earlier in the run, each a
+    /// second name of the file on the volume; a file's first name goes when
+    /// its last user has taken it.
+    async fn hand_over(
+        &self,
+        plan: &CallPlan,
+        on_volume: &mut HashMap<Origin, (RelPath, u64, String)>,
+        last_users: &HashMap<Origin, u32>,
+        events: &Events,
+    ) -> Result<(), GatewayError> {
+        for handed in &plan.handed {
+            let (from, size, crc) = on_volume.get(&handed.from).cloned().ok_or_else(|| {
+                GatewayError::Internal(format!("{} is not on the workspace", handed.reference))
+            })?;
+            let to = RelPath::parse(&handed.rel).map_err(|e| GatewayError::Internal(e.to_string()))?;
+            let last = last_users.get(&handed.from) == Some(&plan.index);
+            self.workspace.hand_over(from, to, last).await.map_err(|e| {
+                GatewayError::Internal(format!(
+                    "cannot hand {} to call {}: {e}",
+                    handed.reference, plan.index
+                ))
+            })?;
+            if last {
+                on_volume.remove(&handed.from);
+            }
+            let staged = proto::InputStaged {
+                parameter: handed.param.clone(),
+                url: handed.reference.clone(),
+                path: handed.rel.clone(),
+                size,
+                crc64nvme: crc,
+            };
+            events.send(plan.index, Event::Staged(staged)).await?;
         }
         Ok(())
     }

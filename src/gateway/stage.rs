@@ -90,8 +90,8 @@ pub async fn probe_all(s3: &Storage, plans: &[CallPlan]) -> Result<Probes, Gatew
     Ok(probes)
 }
 
-/// Stages every input of call `index` into its prepared file; returns the
-/// bytes staged.
+/// Stages every input of call `index` into its prepared file; returns
+/// what was staged.
 pub async fn stage_inputs(
     s3: &Storage,
     index: u32,
@@ -99,8 +99,7 @@ pub async fn stage_inputs(
     probes: Vec<Looked>,
     files: Vec<PartFile>,
     events: &Events,
-) -> Result<u64, GatewayError> {
-    let total = probes.iter().map(|looked| looked.probed.info.size).sum();
+) -> Result<Vec<proto::InputStaged>, GatewayError> {
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     for ((input, looked), file) in inputs.iter().cloned().zip(probes).zip(files) {
@@ -114,10 +113,11 @@ pub async fn stage_inputs(
             .instrument(span),
         );
     }
+    let mut staged = Vec::with_capacity(inputs.len());
     while let Some(done) = tasks.join_next().await {
-        done.map_err(|e| GatewayError::Internal(format!("staging task failed: {e}")))??;
+        staged.push(done.map_err(|e| GatewayError::Internal(format!("staging task failed: {e}")))??);
     }
-    Ok(total)
+    Ok(staged)
 }
 
 async fn stage_one(
@@ -127,7 +127,7 @@ async fn stage_one(
     file: PartFile,
     index: u32,
     events: &Events,
-) -> Result<(), GatewayError> {
+) -> Result<proto::InputStaged, GatewayError> {
     let url = input.url.to_string();
     let size = probed.info.size;
     let (mut progress, s3) = events.transfer_progress(s3, index, &input.param, &url, size, true);
@@ -143,7 +143,8 @@ async fn stage_one(
         size: done.size,
         crc64nvme: done.checksum(),
     };
-    events.send(index, Event::Staged(staged)).await
+    events.send(index, Event::Staged(staged.clone())).await?;
+    Ok(staged)
 }
 
 #[cfg(test)]

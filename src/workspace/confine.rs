@@ -68,6 +68,13 @@ impl RelPath {
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
     }
+
+    /// The folders on the way, and the last component.
+    pub fn split_last(&self) -> (Vec<&str>, &str) {
+        let mut parts: Vec<&str> = self.components().collect();
+        let last = parts.pop().expect("a RelPath has at least one component");
+        (parts, last)
+    }
 }
 
 impl fmt::Display for RelPath {

@@ -69,6 +69,46 @@ impl DirFd {
         }
     }
 
+    /// Opens the existing folders `dirs` below this one, following no
+    /// link; `None` if one is missing.
+    pub fn subdir_path_existing(&self, dirs: &[&str]) -> std::io::Result<Option<DirFd>> {
+        let mut fd = DirFd(rustix::io::dup(&self.0)?);
+        for name in dirs {
+            match fd.subdir_existing(name)? {
+                Some(next) => fd = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(fd))
+    }
+
+    /// Makes `source` (an open regular file) also appear here as the new
+    /// name `name`: a hard link to that very file, whatever its path has
+    /// become since it was opened; where the volume refuses the link
+    /// (another file system, a link limit, a policy), a copy made by the
+    /// kernel, with `mode`.
+    pub fn link_or_copy(&self, source: &File, name: &str, mode: u32) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // The open file's own name in /proc links the file itself, not
+        // whatever its path names now.
+        let proc_name = format!("/proc/self/fd/{}", source.as_raw_fd());
+        match rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_name.as_str(),
+            &self.0,
+            name,
+            AtFlags::SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EXIST) => return Err(refuse(name, Errno::EXIST)),
+            Err(e) => tracing::debug!(error = %e, name, "cannot link; copying"),
+        }
+        let mut copy = self.create_new(name, mode)?;
+        let mut source = source;
+        std::io::copy(&mut source, &mut copy)?;
+        Ok(())
+    }
+
     /// Creates the new folder `name` here with `mode`, given to `group`
     /// when one is named, and opens it; fails if anything has that name.
     pub fn create_dir(&self, name: &str, group: Option<u32>, mode: u32) -> std::io::Result<DirFd> {

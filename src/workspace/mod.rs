@@ -205,6 +205,45 @@ impl Workspace {
         })
     }
 
+    /// Gives the file at `from` (workspace-relative, a regular file, opened
+    /// following no link) a second name `to` in the workspace, making its
+    /// folders: a hard link to the very file opened, so no byte moves; on a
+    /// volume that cannot link it there, a copy made by the kernel. With
+    /// `release`, the name `from` is removed afterwards (the space goes
+    /// with the last name). Returns the file's size.
+    pub async fn hand_over(&self, from: RelPath, to: RelPath, release: bool) -> std::io::Result<u64> {
+        let (dir, fd) = (self.dir.clone(), self.fd());
+        tokio::task::spawn_blocking(move || {
+            let (source, size) = open_regular(&dir, &from)?;
+            let (folders, name) = to.split_last();
+            let target = fd.subdir(&folders)?;
+            target.link_or_copy(&source, name, access::INPUT_MODE)?;
+            if release {
+                let (folders, name) = from.split_last();
+                fd.subdir(&folders)?.remove_file(name)?;
+            }
+            Ok(size)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Removes the files at `rels` (workspace-relative), if they are there.
+    pub async fn remove_files(&self, rels: Vec<RelPath>) -> std::io::Result<()> {
+        let fd = self.fd();
+        tokio::task::spawn_blocking(move || {
+            for rel in rels {
+                let (folders, name) = rel.split_last();
+                if let Some(dir) = fd.subdir_path_existing(&folders)? {
+                    dir.remove_file(name)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// Removes the folder and everything in it, and waits for that. It is
     /// first renamed aside (see [`REMOVING_PREFIX`]), so that a runtime
     /// still writing into it by path writes nowhere; a few attempts then

@@ -410,6 +410,7 @@ pub fn call(prefab: &str, function: &str, inputs: serde_json::Value) -> proto::C
         version: "1.0.0".into(),
         function_name: function.into(),
         inputs: Some(proto::json_to_struct(map)),
+        ..Default::default()
     }
 }
 
