@@ -44,7 +44,9 @@ round() { # NAME
     --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
     --endpoint-template= >"$work/gw-$1.log" 2>&1 &
   local gw_pid=$!
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$gw") 2>/dev/null && break; sleep 0.2; done
+  for port in "$rt" "$gw"; do
+    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
+  done
   "$cache/bench-bin/smallcalls" "127.0.0.1:$gw" "127.0.0.1:$rt" "$ws" "$s3" s3://bench/small.txt \
     "$RUNS" "$CONCURRENCY" | sed "s/^/$1 /" | tee -a "$work/samples" >&2
   kill "$gw_pid" "$rt_pid"; wait "$gw_pid" "$rt_pid" 2>/dev/null || true

@@ -1,5 +1,8 @@
 //! What the benchmark examples share: one Run of the example prefab, timed.
 
+// Each example uses part of it.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 use prefab::proto::{self, gateway_client::GatewayClient, run_event::Event};
@@ -16,28 +19,49 @@ pub async fn run(
     param: &str,
     url: &str,
 ) -> Result<Duration, Error> {
-    let inputs = serde_json::json!({ param: url });
-    let serde_json::Value::Object(inputs) = inputs else {
-        unreachable!("an object literal")
-    };
+    Ok(run_calls(client, &[(function, param, url)]).await?.0)
+}
+
+/// Runs the calls `(function, parameter, value)` of the example prefab as
+/// one run; returns how long the whole stream took and each call's
+/// outputs. Fails unless the run completed.
+pub async fn run_calls(
+    client: &mut GatewayClient<Channel>,
+    calls: &[(&str, &str, &str)],
+) -> Result<(Duration, Vec<serde_json::Map<String, serde_json::Value>>), Error> {
+    let functions: Vec<&str> = calls.iter().map(|(function, ..)| *function).collect();
+    let calls = calls
+        .iter()
+        .map(|(function, param, value)| {
+            let mut inputs = serde_json::Map::new();
+            inputs.insert((*param).into(), (*value).into());
+            proto::Call {
+                prefab_id: "hello-world-prefab".into(),
+                version: "1.0.0".into(),
+                function_name: (*function).into(),
+                inputs: Some(proto::json_to_struct(inputs)),
+                ..Default::default()
+            }
+        })
+        .collect();
     let request = proto::RunRequest {
-        calls: vec![proto::Call {
-            prefab_id: "hello-world-prefab".into(),
-            version: "1.0.0".into(),
-            function_name: function.into(),
-            inputs: Some(proto::json_to_struct(inputs)),
-            ..Default::default()
-        }],
+        calls,
         ..Default::default()
     };
     let started = Instant::now();
     let mut stream = client.run(request).await?.into_inner();
-    let mut completed = false;
+    let (mut completed, mut outputs) = (false, Vec::new());
     while let Some(event) = stream.message().await? {
-        completed |= matches!(event.event, Some(Event::RunCompleted(_)));
+        match event.event {
+            Some(Event::RunCompleted(_)) => completed = true,
+            Some(Event::CallCompleted(c)) => {
+                outputs.push(proto::struct_to_json(c.outputs.unwrap_or_default()))
+            }
+            _ => {}
+        }
     }
     if !completed {
-        return Err(format!("{function} on {url} ended without completing").into());
+        return Err(format!("the run of {functions:?} ended without completing").into());
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), outputs))
 }

