@@ -44,6 +44,7 @@ round() { # NAME
     --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
     --endpoint-template= >"$work/gw-$1.log" 2>&1 &
   local gw_pid=$!
+  pids+=("$rt_pid" "$gw_pid") # stopped at exit should a round fail
   for port in "$rt" "$gw"; do
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
   done

@@ -21,7 +21,9 @@ pub enum ParamKind {
     /// Any JSON value.
     #[serde(rename = "json")]
     Json,
-    /// A file staged from object storage before the call.
+    /// A file put on the workspace before the call: staged from object
+    /// storage (`s3://bucket/key`), or an earlier call's output file
+    /// handed over (`call://<index>/<output>`).
     InputFile,
     /// A file the function writes, uploaded after the call.
     OutputFile,
