@@ -7,10 +7,16 @@
 //!
 //! ```text
 //! pipeline-seconds 5.1
+//! pipeline-sha256-seconds 1.1
 //! separate-seconds 6.9
 //! uppercase-seconds 4.0
 //! sha256-seconds 2.9
 //! ```
+//!
+//! `pipeline-sha256-seconds` is the pipeline's second call alone (from the
+//! first call's completion to the end of the run), against
+//! `sha256-seconds`, the same call as a run of its own, which downloads the
+//! file first.
 //!
 //! cargo run --release --example pipeline -- ADDR BIG_URL ROUNDS
 
@@ -35,11 +41,15 @@ async fn main() -> Result<(), Error> {
                     ("uppercase", "text", url.as_str()),
                     ("sha256", "file", "call://0/output"),
                 ];
-                let (took, _) = run_calls(&mut client, &calls).await?;
+                let (took, completed) = run_calls(&mut client, &calls).await?;
                 println!("pipeline-seconds {:.3}", took.as_secs_f64());
+                println!(
+                    "pipeline-sha256-seconds {:.3}",
+                    (took - completed[0].0).as_secs_f64()
+                );
             } else {
                 let (upper, outputs) = run_calls(&mut client, &[("uppercase", "text", url.as_str())]).await?;
-                let output = outputs[0]["output"]
+                let output = outputs[0].1["output"]
                     .as_str()
                     .ok_or("uppercase returned no output URL")?;
                 let (hash, _) = run_calls(&mut client, &[("sha256", "file", output)]).await?;

@@ -22,13 +22,17 @@ pub async fn run(
     Ok(run_calls(client, &[(function, param, url)]).await?.0)
 }
 
+/// A run's calls as they completed: when (from the request) and with what
+/// outputs.
+pub type Completed = Vec<(Duration, serde_json::Map<String, serde_json::Value>)>;
+
 /// Runs the calls `(function, parameter, value)` of the example prefab as
 /// one run; returns how long the whole stream took and each call's
-/// outputs. Fails unless the run completed.
+/// completion. Fails unless the run completed.
 pub async fn run_calls(
     client: &mut GatewayClient<Channel>,
     calls: &[(&str, &str, &str)],
-) -> Result<(Duration, Vec<serde_json::Map<String, serde_json::Value>>), Error> {
+) -> Result<(Duration, Completed), Error> {
     let functions: Vec<&str> = calls.iter().map(|(function, ..)| *function).collect();
     let calls = calls
         .iter()
@@ -54,9 +58,10 @@ pub async fn run_calls(
     while let Some(event) = stream.message().await? {
         match event.event {
             Some(Event::RunCompleted(_)) => completed = true,
-            Some(Event::CallCompleted(c)) => {
-                outputs.push(proto::struct_to_json(c.outputs.unwrap_or_default()))
-            }
+            Some(Event::CallCompleted(c)) => outputs.push((
+                started.elapsed(),
+                proto::struct_to_json(c.outputs.unwrap_or_default()),
+            )),
             _ => {}
         }
     }
