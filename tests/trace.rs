@@ -316,6 +316,7 @@ async fn one_trace_spans_caller_gateway_runtimes_and_program() {
         "admission",
         "workspace",
         "stage",
+        "hand_over",
         "invoke",
         "upload",
         "cleanup",
@@ -339,16 +340,16 @@ async fn one_trace_spans_caller_gateway_runtimes_and_program() {
         assert_eq!(found.len(), 1, "{phase}: {found:?}");
         assert_eq!(found[0].parent(), run.id(), "{phase}");
     }
-    // A stage and an upload per file: two inputs staged (one per call), one
-    // output uploaded; an invoke per call.
+    // A stage and an upload per file: the input staged for the first call
+    // (and handed to the second, which names the same object), one output
+    // uploaded; an invoke per call.
     let stages = find(&spans, "prefab-gateway", "stage");
-    assert_eq!(stages.len(), 2, "{stages:?}");
-    assert!(stages.iter().all(|s| s.parent() == run.id()));
-    assert!(
-        stages
-            .iter()
-            .all(|s| attribute(s, "url").as_deref() == Some("s3://inputs/a.txt"))
-    );
+    assert_eq!(stages.len(), 1, "{stages:?}");
+    assert_eq!(stages[0].parent(), run.id());
+    assert_eq!(attribute(stages[0], "url").as_deref(), Some("s3://inputs/a.txt"));
+    let handed = find(&spans, "prefab-gateway", "hand_over");
+    assert_eq!(handed.len(), 1, "{handed:?}");
+    assert_eq!(attribute(handed[0], "from").as_deref(), Some("s3://inputs/a.txt"));
     let uploads = find(&spans, "prefab-gateway", "upload");
     assert_eq!(uploads.len(), 1, "{uploads:?}");
     let gateway_invokes = find(&spans, "prefab-gateway", "invoke");

@@ -227,14 +227,8 @@ impl Run {
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
         };
-        let removed = self
-            .workspace
-            .remove_later(&state.tasks)
-            .instrument(tracing::info_span!("cleanup"))
-            .await;
-        if let Err(e) = removed {
-            tracing::error!(error = %e, "could not remove the workspace");
-        }
+        self.workspace
+            .remove_later(&state.tasks, tracing::info_span!("cleanup"));
         drop(self.reservation);
         outcome
     }
@@ -364,7 +358,9 @@ impl Run {
             })?;
             let to = RelPath::parse(&handed.rel).map_err(|e| GatewayError::Internal(e.to_string()))?;
             let last = last_users.get(&handed.from) == Some(&plan.index);
-            self.workspace.hand_over(from, to, last).await.map_err(|e| {
+            let span = tracing::info_span!("hand_over", parameter = %handed.param, from = %handed.reference);
+            let handing = self.workspace.hand_over(from, to, last).instrument(span);
+            handing.await.map_err(|e| {
                 GatewayError::Internal(format!(
                     "cannot hand {} to call {}: {e}",
                     handed.reference, plan.index

@@ -256,19 +256,18 @@ impl Workspace {
         }
     }
 
-    /// Takes the folder away from its handle at once (renamed aside: no
-    /// runtime resolves it any more) and leaves removing what it holds to
-    /// a task on `tasks` (which a gateway's shutdown waits for; after a
-    /// crash, the janitor's). What a run's caller waits for is the first.
-    pub async fn remove_later(self, tasks: &tokio_util::task::TaskTracker) -> std::io::Result<()> {
-        if let Some(aside) = self.set_aside().await? {
-            tasks.spawn(async move {
-                if let Err(e) = remove_aside(aside.clone()).await {
-                    tracing::error!(dir = %aside.display(), error = %e, "could not remove the workspace");
-                }
-            });
-        }
-        Ok(())
+    /// Removes the folder as [`Workspace::remove`] does, in a task on
+    /// `tasks` (which a gateway's shutdown waits for; after a crash, the
+    /// janitor finishes it), instrumented with `span`: the end of a run
+    /// waits for no disk work.
+    pub fn remove_later(self, tasks: &tokio_util::task::TaskTracker, span: tracing::Span) {
+        let dir = self.dir.clone();
+        let removal = async move {
+            if let Err(e) = self.remove().await {
+                tracing::error!(dir = %dir.display(), error = %e, "could not remove the workspace");
+            }
+        };
+        tasks.spawn(tracing::Instrument::instrument(removal, span));
     }
 
     /// Renames the folder aside; where it is now, `None` if it was gone.
