@@ -621,3 +621,38 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_reserves_for_every_call_of_a_pipeline() {
+    let stack = Stack::start().await;
+    let url = stack.put_input("pipe/budget.txt", text(3_000_000, 15)).await;
+    // 9 MB below the high-water mark: one upper-casing call (3 MB in, 3 MB
+    // out) fits; three in a row (3 MB staged, and 3 MB out of each) do not.
+    let (mut gateway, mut client) = stack
+        .gateway_process_with(&["--workspace-capacity-bytes=10000000"], None)
+        .await;
+    let upper = |text: &str| {
+        call(
+            "hello-world-prefab",
+            "uppercase",
+            serde_json::json!({ "text": text }),
+        )
+    };
+    run_events(&mut client, request(vec![upper(&url)]))
+        .await
+        .expect("one call fits");
+    let pipeline = request(vec![
+        upper(&url),
+        upper("call://0/output"),
+        upper("call://1/output"),
+    ]);
+    let status = run_events(&mut client, pipeline).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("the run needs 0.01 GiB"),
+        "{}",
+        status.message()
+    );
+    common::stop(&mut gateway).await;
+    stack.wait_idle().await;
+}
