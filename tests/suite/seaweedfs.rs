@@ -6,7 +6,7 @@
 //! Ignored by a plain `cargo test`: `bash .ci/compat` (part of `.ci/run`)
 //! installs SeaweedFS and runs them with `PREFAB_WEED` set.
 
-mod common;
+use crate::common;
 
 use std::{os::unix::fs::FileExt, process::Stdio, time::Duration};
 

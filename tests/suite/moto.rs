@@ -7,7 +7,7 @@
 //! Ignored by a plain `cargo test`: `bash .ci/compat` (part of `.ci/run`)
 //! installs moto and runs them with `PREFAB_MOTO` naming `moto_server`.
 
-mod common;
+use crate::common;
 
 use std::{os::unix::fs::FileExt, time::Duration};
 

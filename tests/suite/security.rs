@@ -2,7 +2,7 @@
 //! tokens used beyond their scope, hostile workspace handles, secrets
 //! crossing prefabs, and credentials leaking into logs.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

@@ -2,7 +2,7 @@
 //! leases, the janitor, admission, cancellation at every phase, graceful
 //! shutdown and re-attaching with Watch.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,12 +1,12 @@
 //! The exec runtime: real programs as prefabs, through the real gateway.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prefab::proto::run_event::Event;
 use tonic::Code;
 
-const GZIP: &str = include_str!("../examples/prefabs/gzip.toml");
+const GZIP: &str = include_str!("../../examples/prefabs/gzip.toml");
 
 const TOOLS: &str = r#"
 id = "tools"

@@ -4,7 +4,7 @@
 //! the store away for a minute. Default settings must keep working, with
 //! integrity, and an outage must cost time, not the run.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! of the run to an OTLP/gRPC collector (here one inside the test) as one
 //! trace under the caller's span.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

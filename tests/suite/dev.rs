@@ -1,7 +1,7 @@
 //! `prefab dev` as a newcomer uses it: started as a child process, driven
 //! with the `prefab` client binary, restarted on the same folder.
 
-mod common;
+use crate::common;
 
 use std::{path::Path, process::Output, time::Duration};
 

@@ -4,7 +4,7 @@
 //! is a real `prefab` process; the tests drop to other ids, so they need
 //! root (CI runs as root) and are skipped with a note otherwise.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

@@ -12,7 +12,7 @@
 //! of a multipart object's parts, sent without saying so, is not mistaken
 //! for the object's. A reply cut after its last byte loses nothing.
 
-mod common;
+use crate::common;
 
 use std::{
     convert::Infallible,

@@ -1,6 +1,6 @@
 //! `PutFile` and `GetFile` through a real gateway process.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prefab::proto::{self, put_file_request::Msg};

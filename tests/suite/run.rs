@@ -1,6 +1,6 @@
 //! End-to-end runs through the real gateway, runtime and S3 store.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prefab::proto::{self, run_event::Event};

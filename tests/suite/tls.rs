@@ -1,7 +1,7 @@
 //! TLS on every hop: a client that trusts the CA talks to a TLS gateway,
 //! which talks to a runtime that demands a client certificate (mutual TLS).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

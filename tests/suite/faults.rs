@@ -5,7 +5,7 @@
 //! answering, or while it is being aborted, is aborted all the same; one
 //! whose completion went through but whose reply was lost succeeds.
 
-mod common;
+use crate::common;
 
 use common::{
     proxy::{Fault, Proxy},

@@ -1,7 +1,7 @@
 //! Every way a run can be refused or fail, each with the status code and a
 //! message that names the thing at fault.
 
-mod common;
+use crate::common;
 
 use common::*;
 use prefab::proto;
