@@ -61,6 +61,8 @@ const STREAM_QUEUE: usize = 64;
 #[derive(Debug)]
 pub struct State {
     s3: storage::Storage,
+    /// The bodies of small inputs kept from probing until staged.
+    kept: stage::Kept,
     bucket: String,
     root: WorkspaceRoot,
     /// Every replica's run records on the volume.
@@ -135,6 +137,7 @@ impl State {
         };
         Ok(Self {
             s3: storage::connect(&args.s3)?,
+            kept: stage::Kept::default(),
             bucket: args.s3.bucket.clone(),
             admission: Admission::new(
                 limits,
@@ -340,7 +343,8 @@ impl proto::gateway_server::Gateway for Gateway {
             self.state.admission.has_room()?;
             // The workspace is made while the inputs are looked at.
             let (probes, prepared) = tokio::join!(
-                stage::probe_all(&self.state.s3, &plans).instrument(tracing::info_span!("probe")),
+                stage::probe_all(&self.state.s3, &plans, &self.state.kept)
+                    .instrument(tracing::info_span!("probe")),
                 run::prepare(&self.state, id, &plans).instrument(tracing::info_span!("workspace")),
             );
             let (probes, prepared) = (probes?, prepared?);
@@ -544,8 +548,7 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
         stop.cancel();
     });
-    let tasks = state.tasks.clone();
-    let stop = state.stop.clone();
+    let (tasks, stop, s3) = (state.tasks.clone(), state.stop.clone(), state.s3.clone());
     let server = GatewayServer::new(Gateway::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -568,6 +571,6 @@ pub async fn serve(
             }
         }
     }
-    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    s3.wait_for_aborts(Duration::from_secs(10)).await;
     served
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tokio::{
-    sync::{Semaphore, SemaphorePermit},
+    sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 use tracing::Instrument as _;
@@ -29,25 +29,39 @@ const INPUTS_IN_FLIGHT: usize = 4;
 /// stages them; the inputs beyond are fetched again.
 const KEPT_PER_RUN: u64 = 2 << 20;
 
-/// The same for all runs together, in KiB.
-static KEPT: Semaphore = Semaphore::const_new(16 << 10);
+/// The same for all of a gateway's runs together, in KiB: what
+/// [`Kept::default`] holds.
+const KEPT_PER_GATEWAY_KIB: usize = 16 << 10;
 
-/// An input as looked at: a kept body holds its share of [`KEPT`] until it
-/// is staged.
+/// A gateway's budget for the bodies its runs keep from looking at their
+/// inputs, in KiB.
+#[derive(Debug, Clone)]
+pub struct Kept(Arc<Semaphore>);
+
+impl Default for Kept {
+    fn default() -> Self {
+        Self(Arc::new(Semaphore::new(KEPT_PER_GATEWAY_KIB)))
+    }
+}
+
+/// An input as looked at: a kept body holds its share of the gateway's
+/// [`Kept`] budget until it is staged.
 #[derive(Debug)]
 pub struct Looked {
     pub probed: Probed,
-    _kept: Option<SemaphorePermit<'static>>,
+    _kept: Option<OwnedSemaphorePermit>,
 }
 
 impl Looked {
     /// Keeps `probed`'s body if the run's (`kept`) and the gateway's
-    /// budgets allow, and drops it otherwise.
-    fn new(mut probed: Probed, kept: &mut u64) -> Self {
+    /// (`budget`) budgets allow, and drops it otherwise.
+    fn new(mut probed: Probed, kept: &mut u64, budget: &Kept) -> Self {
         let size = probed.body.as_ref().map_or(0, |b| b.len() as u64);
         let share = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
         let fits = size > 0 && *kept + size <= KEPT_PER_RUN;
-        let permit = fits.then(|| KEPT.try_acquire_many(share).ok()).flatten();
+        let permit = fits
+            .then(|| Arc::clone(&budget.0).try_acquire_many_owned(share).ok())
+            .flatten();
         if permit.is_some() {
             *kept += size;
         } else {
@@ -66,8 +80,8 @@ pub type Probes = Vec<Vec<Looked>>;
 /// Looks at every input of every call (a call's inputs, at most 64, at
 /// once): a missing object fails the run before any byte moves, and the
 /// sizes feed admission. Small objects come whole and are kept, within
-/// [`KEPT_PER_RUN`] and [`KEPT`].
-pub async fn probe_all(s3: &Storage, plans: &[CallPlan]) -> Result<Probes, GatewayError> {
+/// [`KEPT_PER_RUN`] and the gateway's `budget`.
+pub async fn probe_all(s3: &Storage, plans: &[CallPlan], budget: &Kept) -> Result<Probes, GatewayError> {
     let mut probes = Vec::with_capacity(plans.len());
     let mut kept = 0;
     for plan in plans {
@@ -79,7 +93,7 @@ pub async fn probe_all(s3: &Storage, plans: &[CallPlan]) -> Result<Probes, Gatew
         let mut call: Vec<Option<Looked>> = plan.inputs.iter().map(|_| None).collect();
         while let Some(done) = tasks.join_next().await {
             let (i, probed) = done.map_err(|e| GatewayError::Internal(format!("probe task failed: {e}")))?;
-            call[i] = Some(Looked::new(probed?, &mut kept));
+            call[i] = Some(Looked::new(probed?, &mut kept, budget));
         }
         probes.push(
             call.into_iter()
@@ -168,8 +182,11 @@ mod tests {
     #[tokio::test]
     async fn kept_bodies_stay_within_the_run_and_the_gateway_budgets() {
         // A run keeps 2 MiB: 32 bodies of 64 KiB, not the 33rd.
+        let budget = Kept::default();
         let mut kept = 0;
-        let looked: Vec<Looked> = (0..40).map(|_| Looked::new(small(64 << 10), &mut kept)).collect();
+        let looked: Vec<Looked> = (0..40)
+            .map(|_| Looked::new(small(64 << 10), &mut kept, &budget))
+            .collect();
         let bodies = looked.iter().filter(|l| l.probed.body.is_some()).count();
         assert_eq!(bodies, 32);
         assert_eq!(kept, KEPT_PER_RUN);
@@ -178,11 +195,22 @@ mod tests {
         drop(looked);
 
         // With the gateway's budget taken, nothing is kept.
-        let hog = KEPT.acquire_many(KEPT.available_permits() as u32).await.unwrap();
+        let hog = budget
+            .0
+            .acquire_many(budget.0.available_permits() as u32)
+            .await
+            .unwrap();
         let mut kept = 0;
-        assert!(Looked::new(small(1), &mut kept).probed.body.is_none());
+        assert!(Looked::new(small(1), &mut kept, &budget).probed.body.is_none());
         assert_eq!(kept, 0);
+        // Another gateway in the process has a budget of its own.
+        assert!(
+            Looked::new(small(1), &mut kept, &Kept::default())
+                .probed
+                .body
+                .is_some()
+        );
         drop(hog);
-        assert!(Looked::new(small(1), &mut kept).probed.body.is_some());
+        assert!(Looked::new(small(1), &mut kept, &budget).probed.body.is_some());
     }
 }

@@ -39,6 +39,30 @@ pub struct Storage {
     compat: Arc<Compat>,
     endpoint: String,
     notices: Option<Observer>,
+    shared: Arc<Shared>,
+}
+
+/// What the transfers of one store (a [`Storage`] and its clones) share.
+#[derive(Debug)]
+struct Shared {
+    /// Probes in flight: their replies are read into memory.
+    probes: tokio::sync::Semaphore,
+    /// Ranges in flight across every download: each holds its pieces.
+    ranges: tokio::sync::Semaphore,
+    /// Requests that outlive the upload that made them (the creation of a
+    /// multipart upload, the abort of a dropped one), so that shutdown can
+    /// wait for them.
+    aborts: tokio_util::task::TaskTracker,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            probes: tokio::sync::Semaphore::new(PROBES_IN_FLIGHT),
+            ranges: tokio::sync::Semaphore::new(ranged::RANGES_IN_FLIGHT),
+            aborts: tokio_util::task::TaskTracker::new(),
+        }
+    }
 }
 
 /// Who hears of a store's retries.
@@ -79,7 +103,27 @@ impl Storage {
             compat: Arc::new(Compat::new(checksum)),
             endpoint: endpoint.to_owned(),
             notices: None,
+            shared: Arc::default(),
         }
+    }
+
+    /// Ranges in flight across every download from this store.
+    pub(crate) fn range_permits(&self) -> &tokio::sync::Semaphore {
+        &self.shared.ranges
+    }
+
+    /// The requests that outlive their uploads.
+    pub(crate) fn aborts(&self) -> &tokio_util::task::TaskTracker {
+        &self.shared.aborts
+    }
+
+    /// Waits up to `limit` for the aborts of dropped multipart uploads (at
+    /// shutdown).
+    pub async fn wait_for_aborts(&self, limit: Duration) {
+        let aborts = &self.shared.aborts;
+        aborts.close();
+        let _ = tokio::time::timeout(limit, aborts.wait()).await;
+        aborts.reopen();
     }
 
     /// The same store, telling `observer` of each retry of the transfers
@@ -305,7 +349,9 @@ fn etag_is_md5(sse: Option<&aws_sdk_s3::types::ServerSideEncryption>, sse_c: Opt
 /// its bytes kept if the HEAD describes the same version. Larger objects,
 /// and any reply that breaks off, fall back to a HEAD alone.
 pub async fn probe(storage: &Storage, url: &S3Url) -> Result<Probed, StorageError> {
-    let _permit = PROBES
+    let _permit = storage
+        .shared
+        .probes
         .acquire()
         .await
         .expect("the probe semaphore is never closed");
@@ -365,8 +411,8 @@ pub async fn probe(storage: &Storage, url: &S3Url) -> Result<Probed, StorageErro
     }
 }
 
-/// Probes in flight in the process: their replies are read into memory.
-static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
+/// Probes in flight per store: their replies are read into memory.
+const PROBES_IN_FLIGHT: usize = 64;
 
 /// The whole body if it ends within `limit` bytes; `None` if it is longer
 /// (whatever its Content-Length said) or breaks off.

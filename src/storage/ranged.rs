@@ -27,7 +27,7 @@ use std::{
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use tokio::{
-    sync::{Semaphore, mpsc, watch},
+    sync::{mpsc, watch},
     task::JoinSet,
 };
 
@@ -49,8 +49,8 @@ const RANGES_PER_OBJECT: usize = 4;
 /// handed to MD5 a range may start; those ranges are the smallest size, so at most
 /// 4 × 8 MiB wait to be hashed.
 const WINDOW: u64 = 4;
-/// Ranges in flight across every download of the process.
-static RANGE_PERMITS: Semaphore = Semaphore::const_new(16);
+/// Ranges in flight across every download from one store.
+pub(crate) const RANGES_IN_FLIGHT: usize = 16;
 /// Pieces queued between the network and the writer thread.
 const PIECE_QUEUE: usize = 8;
 /// Pieces queued for the MD5 thread.
@@ -94,13 +94,13 @@ pub async fn download(
         if next < ranges && next < window_end && tasks.len() < RANGES_PER_OBJECT {
             let start = next * range_size;
             let end = (start + range_size).min(size);
-            let (spec, received) = (spec.clone(), Arc::clone(&received));
+            let (spec, received, storage) = (spec.clone(), Arc::clone(&received), storage.clone());
             let mut sink = ChannelSink {
                 pieces: pieces.clone(),
                 received,
             };
             tasks.spawn(async move {
-                let _permit = RANGE_PERMITS.acquire().await.expect("never closed");
+                let _permit = storage.range_permits().acquire().await.expect("never closed");
                 fetch_range(&spec, start, end, &mut sink).await
             });
             next += 1;

@@ -406,7 +406,9 @@ impl Multipart {
     /// if the caller gives up while the store is creating the upload, the
     /// task still learns its id and the dropped result aborts it.
     async fn create(storage: &Storage, url: &S3Url) -> Result<Self, StorageError> {
-        let task = PENDING_ABORTS.spawn(Self::request(storage.clone(), url.clone()));
+        let task = storage
+            .aborts()
+            .spawn(Self::request(storage.clone(), url.clone()));
         task.await.map_err(|e| StorageError::Unavailable {
             url: url.to_string(),
             op: "CreateMultipartUpload",
@@ -439,13 +441,13 @@ impl Multipart {
             detail: "the store returned no upload id".into(),
         })?;
         Ok(Self {
+            _pending: storage.aborts().token(),
             storage,
             url,
             upload_id,
             checked,
             open: true,
             in_flight: JoinSet::new(),
-            _pending: PENDING_ABORTS.token(),
         })
     }
 
@@ -573,7 +575,8 @@ impl Multipart {
         }
         let in_flight = std::mem::take(&mut self.in_flight);
         let (storage, url, upload_id) = (self.storage.clone(), self.url.clone(), self.upload_id.clone());
-        Some(PENDING_ABORTS.spawn(abort_upload(storage, url, upload_id, in_flight)))
+        let aborts = storage.aborts().clone();
+        Some(aborts.spawn(abort_upload(storage, url, upload_id, in_flight)))
     }
 }
 
@@ -626,19 +629,6 @@ fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
         md5.update(hex::decode(tag).ok().filter(|d| d.len() == 16)?);
     }
     Some(format!("\"{}-{}\"", hex::encode(md5.finalize()), parts.len()))
-}
-
-/// Requests that outlive the upload that made them (the creation of a
-/// multipart upload, the abort of a dropped one), so that shutdown can wait
-/// for them.
-static PENDING_ABORTS: std::sync::LazyLock<tokio_util::task::TaskTracker> =
-    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
-
-/// Waits up to `limit` for the aborts of dropped multipart uploads.
-pub async fn wait_for_aborts(limit: std::time::Duration) {
-    PENDING_ABORTS.close();
-    let _ = tokio::time::timeout(limit, PENDING_ABORTS.wait()).await;
-    PENDING_ABORTS.reopen();
 }
 
 /// Part uploads in flight, each ending with the part and its checksum.

@@ -313,7 +313,7 @@ async fn a_failed_or_cancelled_multipart_upload_leaves_no_open_upload() {
     assert_eq!(weed.open_uploads().await, 1, "the upload never opened");
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    weed.s3.wait_for_aborts(Duration::from_secs(10)).await;
     assert_eq!(
         weed.open_uploads().await,
         0,
@@ -341,7 +341,7 @@ async fn bytes_corrupted_on_the_way_up_fail_the_upload_and_leave_nothing() {
     assert!(proxy.fired(), "no byte was flipped");
     let err = failed.expect_err("SeaweedFS refuses a part that does not match its checksum");
     assert!(err.to_string().contains("BadDigest"), "{err}");
-    storage::upload::wait_for_aborts(Duration::from_secs(10)).await;
+    s3.wait_for_aborts(Duration::from_secs(10)).await;
     assert_eq!(
         weed.open_uploads().await,
         0,
