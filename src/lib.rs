@@ -1,9 +1,41 @@
 //! Prefab Gateway: run file-processing functions ("prefabs") on files in
 //! S3-compatible storage, with each run's inputs staged onto a shared volume.
 //!
-//! The modules follow the life of a run: [`gateway`] accepts it, [`storage`]
-//! moves the bytes, [`workspace`] owns the folder on the shared volume, and
-//! [`runtime`] is what prefab authors implement.
+//! # Layout
+//!
+//! - [`gateway`]: the `prefab.v1.Gateway` service and everything a run is
+//!   on the gateway's side: planning the calls, admission, staging,
+//!   invoking, collecting, the journal that `Run` and `Watch` stream.
+//! - [`storage`]: the store as a value ([`storage::Storage`]: client, retry
+//!   policy, budgets, aborts owed) and the transfer engine between objects
+//!   and local files.
+//! - [`workspace`]: the shared volume: per-run folders named by request id,
+//!   descriptor-based confinement, who may use them ([`workspace::access`]),
+//!   run records and leases every replica reads, and the janitor.
+//! - [`runtime`]: the SDK prefab authors implement (and the exec runtime
+//!   that wraps any program); [`manifest`] is what a prefab declares,
+//!   [`prefabs`] the example.
+//! - [`proto`], [`server`], [`tls`], [`telemetry`], [`metrics`]: the wire
+//!   contract and what every server shares: health, reflection, TLS,
+//!   traces, Prometheus.
+//! - [`cli`], [`config`], [`dev`], [`deploy`]: the `prefab` binary, its
+//!   settings, `prefab dev` (everything on loopback) and the Kubernetes
+//!   manifests it renders.
+//!
+//! # How a run flows
+//!
+//! `Gateway::run` checks each call against its prefab's manifest
+//! (`gateway::plan`, fetched and cached through the registry), then at once
+//! probes every input in the store and makes the run's workspace, input
+//! files and lease file (`stage::probe_all`, `run::prepare`), and admits the
+//! run against the volume's space under the volume-wide lock. The run then
+//! belongs to `run::Run`: per call it stages the inputs (`storage`
+//! downloads into the prepared files) or hands over earlier calls' files,
+//! invokes the runtime with the workspace handle (`gateway::invoke`, the
+//! runtime side in [`runtime`]), uploads the output files
+//! (`gateway::collect`), and streams every step to the journal. At the end
+//! the workspace leaves its handle and is removed in the background, and
+//! the run's record on the volume says how it ended.
 
 #![warn(missing_docs)]
 
