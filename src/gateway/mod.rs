@@ -326,12 +326,12 @@ impl proto::gateway_server::Gateway for Gateway {
         }
         let id = RequestId::new();
         let prefabs: Vec<String> = req.calls.iter().map(|c| c.prefab_id.clone()).collect();
-        let first = req.calls.first();
+        // The first call's names are recorded once checked.
         let span = tracing::info_span!(
             "run",
             request_id = %id,
-            prefab_id = first.map_or("", |c| c.prefab_id.as_str()),
-            function_name = first.map_or("", |c| c.function_name.as_str()),
+            prefab_id = tracing::field::Empty,
+            function_name = tracing::field::Empty,
             calls = req.calls.len(),
             trace_id = tracing::field::Empty,
         );
@@ -340,6 +340,9 @@ impl proto::gateway_server::Gateway for Gateway {
         // admission count against the caller's deadline too.
         let admitted = async {
             let plans = self.state.plan(&req).await?;
+            let first = &plans[0];
+            span.record("prefab_id", first.prefab.manifest.id.as_str());
+            span.record("function_name", first.function.name.as_str());
             self.state.admission.has_room()?;
             // The workspace is made while the inputs are looked at.
             let (probes, prepared) = tokio::join!(

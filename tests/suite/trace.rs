@@ -335,6 +335,8 @@ async fn one_trace_spans_caller_gateway_runtimes_and_program() {
     let run = runs[0];
     assert_eq!(run.parent(), CALLER_SPAN);
     let request_id = attribute(run, "request_id").expect("the run span names its request");
+    assert_eq!(attribute(run, "prefab_id").as_deref(), Some("hello-world-prefab"));
+    assert_eq!(attribute(run, "function_name").as_deref(), Some("word_count"));
     for phase in ["probe", "admission", "workspace", "cleanup"] {
         let found = find(&spans, "prefab-gateway", phase);
         assert_eq!(found.len(), 1, "{phase}: {found:?}");
