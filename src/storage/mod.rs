@@ -8,12 +8,14 @@ mod client;
 pub mod compat;
 pub mod download;
 mod error;
+mod fetch;
 pub mod ranged;
 pub mod retry;
 mod sendfile;
 pub mod upload;
 mod upload_file;
 mod url;
+mod verify;
 
 pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};
 pub use client::{ClientError, connect};
@@ -398,7 +400,7 @@ pub async fn probe(storage: &Storage, url: &S3Url) -> Result<Probed, StorageErro
     let whole = |b: &Bytes| size.is_some_and(|size| size <= PROBE_BYTES && b.len() as u64 == size);
     let body = body.filter(whole);
     match (looked, body) {
-        (Some(info), Some(body)) if download::expected_md5(&info).is_some() => Ok(Probed {
+        (Some(info), Some(body)) if verify::expected_md5(&info).is_some() => Ok(Probed {
             info,
             body: Some(body),
         }),

@@ -34,7 +34,8 @@ use tokio::{
 use super::{
     ObjectInfo, S3Url, Storage, StorageError, StoreChecksum, Transfer,
     checksum::{Summed, Sums},
-    download::{FetchSpec, Piece, PieceSink, expected_md5, fetch_range, verify},
+    fetch::{FetchSpec, Piece, PieceSink, fetch_range},
+    verify::{expected_md5, verify},
 };
 
 /// Objects at least this large are split into ranges (those whose MD5 is

@@ -603,7 +603,7 @@ fn received_intact(
     md5: Option<[u8; 16]>,
     etag: Option<&str>,
 ) -> Result<(), StorageError> {
-    let (Some(sent), Some(stored)) = (md5, etag.and_then(super::download::md5_of_etag)) else {
+    let (Some(sent), Some(stored)) = (md5, etag.and_then(super::verify::md5_of_etag)) else {
         return Ok(());
     };
     if sent == stored {
