@@ -477,44 +477,88 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
-    let tokens = match (&args.auth_tokens_file, args.no_auth) {
+    let tokens = load_tokens(args, &shutdown)?;
+    let metrics = Arc::new(Metrics::default());
+    let state = State::from_args(args, Arc::clone(&metrics))?;
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr, &metrics, &shutdown).await?;
+    }
+    start_janitor(args, &state, &metrics, &shutdown);
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        workspace_root = %state.root.path().display(),
+        bucket = %state.bucket,
+        replica = %state.replica,
+        auth = tokens.is_some(),
+        "gateway serving"
+    );
+    stop_runs_after_grace(
+        &state,
+        Duration::from_secs(args.shutdown_grace_seconds),
+        &shutdown,
+    );
+    let (tasks, stop, s3) = (state.tasks.clone(), state.stop.clone(), state.s3.clone());
+    let server = GatewayServer::new(Gateway::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(server, auth::interceptor(tokens));
+    let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
+        .await?
+        .add_service(service);
+    let served = crate::server::serve_router(router, listener, shutdown.clone()).await;
+    // However serving ended, start the grace-then-stop path.
+    shutdown.cancel();
+    drain(&tasks, &stop, &s3).await;
+    served
+}
+
+/// The bearer tokens callers must present (reloaded when their file
+/// changes), or `None` with `--no-auth`.
+fn load_tokens(args: &GatewayArgs, shutdown: &CancellationToken) -> Result<Option<Tokens>, BoxError> {
+    match (&args.auth_tokens_file, args.no_auth) {
         (Some(path), _) => {
             let tokens = Tokens::load(path)?;
             let every = Duration::from_secs(args.auth_reload_seconds.max(1));
             tokens.reload_on_change(path.clone(), every, shutdown.clone());
-            Some(tokens)
+            Ok(Some(tokens))
         }
-        (None, true) => None,
-        (None, false) => {
-            return Err(
-                "no PREFAB_AUTH_TOKENS_FILE is set; give one, or --no-auth to serve without authentication"
-                    .into(),
-            );
-        }
-    };
-    let metrics = Arc::new(Metrics::default());
-    let state = State::from_args(args, Arc::clone(&metrics))?;
-    if let Some(addr) = args.metrics_addr {
-        let listener = crate::metrics::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics serving on /metrics");
-        tokio::spawn(crate::metrics::serve(
-            Arc::clone(&metrics),
-            listener,
-            shutdown.clone(),
-        ));
+        (None, true) => Ok(None),
+        (None, false) => Err(
+            "no PREFAB_AUTH_TOKENS_FILE is set; give one, or --no-auth to serve without authentication"
+                .into(),
+        ),
     }
-    let report = {
-        let metrics = Arc::clone(&metrics);
-        move |sweep: janitor::Sweep, usage: Option<janitor::DiskUsage>| {
-            metrics.janitor_removed.inc_by(sweep.removed);
-            metrics.janitor_freed_bytes.inc_by(sweep.freed_bytes);
-            if let Some(u) = usage {
-                metrics
-                    .disk_usage_permille
-                    .set((u.ratio() * 1000.0).round() as i64);
-            }
+}
+
+/// Serves Prometheus `/metrics` on `addr` until shutdown.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), BoxError> {
+    let listener = crate::metrics::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics serving on /metrics");
+    tokio::spawn(crate::metrics::serve(
+        Arc::clone(metrics),
+        listener,
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// Starts the janitor of the workspace volume, reporting its sweeps and the
+/// volume's usage to the metrics.
+fn start_janitor(args: &GatewayArgs, state: &State, metrics: &Arc<Metrics>, shutdown: &CancellationToken) {
+    let metrics = Arc::clone(metrics);
+    let report = move |sweep: janitor::Sweep, usage: Option<janitor::DiskUsage>| {
+        metrics.janitor_removed.inc_by(sweep.removed);
+        metrics.janitor_freed_bytes.inc_by(sweep.freed_bytes);
+        if let Some(u) = usage {
+            metrics
+                .disk_usage_permille
+                .set((u.ratio() * 1000.0).round() as i64);
         }
     };
     let schedule = janitor::Schedule {
@@ -528,20 +572,12 @@ pub async fn serve(
         shutdown.clone(),
         report,
     ));
-    tracing::info!(
-        addr = %listener.local_addr()?,
-        workspace_root = %state.root.path().display(),
-        bucket = %state.bucket,
-        replica = %state.replica,
-        auth = tokens.is_some(),
-        "gateway serving"
-    );
-    // After the grace period, runs still in flight are cancelled and cleaned.
-    let (stop, grace) = (
-        state.stop.clone(),
-        Duration::from_secs(args.shutdown_grace_seconds),
-    );
-    let signal = shutdown.clone();
+}
+
+/// Once shutdown begins, gives the runs in flight `grace` to finish, then
+/// cancels them (they clean up as they end).
+fn stop_runs_after_grace(state: &State, grace: Duration, shutdown: &CancellationToken) {
+    let (stop, signal) = (state.stop.clone(), shutdown.clone());
     tokio::spawn(async move {
         signal.cancelled().await;
         tracing::info!(
@@ -551,20 +587,12 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
         stop.cancel();
     });
-    let (tasks, stop, s3) = (state.tasks.clone(), state.stop.clone(), state.s3.clone());
-    let server = GatewayServer::new(Gateway::new(state))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let service = tonic::service::interceptor::InterceptedService::new(server, auth::interceptor(tokens));
-    let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
-        .await?
-        .add_service(service);
-    let served = crate::server::serve_router(router, listener, shutdown.clone()).await;
-    // However serving ended, start the grace-then-stop path.
-    shutdown.cancel();
-    // Runs may outlive their connections (detached ones): let them finish
-    // within the grace period, then cancel them and wait for their cleanup.
-    // (`stop` is cancelled by the grace timer above.)
+}
+
+/// Waits for the runs that outlived their connections (detached ones)
+/// within the grace period, then for the cleanup of those it cancelled, and
+/// for the aborts of uploads they left.
+async fn drain(tasks: &tokio_util::task::TaskTracker, stop: &CancellationToken, s3: &storage::Storage) {
     tasks.close();
     tokio::select! {
         () = tasks.wait() => {}
@@ -575,5 +603,4 @@ pub async fn serve(
         }
     }
     s3.wait_for_aborts(Duration::from_secs(10)).await;
-    served
 }
