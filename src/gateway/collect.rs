@@ -1,9 +1,8 @@
 //! Collecting a call's outputs: each output file a runtime reports is
-//! opened inside the workspace's `outputs/` without following symlinks,
+//! opened inside the workspace's `outputs/` (from the workspace's own open
+//! descriptor, as staging writes) without following symlinks,
 //! checked to be a regular file, and uploaded from that open descriptor to
 //! `s3://<bucket>/outputs/<request_id>/<uuid>.<ext>`.
-
-use std::path::Path;
 
 use serde_json::{Map, Value};
 use tracing::Instrument as _;
@@ -19,7 +18,7 @@ use crate::{
         self, S3Url,
         checksum::{self, Crc64Stream},
     },
-    workspace::{OUTPUTS, RelPath, RequestId, access, open_regular},
+    workspace::{OUTPUTS, RelPath, Workspace, access},
 };
 
 /// An output file as collected: where it is on the workspace, its size and
@@ -52,8 +51,7 @@ pub struct CallOutputs {
 /// returns what the call left.
 pub async fn collect_outputs(
     state: &State,
-    workspace: &Path,
-    id: RequestId,
+    workspace: &Workspace,
     plan: &CallPlan,
     mut reported: Map<String, Value>,
     events: &Events,
@@ -98,9 +96,14 @@ pub async fn collect_outputs(
                 out.param
             )));
         }
-        let (base, param, opened_rel) = (workspace.to_owned(), out.param.clone(), rel.clone());
+        let (base, fd, param, opened_rel) = (
+            workspace.dir().to_owned(),
+            workspace.fd(),
+            out.param.clone(),
+            rel.clone(),
+        );
         let opened = tokio::task::spawn_blocking(move || {
-            open_regular(&base, &opened_rel).map_err(|e| {
+            fd.open_regular(&opened_rel).map_err(|e| {
                 let doing = format!("the gateway cannot read output {param:?} at");
                 let denied = access::is_denied(&e)
                     .then(|| access::explain_denied(&doing, &base.join(opened_rel.as_str())));
@@ -137,7 +140,12 @@ pub async fn collect_outputs(
             });
             continue;
         }
-        let key = format!("{OUTPUTS}/{id}/{}.{}", uuid::Uuid::new_v4(), out.extension);
+        let key = format!(
+            "{OUTPUTS}/{}/{}.{}",
+            workspace.id(),
+            uuid::Uuid::new_v4(),
+            out.extension
+        );
         let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
         let url = dest.to_string();
         let (mut progress, s3) =

@@ -305,7 +305,7 @@ impl Run {
             phase("invoke").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let collected = collect_outputs(state, ws.dir(), ws.id(), plan, reported, events).await?;
+            let collected = collect_outputs(state, ws, plan, reported, events).await?;
             state
                 .metrics
                 .bytes_uploaded

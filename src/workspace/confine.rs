@@ -88,7 +88,12 @@ impl fmt::Display for RelPath {
 /// and its size. Blocking: call it from `spawn_blocking`.
 pub fn open_regular(base: &Path, rel: &RelPath) -> std::io::Result<(File, u64)> {
     let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir: OwnedFd = rustix::fs::open(base, dir_flags, Mode::empty())?;
+    open_regular_below(rustix::fs::open(base, dir_flags, Mode::empty())?, rel)
+}
+
+/// [`open_regular`] from the open folder `dir` (which it consumes).
+pub(super) fn open_regular_below(mut dir: OwnedFd, rel: &RelPath) -> std::io::Result<(File, u64)> {
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let parts: Vec<&str> = rel.components().collect();
     let (last, parents) = parts.split_last().expect("a RelPath has at least one component");
     let refuse = |what: &str| {

@@ -69,6 +69,13 @@ impl DirFd {
         }
     }
 
+    /// Opens `rel` below this folder for reading, following no link on the
+    /// way, and checks that it is a regular file (see
+    /// [`super::open_regular`]); returns it and its size.
+    pub fn open_regular(&self, rel: &super::RelPath) -> std::io::Result<(File, u64)> {
+        super::confine::open_regular_below(rustix::io::dup(&self.0)?, rel)
+    }
+
     /// Opens the existing folders `dirs` below this one, following no
     /// link; `None` if one is missing.
     pub fn subdir_path_existing(&self, dirs: &[&str]) -> std::io::Result<Option<DirFd>> {

@@ -212,9 +212,9 @@ impl Workspace {
     /// `release`, the name `from` is removed afterwards (the space goes
     /// with the last name). Returns the file's size.
     pub async fn hand_over(&self, from: RelPath, to: RelPath, release: bool) -> std::io::Result<u64> {
-        let (dir, fd) = (self.dir.clone(), self.fd());
+        let fd = self.fd();
         tokio::task::spawn_blocking(move || {
-            let (source, size) = open_regular(&dir, &from)?;
+            let (source, size) = fd.open_regular(&from)?;
             let (folders, name) = to.split_last();
             let target = fd.subdir(&folders)?;
             target.link_or_copy(&source, name, access::INPUT_MODE)?;
