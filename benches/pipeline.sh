@@ -19,25 +19,16 @@ bin="$CARGO_TARGET_DIR/release"
 
 source benches/seaweedfs.sh
 start_seaweedfs "$venv/bin/weed"
-mkdir -p "$work/ws"
 # Text (base64 lines), so that uppercase has letters to change: BIG_MIB MiB
 # and a little more.
 head -c "$(((BIG_MIB << 20) * 3 / 4))" /dev/urandom | base64 -w 76 >"$work/big.txt"
 "$venv/bin/s5cmd" --endpoint-url "$s3" cp "$work/big.txt" s3://bench/big.txt >/dev/null
 rm "$work/big.txt"
 
-rt=29991 gw=29992
-"$bin/prefab" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$work/ws" >"$work/rt.log" 2>&1 &
-pids+=($!)
 # Its own workspace budget: admission must not depend on how full this
 # machine's disk happens to be.
-PREFAB_WORKSPACE_CAPACITY_BYTES=$((8 << 30)) "$bin/prefab" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$work/ws" --s3-endpoint-url "$s3" \
-  --allowed-buckets bench --s3-bucket bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
-  --endpoint-template= >"$work/gw.log" 2>&1 &
-pids+=($!)
-for port in "$rt" "$gw"; do
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
-done
+gw=29992
+start_prefab "$bin/prefab" pipeline 29991 "$gw" --s3-bucket bench --workspace-capacity-bytes $((8 << 30))
 "$bin/examples/pipeline" "127.0.0.1:$gw" s3://bench/big.txt "$ROUNDS" | tee "$work/samples" >&2
 
 python3 - "$work/samples" "$BIG_MIB" <<'EOF2'

@@ -28,19 +28,11 @@ $s5 cp "$work/small.txt" s3://bench/small.txt >/dev/null
 $s5 cp "$work/big.bin" s3://bench/big.bin >/dev/null
 rm "$work/big.bin"
 
-# One round of one revision: its runtime and gateway on fresh ports below
-# the ephemeral range, the client, then both stopped.
+# One round of one revision: its runtime and gateway on ports below the
+# ephemeral range, the client, then both stopped.
 round() { # NAME
-  local bin="$cache/bench-bin/prefab-$1" ws="$work/ws-$1" rt=29971 gw=29972
-  rm -rf "$ws"; mkdir -p "$ws"
-  "$bin" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$ws" >"$work/rt-$1.log" 2>&1 &
-  local rt_pid=$!
-  "$bin" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$ws" --s3-endpoint-url "$s3" \
-    --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
-    --endpoint-template= >"$work/gw-$1.log" 2>&1 &
-  local gw_pid=$!
-  pids+=("$rt_pid" "$gw_pid") # stopped at exit should a round fail
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$gw") 2>/dev/null && break; sleep 0.2; done
+  local gw=29972
+  start_prefab "$cache/bench-bin/prefab-$1" "$1" 29971 "$gw"
   sync; sleep 1
   "$client" "127.0.0.1:$gw" s3://bench/small.txt "$SMALL" s3://bench/big.bin 1 |
     sed "s/^/$1 /" | tee -a "$work/samples" >&2

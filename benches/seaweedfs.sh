@@ -15,3 +15,24 @@ start_seaweedfs() { # WEED
   for _ in $(seq 1 120); do curl -s -o /dev/null "$s3" && break; sleep 0.5; done
   sleep 3
 }
+
+# `start_prefab BIN NAME RT GW [GATEWAY FLAG…]` starts BIN's example runtime
+# and a gateway in front of it on the loopback ports RT and GW, with the
+# fresh workspace root $work/ws-NAME and logs $work/{rt,gw}-NAME.log, and
+# waits until both listen. Their pids go to $pids (stopped at exit) and to
+# $rt_pid and $gw_pid.
+start_prefab() { # BIN NAME RT GW [GATEWAY FLAG…]
+  local bin=$1 name=$2 rt=$3 gw=$4 ws="$work/ws-$2"
+  shift 4
+  rm -rf "$ws"; mkdir -p "$ws"
+  "$bin" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$ws" >"$work/rt-$name.log" 2>&1 &
+  rt_pid=$!
+  "$bin" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$ws" --s3-endpoint-url "$s3" \
+    --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
+    --endpoint-template= "$@" >"$work/gw-$name.log" 2>&1 &
+  gw_pid=$!
+  pids+=("$rt_pid" "$gw_pid")
+  for port in "$rt" "$gw"; do
+    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
+  done
+}

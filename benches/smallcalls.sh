@@ -36,18 +36,8 @@ head -c 768 /dev/urandom | base64 -w 0 | fold -w 64 >"$work/small.txt"
 # One round of one revision: its runtime and gateway on a fresh volume,
 # the client, then both stopped.
 round() { # NAME
-  local bin="$cache/bench-bin/prefab-$1" ws="$work/ws-$1" rt=29981 gw=29982
-  rm -rf "$ws"; mkdir -p "$ws"
-  "$bin" runtime hello --addr "127.0.0.1:$rt" --workspace-root "$ws" >"$work/rt-$1.log" 2>&1 &
-  local rt_pid=$!
-  "$bin" gateway --addr "127.0.0.1:$gw" --no-auth --workspace-root "$ws" --s3-endpoint-url "$s3" \
-    --allowed-buckets bench --endpoints "hello-world-prefab@1.0.0=http://127.0.0.1:$rt" \
-    --endpoint-template= >"$work/gw-$1.log" 2>&1 &
-  local gw_pid=$!
-  pids+=("$rt_pid" "$gw_pid") # stopped at exit should a round fail
-  for port in "$rt" "$gw"; do
-    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
-  done
+  local ws="$work/ws-$1" rt=29981 gw=29982
+  start_prefab "$cache/bench-bin/prefab-$1" "$1" "$rt" "$gw"
   "$cache/bench-bin/smallcalls" "127.0.0.1:$gw" "127.0.0.1:$rt" "$ws" "$s3" s3://bench/small.txt \
     "$RUNS" "$CONCURRENCY" | sed "s/^/$1 /" | tee -a "$work/samples" >&2
   kill "$gw_pid" "$rt_pid"; wait "$gw_pid" "$rt_pid" 2>/dev/null || true

@@ -14,10 +14,7 @@ use super::{
 };
 use crate::{
     proto::{self, run_event::Event},
-    storage::{
-        self, S3Url,
-        checksum::{self, Crc64Stream},
-    },
+    storage::{self, S3Url, checksum},
     workspace::{OUTPUTS, RelPath, Workspace, access},
 };
 
@@ -126,7 +123,7 @@ pub async fn collect_outputs(
         if out.intermediate {
             // Handed to later calls on the workspace: its checksum is taken
             // here, since no upload takes it.
-            let crc = tokio::task::spawn_blocking(move || checksum_file(file))
+            let crc = tokio::task::spawn_blocking(move || storage::crc64_of_range(&file, 0, size))
                 .await
                 .map_err(|e| GatewayError::Internal(e.to_string()))?
                 .map_err(|e| GatewayError::Internal(format!("cannot read output {:?}: {e}", out.param)))?;
@@ -136,7 +133,7 @@ pub async fn collect_outputs(
                 param: out.param.clone(),
                 rel,
                 size,
-                crc64nvme: crc,
+                crc64nvme: checksum::to_base64(crc.value()),
             });
             continue;
         }
@@ -175,16 +172,4 @@ pub async fn collect_outputs(
         uploaded: files,
         files: collected,
     })
-}
-
-/// The CRC-64/NVME of a whole file, in S3's form. Blocking.
-fn checksum_file(mut file: std::fs::File) -> std::io::Result<String> {
-    let mut crc = Crc64Stream::default();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        match std::io::Read::read(&mut file, &mut buf)? {
-            0 => return Ok(checksum::to_base64(crc.finish().value())),
-            n => crc.update(&buf[..n]),
-        }
-    }
 }

@@ -64,7 +64,14 @@ pub async fn prepare(state: &State, id: RequestId, plans: &[CallPlan]) -> Result
         })?;
         let inputs = inputs
             .iter()
-            .map(|call| call.iter().map(|rel| workspace.create_input(rel)).collect())
+            .map(|call| {
+                call.iter()
+                    .map(|rel| {
+                        let rel = RelPath::parse(rel).map_err(std::io::Error::other)?;
+                        workspace.create_input(&rel)
+                    })
+                    .collect()
+            })
             .collect::<std::io::Result<_>>()
             .map_err(|e| GatewayError::Internal(format!("cannot create the input files of {id}: {e}")))?;
         let record = records.prepare(id).map_err(|e| {

@@ -211,10 +211,9 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
     }
     // The program continues the call's trace, never one this runtime was
     // started in.
-    cmd.env_remove("TRACEPARENT").env_remove("TRACESTATE");
-    for (name, value) in call.trace_headers() {
-        cmd.env(name.to_uppercase(), value);
-    }
+    cmd.env_remove("TRACEPARENT")
+        .env_remove("TRACESTATE")
+        .envs(call.trace().env());
     for (name, value) in call.secrets() {
         cmd.env(name, value);
     }

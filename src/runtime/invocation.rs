@@ -51,12 +51,14 @@ impl Invocation {
         &self.args
     }
 
-    /// The W3C trace context to hand to work this call starts elsewhere
-    /// (another service, a program): `traceparent` and, if any,
-    /// `tracestate`, naming this call's span when spans are exported, the
-    /// gateway's context otherwise. Empty when the call is not traced.
-    pub fn trace_headers(&self) -> HashMap<String, String> {
-        self.trace.from_span(&tracing::Span::current()).headers()
+    /// The W3C trace context to hand to work this call starts elsewhere:
+    /// as headers for another service ([`telemetry::Propagated::headers`]),
+    /// as `TRACEPARENT`/`TRACESTATE` for a program
+    /// ([`telemetry::Propagated::env`]). It names this call's span when
+    /// spans are exported, the gateway's context otherwise; empty when the
+    /// call is not traced.
+    pub fn trace(&self) -> telemetry::Propagated {
+        self.trace.from_span(&tracing::Span::current())
     }
 
     /// The string argument `name`.

@@ -24,6 +24,7 @@ pub use download::{download, download_probed};
 pub use error::{StorageError, error_chain};
 pub use retry::RetryPolicy;
 pub use upload::upload;
+pub use upload_file::crc64_of_range;
 pub use url::{S3Url, UrlError};
 
 use std::{sync::Arc, time::Duration};

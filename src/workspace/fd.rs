@@ -89,24 +89,35 @@ impl DirFd {
         Ok(Some(fd))
     }
 
-    /// Makes `source` (an open regular file) also appear here as the new
-    /// name `name`: a hard link to that very file, whatever its path has
-    /// become since it was opened; where the volume refuses the link
-    /// (another file system, a link limit, a policy), a copy made by the
-    /// kernel, with `mode`.
-    pub fn link_or_copy(&self, source: &File, name: &str, mode: u32) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // The open file's own name in /proc links the file itself, not
-        // whatever its path names now.
-        let proc_name = format!("/proc/self/fd/{}", source.as_raw_fd());
-        match rustix::fs::linkat(
-            rustix::fs::CWD,
-            proc_name.as_str(),
-            &self.0,
-            name,
-            AtFlags::SYMLINK_FOLLOW,
-        ) {
-            Ok(()) => return Ok(()),
+    /// Makes `source` (an open regular file, which is `source_name` in
+    /// `source_dir`) also appear here as the new name `name`: a hard link,
+    /// checked afterwards to be that very file (same device and inode), so
+    /// that a file swapped in under the name meanwhile is never handed on;
+    /// where the volume refuses the link (another file system, a link
+    /// limit, a policy) or the name no longer is that file, a copy of
+    /// `source` made by the kernel, with `mode`.
+    ///
+    /// (Linking the open file through `/proc/self/fd` would need no check,
+    /// but kernels refuse it with EXDEV for a file that has a name, this
+    /// machine's among them; `AT_EMPTY_PATH` needs `CAP_DAC_READ_SEARCH`.)
+    pub fn link_or_copy(
+        &self,
+        source_dir: &DirFd,
+        source_name: &str,
+        source: &File,
+        name: &str,
+        mode: u32,
+    ) -> std::io::Result<()> {
+        match rustix::fs::linkat(&source_dir.0, source_name, &self.0, name, AtFlags::empty()) {
+            Ok(()) => {
+                let linked = rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                let opened = rustix::fs::fstat(source)?;
+                if (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino) {
+                    return Ok(());
+                }
+                tracing::warn!(name, "the file changed under its name while handed on; copying");
+                self.remove_file(name)?;
+            }
             Err(Errno::EXIST) => return Err(refuse(name, Errno::EXIST)),
             Err(e) => tracing::debug!(error = %e, name, "cannot link; copying"),
         }
@@ -199,7 +210,7 @@ impl DirFd {
     /// could not store (a full disk, a quota). An fsync here cost each
     /// run about 0.4 ms of its latency.
     pub fn replace(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
-        let tmp = format!("{name}.tmp");
+        let tmp = tmp_name(name);
         self.remove_file(&tmp)?;
         let file = self.create_new(&tmp, PRIVATE_MODE)?;
         self.fill_and_rename(file, &tmp, name, contents)
@@ -210,7 +221,7 @@ impl DirFd {
     /// creating a file costs (a volume round trip on NFS, 0.2 ms on this
     /// machine's disk) can then be paid before the moment that matters.
     pub fn create_tmp(&self, name: &str) -> std::io::Result<File> {
-        self.create_new(&format!("{name}.tmp"), PRIVATE_MODE)
+        self.create_new(&tmp_name(name), PRIVATE_MODE)
     }
 
     /// Writes `contents` into `file` (made as `tmp` here), closes it
@@ -256,6 +267,15 @@ impl DirFd {
     }
 }
 
+/// The temporary name a file `name` is written under before its rename
+/// (see [`DirFd::replace`]).
+pub fn tmp_name(name: &str) -> String {
+    format!("{name}{TMP_SUFFIX}")
+}
+
+/// The suffix of [`tmp_name`].
+pub const TMP_SUFFIX: &str = ".tmp";
+
 /// Closes `file` and returns what `close(2)` says, which dropping a
 /// [`File`] ignores.
 fn close_checked(file: File) -> std::io::Result<()> {
@@ -288,6 +308,34 @@ fn refuse(name: &str, e: Errno) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_handed_on_as_a_link_to_the_very_file_opened() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DirFd::open(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("out"), b"checked").unwrap();
+        let opened = File::open(tmp.path().join("out")).unwrap();
+        dir.link_or_copy(&dir, "out", &opened, "in", 0o640).unwrap();
+        let (out, linked) = (
+            std::fs::metadata(tmp.path().join("out")).unwrap(),
+            std::fs::metadata(tmp.path().join("in")).unwrap(),
+        );
+        assert_eq!(
+            (linked.ino(), linked.nlink()),
+            (out.ino(), 2),
+            "a hard link, not a copy"
+        );
+
+        // A file swapped in under the name after it was opened and checked
+        // is not what is handed on: the opened one is, copied.
+        std::fs::remove_file(tmp.path().join("out")).unwrap();
+        std::fs::write(tmp.path().join("out"), b"planted").unwrap();
+        dir.link_or_copy(&dir, "out", &opened, "again", 0o640).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("again")).unwrap(), b"checked");
+        let again = std::fs::metadata(tmp.path().join("again")).unwrap();
+        assert_eq!(again.nlink(), 1);
+    }
 
     #[test]
     fn planted_symlinks_are_refused() {

@@ -189,11 +189,8 @@ impl Workspace {
     /// planner builds it) ready to be staged: its folders, and the new,
     /// empty `<name>.part`, which [`PartTarget::complete`] renames once
     /// complete. Blocking.
-    pub fn create_input(&self, rel: &str) -> std::io::Result<PartFile> {
-        let (folders, name) = rel.rsplit_once('/').ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{rel} has no folder"))
-        })?;
-        let folders: Vec<&str> = folders.split('/').collect();
+    pub fn create_input(&self, rel: &RelPath) -> std::io::Result<PartFile> {
+        let (folders, name) = rel.split_last();
         let dir = self.fd.subdir(&folders)?;
         let file = dir.create_new(&format!("{name}{PART}"), access::INPUT_MODE)?;
         Ok(PartFile {
@@ -207,20 +204,24 @@ impl Workspace {
 
     /// Gives the file at `from` (workspace-relative, a regular file, opened
     /// following no link) a second name `to` in the workspace, making its
-    /// folders: a hard link to the very file opened, so no byte moves; on a
-    /// volume that cannot link it there, a copy made by the kernel. With
+    /// folders: a hard link to the very file opened (see
+    /// [`DirFd::link_or_copy`]), so no byte moves; on a volume that cannot
+    /// link it there, a copy made by the kernel. With
     /// `release`, the name `from` is removed afterwards (the space goes
     /// with the last name). Returns the file's size.
     pub async fn hand_over(&self, from: RelPath, to: RelPath, release: bool) -> std::io::Result<u64> {
         let fd = self.fd();
         tokio::task::spawn_blocking(move || {
             let (source, size) = fd.open_regular(&from)?;
+            let (source_folders, source_name) = from.split_last();
+            let source_dir = fd.subdir_path_existing(&source_folders)?.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("{from} is gone"))
+            })?;
             let (folders, name) = to.split_last();
             let target = fd.subdir(&folders)?;
-            target.link_or_copy(&source, name, access::INPUT_MODE)?;
+            target.link_or_copy(&source_dir, source_name, &source, name, access::INPUT_MODE)?;
             if release {
-                let (folders, name) = from.split_last();
-                fd.subdir(&folders)?.remove_file(name)?;
+                source_dir.remove_file(source_name)?;
             }
             Ok(size)
         })

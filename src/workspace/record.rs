@@ -30,7 +30,7 @@ use std::{
 
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
-use super::{DirFd, RequestId, WorkspaceRoot, lease, lease::Lease};
+use super::{DirFd, RequestId, WorkspaceRoot, fd, lease, lease::Lease};
 
 /// The folder of run records under the workspace root.
 pub const RUNS_DIR: &str = ".runs";
@@ -38,8 +38,6 @@ pub const RUNS_DIR: &str = ".runs";
 const JOURNAL: &str = ".journal";
 /// The suffix of a record's last lease.
 const LEASE: &str = ".lease";
-/// The suffix of a live lease being written (see [`DirFd::replace`]).
-const TMP: &str = ".tmp";
 /// The admission lock file in [`RUNS_DIR`].
 const LOCK_FILE: &str = ".admission.lock";
 /// The folder of live runs' leases in [`RUNS_DIR`].
@@ -206,7 +204,7 @@ impl Records {
                 let id = name
                     .strip_suffix(JOURNAL)
                     .or(name.strip_suffix(LEASE))
-                    .or(name.strip_suffix(TMP))
+                    .or(name.strip_suffix(fd::TMP_SUFFIX))
                     .unwrap_or(&name);
                 if let Ok(id) = RequestId::parse(id) {
                     ids.push((id, entry.path()));
@@ -268,7 +266,7 @@ impl Drop for AdmissionLock<'_> {
 
 /// The name of the file a lease is written through before its rename.
 fn tmp_name(id: RequestId) -> String {
-    format!("{id}{TMP}")
+    fd::tmp_name(&id.to_string())
 }
 
 /// The lease file of a run not admitted yet (see [`Records::prepare`]);

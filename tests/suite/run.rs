@@ -267,17 +267,9 @@ fn staged(events: &[proto::RunEvent], index: u32) -> Vec<proto::InputStaged> {
         .collect()
 }
 
-/// Runs to the end, keeping each event's call index.
-async fn run_events(
-    client: &mut prefab::proto::gateway_client::GatewayClient<tonic::transport::Channel>,
-    req: proto::RunRequest,
-) -> Result<Vec<proto::RunEvent>, tonic::Status> {
-    let mut stream = client.run(authed(req)).await?.into_inner();
-    let mut events = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        events.push(msg);
-    }
-    Ok(events)
+/// A call of the example prefab.
+fn hello(function: &str, inputs: serde_json::Value) -> proto::Call {
+    call("hello-world-prefab", function, inputs)
 }
 
 fn bodies(events: &[proto::RunEvent]) -> Vec<Event> {
@@ -316,21 +308,9 @@ async fn a_calls_output_feeds_later_calls_without_a_round_trip_through_the_store
     let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
 
     let req = request(vec![
-        call(
-            "hello-world-prefab",
-            "uppercase",
-            serde_json::json!({ "text": url }),
-        ),
-        call(
-            "hello-world-prefab",
-            "word_count",
-            serde_json::json!({ "text": "call://0/output" }),
-        ),
-        call(
-            "hello-world-prefab",
-            "sha256",
-            serde_json::json!({ "file": "call://0/output" }),
-        ),
+        hello("uppercase", serde_json::json!({ "text": url })),
+        hello("word_count", serde_json::json!({ "text": "call://0/output" })),
+        hello("sha256", serde_json::json!({ "file": "call://0/output" })),
     ]);
     let events = run_events(&mut client, req).await.expect("the pipeline succeeds");
     let outputs = outputs(&bodies(&events));
@@ -374,19 +354,11 @@ async fn an_intermediate_output_is_handed_on_and_never_uploaded() {
     let url = stack.put_input("pipe/mid.txt", data).await;
     let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
 
-    let mut first = call(
-        "hello-world-prefab",
-        "uppercase",
-        serde_json::json!({ "text": url }),
-    );
+    let mut first = hello("uppercase", serde_json::json!({ "text": url }));
     first.intermediate = vec!["output".into()];
     let req = request(vec![
         first,
-        call(
-            "hello-world-prefab",
-            "sha256",
-            serde_json::json!({ "file": "call://0/output" }),
-        ),
+        hello("sha256", serde_json::json!({ "file": "call://0/output" })),
     ]);
     let events = run_events(&mut client, req).await.expect("the pipeline succeeds");
     let bodies = bodies(&events);
@@ -413,12 +385,8 @@ async fn an_object_several_calls_name_is_staged_once() {
     let url = stack.put_input("pipe/shared.txt", data.clone()).await;
     let (relay, mut gateway, mut client) = gateway_via_relay(&stack).await;
     let req = request(vec![
-        call(
-            "hello-world-prefab",
-            "word_count",
-            serde_json::json!({ "text": url }),
-        ),
-        call("hello-world-prefab", "sha256", serde_json::json!({ "file": url })),
+        hello("word_count", serde_json::json!({ "text": url })),
+        hello("sha256", serde_json::json!({ "file": url })),
     ]);
     let events = run_events(&mut client, req).await.expect("the run succeeds");
     assert_eq!(
@@ -446,20 +414,8 @@ async fn references_are_checked_before_anything_runs() {
     let stack = Stack::start().await;
     let url = stack.put_input("pipe/check.txt", b"a b c\n".to_vec()).await;
     let mut client = stack.client().await;
-    let upper = || {
-        call(
-            "hello-world-prefab",
-            "uppercase",
-            serde_json::json!({ "text": url }),
-        )
-    };
-    let count = |reference: &str| {
-        call(
-            "hello-world-prefab",
-            "word_count",
-            serde_json::json!({ "text": reference }),
-        )
-    };
+    let upper = || hello("uppercase", serde_json::json!({ "text": url }));
+    let count = |reference: &str| hello("word_count", serde_json::json!({ "text": reference }));
     let mut unused = upper();
     unused.intermediate = vec!["output".into()];
     let mut not_an_output = upper();
@@ -493,11 +449,7 @@ async fn references_are_checked_before_anything_runs() {
         (
             vec![
                 upper(),
-                call(
-                    "hello-world-prefab",
-                    "fail",
-                    serde_json::json!({ "message": "call://0/output" }),
-                ),
+                hello("fail", serde_json::json!({ "message": "call://0/output" })),
             ],
             "calls[1].inputs.message",
             "only input files take call:// references",
@@ -534,16 +486,8 @@ async fn a_failing_later_call_removes_the_workspace_and_keeps_what_completed() {
     let url = stack.put_input("pipe/fail.txt", b"keep me\n".to_vec()).await;
     let mut client = stack.client().await;
     let req = request(vec![
-        call(
-            "hello-world-prefab",
-            "uppercase",
-            serde_json::json!({ "text": url }),
-        ),
-        call(
-            "hello-world-prefab",
-            "fail",
-            serde_json::json!({ "message": "second call broke" }),
-        ),
+        hello("uppercase", serde_json::json!({ "text": url })),
+        hello("fail", serde_json::json!({ "message": "second call broke" })),
     ]);
     let mut stream = client.run(authed(req)).await.unwrap().into_inner();
     let mut events = Vec::new();
@@ -574,20 +518,12 @@ async fn a_handed_file_leaves_the_workspace_once_its_last_taker_ended() {
     let stack = Stack::start().await;
     let url = stack.put_input("pipe/release.txt", text(64 << 10, 14)).await;
     let mut client = stack.client().await;
-    let mut first = call(
-        "hello-world-prefab",
-        "uppercase",
-        serde_json::json!({ "text": url }),
-    );
+    let mut first = hello("uppercase", serde_json::json!({ "text": url }));
     first.intermediate = vec!["output".into()];
     let req = request(vec![
         first,
-        call(
-            "hello-world-prefab",
-            "sha256",
-            serde_json::json!({ "file": "call://0/output" }),
-        ),
-        call("hello-world-prefab", "sleep", serde_json::json!({ "seconds": 2 })),
+        hello("sha256", serde_json::json!({ "file": "call://0/output" })),
+        hello("sleep", serde_json::json!({ "seconds": 2 })),
     ]);
     // While the third call runs, the first two calls' files are gone:
     // the intermediate output, the input staged for call 0, the one
@@ -631,13 +567,7 @@ async fn admission_reserves_for_every_call_of_a_pipeline() {
     let (mut gateway, mut client) = stack
         .gateway_process_with(&["--workspace-capacity-bytes=10000000"], None)
         .await;
-    let upper = |text: &str| {
-        call(
-            "hello-world-prefab",
-            "uppercase",
-            serde_json::json!({ "text": text }),
-        )
-    };
+    let upper = |text: &str| hello("uppercase", serde_json::json!({ "text": text }));
     run_events(&mut client, request(vec![upper(&url)]))
         .await
         .expect("one call fits");

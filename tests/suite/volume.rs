@@ -285,6 +285,14 @@ async fn run_everything_as(ids: Ids) {
             serde_json::json!({ "seconds": 0.1 }),
         ),
         call("inspect", "list", serde_json::json!({ "file": url })),
+        // A pipeline step: the output the runtime's user wrote, handed on
+        // by the gateway's user (a hard link needs read and write access
+        // to a file of another owner where fs.protected_hardlinks is on).
+        call(
+            "hello-world-prefab",
+            "sha256",
+            serde_json::json!({ "file": "call://1/output" }),
+        ),
     ];
     let events = run_to_end(&mut client, request(calls))
         .await
@@ -299,6 +307,9 @@ async fn run_everything_as(ids: Ids) {
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text));
     assert_eq!(out[2]["sha256"], serde_json::json!(sha));
     assert_eq!(out[3]["slept"], serde_json::json!(0.1));
+    let upper = text.to_ascii_uppercase();
+    let sha_upper = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&upper));
+    assert_eq!(out[5]["sha256"], serde_json::json!(sha_upper));
 
     // What the exec program saw: every folder shared and setgid, the staged
     // input group-readable, nothing for others, all in the workspace group.

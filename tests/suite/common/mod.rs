@@ -498,10 +498,22 @@ pub async fn run_to_end(
     client: &mut GatewayClient<Channel>,
     req: proto::RunRequest,
 ) -> Result<Vec<Event>, Status> {
+    let events = run_events(client, req).await?;
+    Ok(events
+        .into_iter()
+        .map(|e| e.event.expect("every event has a body"))
+        .collect())
+}
+
+/// [`run_to_end`], keeping each event's call index and sequence number.
+pub async fn run_events(
+    client: &mut GatewayClient<Channel>,
+    req: proto::RunRequest,
+) -> Result<Vec<proto::RunEvent>, Status> {
     let mut stream = client.run(authed(req)).await?.into_inner();
     let mut events = Vec::new();
     while let Some(msg) = stream.message().await? {
-        events.push(msg.event.expect("every event has a body"));
+        events.push(msg);
     }
     Ok(events)
 }
