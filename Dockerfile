@@ -36,6 +36,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
+COPY crates crates
 COPY examples examples
 # `prefab --version` names the revision; the context has no .git.
 ARG PREFAB_GIT_REVISION=unknown

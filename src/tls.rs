@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use prefab_sdk::tls::{ServerTls, read_pem as read};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::server::BoxError;
@@ -24,16 +25,18 @@ pub struct ServerTlsArgs {
 }
 
 impl ServerTlsArgs {
+    /// The PEM files as the SDK takes them.
+    pub fn files(&self) -> ServerTls {
+        ServerTls {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        }
+    }
+
     /// The listener's TLS configuration, if TLS is on.
     pub fn config(&self) -> Result<Option<ServerTlsConfig>, BoxError> {
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
-            return Ok(None);
-        };
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-        if let Some(ca) = &self.tls_client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-        }
-        Ok(Some(config))
+        self.files().config()
     }
 }
 
@@ -86,8 +89,4 @@ pub fn client_config(
         config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     Ok(config)
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, BoxError> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
 }

@@ -139,7 +139,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BoxError> {
 }
 
 async fn seed_sample(s3_args: &S3Args) -> Result<(), BoxError> {
-    let client = crate::storage::connect(s3_args)?;
+    let client = crate::storage::connect(&s3_args.settings())?;
     let text = "hello prefab world\nthe gateway stages this file for every run\n";
     client
         .put_object()

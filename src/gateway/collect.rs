@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tracing::Instrument as _;
 
 use super::{
-    GatewayError, State,
+    GatewayError, Services,
     events::Events,
     plan::{CALL_SCHEME, CallPlan},
 };
@@ -47,7 +47,8 @@ pub struct CallOutputs {
 /// Uploads the output files of `plan` (but the intermediate ones) and
 /// returns what the call left.
 pub async fn collect_outputs(
-    state: &State,
+    services: &Services,
+    max_file_bytes: u64,
     workspace: &Workspace,
     plan: &CallPlan,
     mut reported: Map<String, Value>,
@@ -113,11 +114,11 @@ pub async fn collect_outputs(
             Some(explained) => GatewayError::Deployment(explained),
             None => contract(format!("output {:?}: {e}", out.param)),
         })?;
-        if size > state.max_output_bytes {
+        if size > max_file_bytes {
             return Err(contract(format!(
                 "output {:?} has {size} bytes, more than the {} an output may have here \
                  (PREFAB_MAX_OUTPUT_BYTES)",
-                out.param, state.max_output_bytes
+                out.param, max_file_bytes
             )));
         }
         if out.intermediate {
@@ -143,10 +144,10 @@ pub async fn collect_outputs(
             uuid::Uuid::new_v4(),
             out.extension
         );
-        let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+        let dest = S3Url::new(&services.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
         let url = dest.to_string();
         let (mut progress, s3) =
-            events.transfer_progress(&state.s3, plan.index, &out.param, &url, size, false);
+            events.transfer_progress(&services.s3, plan.index, &out.param, &url, size, false);
         progress(0);
         let done = storage::upload(&s3, file, size, &dest, &mut progress)
             .instrument(tracing::info_span!("upload", parameter = %out.param, %url, size))

@@ -45,28 +45,29 @@ pub async fn put_file(
         }
     };
     if let Some(size) = header.size
-        && size > state.max_input_bytes
+        && size > state.limits.max_input_bytes
     {
         return Err(GatewayError::invalid(
             "header.size",
             format!(
                 "PutFile header declares {size} bytes; this gateway takes files up to {} bytes",
-                state.max_input_bytes
+                state.limits.max_input_bytes
             ),
         ));
     }
     let name = sanitize_name(&header.file_name);
     let key = format!("{UPLOADS}/{}/{name}", uuid::Uuid::new_v4());
-    let dest = S3Url::new(&state.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let dest = S3Url::new(&state.services.bucket, &key).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let fault = Arc::new(Mutex::new(None));
     let source = ChunkSource {
         stream,
         pending: BytesMut::new(),
         received: 0,
-        limit: Some(header.size.unwrap_or(state.max_input_bytes)),
+        limit: Some(header.size.unwrap_or(state.limits.max_input_bytes)),
         fault: Arc::clone(&fault),
     };
-    let uploaded = storage::upload::upload_from(&state.s3, source, header.size, &dest, &mut |_| {}).await;
+    let uploaded =
+        storage::upload::upload_from(&state.services.s3, source, header.size, &dest, &mut |_| {}).await;
     // A failure the client caused is reported as such, not as a storage error.
     let client_fault = fault.lock().unwrap_or_else(|p| p.into_inner()).take();
     let done = match (uploaded, client_fault) {
@@ -78,6 +79,7 @@ pub async fn put_file(
     {
         // The object was written, but it is not what the client meant.
         let _ = state
+            .services
             .s3
             .delete_object()
             .bucket(dest.bucket())
@@ -196,18 +198,18 @@ pub async fn get_file(
 ) -> Result<mpsc::Receiver<Result<proto::FileChunk, Status>>, GatewayError> {
     let url =
         S3Url::parse(&req.url).map_err(|e| GatewayError::invalid("url", format!("{:?}: {e}", req.url)))?;
-    let written_here = url.bucket() == state.bucket
+    let written_here = url.bucket() == state.services.bucket
         && WRITTEN_HERE.iter().any(|dir| {
             url.key()
                 .strip_prefix(dir)
                 .is_some_and(|rest| rest.starts_with('/'))
         });
-    if !written_here && !state.buckets.allows(&url) {
+    if !written_here && !state.limits.buckets.allows(&url) {
         return Err(GatewayError::PermissionDenied(format!(
             "{url}: the bucket or prefix is not in PREFAB_ALLOWED_BUCKETS"
         )));
     }
-    let info = storage::head(&state.s3, &url).await?;
+    let info = storage::head(&state.services.s3, &url).await?;
     if req.offset > info.size || (req.offset == info.size && info.size > 0) {
         return Err(GatewayError::invalid(
             "offset",
@@ -225,7 +227,7 @@ pub async fn get_file(
     if end == req.offset {
         return Ok(rx);
     }
-    let s3 = &state.s3;
+    let s3 = &state.services.s3;
     let (url_ref, etag) = (&url, &info.etag);
     let resp = s3
         .send(url_ref, |_| async move {

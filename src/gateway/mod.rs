@@ -17,15 +17,11 @@ mod persist;
 mod plan;
 mod registry;
 mod run;
+mod runs;
 mod secrets;
 mod stage;
 
-use std::{
-    collections::HashMap,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 pub use admission::{Admission, Limits};
 pub use auth::{Grant, Tokens};
@@ -57,37 +53,50 @@ const MAX_MESSAGE: usize = 4 << 20;
 /// Events queued for one stream reader.
 const STREAM_QUEUE: usize = 64;
 
-/// What every run of this gateway shares.
+/// What every run of this gateway shares, by concern.
 #[derive(Debug)]
 pub struct State {
+    /// What runs call: the store, the volume, the runtimes.
+    services: Services,
+    /// What a request may ask for.
+    limits: RunLimits,
+    /// This replica's runs, live and finished.
+    runs: Arc<runs::Runs>,
+    /// This replica's name in the run records.
+    replica: String,
+}
+
+/// The services runs call, and where they keep things.
+#[derive(Debug)]
+struct Services {
     s3: storage::Storage,
+    /// The bucket outputs and uploaded files go to.
+    bucket: String,
     /// The bodies of small inputs kept from probing until staged.
     kept: stage::Kept,
-    bucket: String,
     root: WorkspaceRoot,
     /// Every replica's run records on the volume.
     records: Arc<Records>,
-    registry: Registry,
-    buckets: BucketPolicy,
+    /// The volume's space, shared with every replica.
     admission: Arc<Admission>,
+    /// The prefabs' runtimes and their manifests.
+    registry: Registry,
     metrics: Arc<Metrics>,
-    replica: String,
-    lease_ttl: Duration,
+    secrets_dir: Option<std::path::PathBuf>,
+}
+
+/// What a request may ask for.
+#[derive(Debug)]
+struct RunLimits {
+    /// Which buckets inputs may come from.
+    buckets: BucketPolicy,
     allow_detach: bool,
-    retention: Duration,
     /// Longest a run may take, if limited.
     max_run: Option<Duration>,
-    runs: Mutex<HashMap<RequestId, Arc<journal::Journal>>>,
-    /// Finished runs whose journals are kept, oldest first.
-    retired: Mutex<Retired>,
-    secrets_dir: Option<std::path::PathBuf>,
     max_input_bytes: u64,
     max_output_bytes: u64,
-    /// Cancelled when the shutdown grace period is over: runs still going
-    /// are cancelled and cleaned up.
-    stop: CancellationToken,
-    /// Every run task, so that shutdown can wait for their cleanup.
-    tasks: tokio_util::task::TaskTracker,
+    /// How long a run's lease lasts unless renewed.
+    lease_ttl: Duration,
 }
 
 impl State {
@@ -135,10 +144,10 @@ impl State {
             replica: replica.clone(),
             ttl: Duration::from_secs(args.lease_ttl_seconds),
         };
-        Ok(Self {
-            s3: storage::connect(&args.s3)?,
-            kept: stage::Kept::default(),
+        let services = Services {
+            s3: storage::connect(&args.s3.settings())?,
             bucket: args.s3.bucket.clone(),
+            kept: stage::Kept::default(),
             admission: Admission::new(
                 limits,
                 root.path().to_owned(),
@@ -154,20 +163,22 @@ impl State {
                 args.describe_ttl(),
                 args.runtime_tls.config()?,
             )?,
-            buckets: BucketPolicy::new(&args.allowed_buckets, &args.s3.bucket),
             metrics,
-            replica,
-            lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
-            allow_detach: args.allow_detach,
-            retention: Duration::from_secs(args.run_retention_seconds),
-            max_run: Some(Duration::from_secs(args.max_run_seconds)).filter(|d| !d.is_zero()),
-            runs: Mutex::default(),
-            retired: Mutex::default(),
             secrets_dir: args.secrets_dir.clone(),
+        };
+        let limits = RunLimits {
+            buckets: BucketPolicy::new(&args.allowed_buckets, &args.s3.bucket),
+            allow_detach: args.allow_detach,
+            max_run: Some(Duration::from_secs(args.max_run_seconds)).filter(|d| !d.is_zero()),
             max_input_bytes: args.max_input_bytes,
             max_output_bytes: args.max_output_bytes,
-            stop: CancellationToken::new(),
-            tasks: tokio_util::task::TaskTracker::new(),
+            lease_ttl: Duration::from_secs(args.lease_ttl_seconds),
+        };
+        Ok(Self {
+            services,
+            limits,
+            runs: Arc::new(runs::Runs::new(Duration::from_secs(args.run_retention_seconds))),
+            replica,
         })
     }
 
@@ -186,57 +197,21 @@ impl State {
         for (index, call) in req.calls.iter().enumerate() {
             let requested = plan::Requested {
                 index: index as u32,
-                prefab: self.registry.resolve(&call.prefab_id, &call.version).await?,
+                prefab: self
+                    .services
+                    .registry
+                    .resolve(&call.prefab_id, &call.version)
+                    .await?,
                 function_name: &call.function_name,
                 inputs: call.inputs.clone().map(proto::struct_to_json).unwrap_or_default(),
                 intermediate: &call.intermediate,
             };
-            let planned = plan::plan(requested, &plans, &self.buckets)?;
+            let planned = plan::plan(requested, &plans, &self.limits.buckets)?;
             plans.push(planned);
         }
         plan::check_intermediates(&plans)?;
         Ok(plans)
     }
-
-    fn journals(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Arc<journal::Journal>>> {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Keeps the journal of finished run `id` for late `Watch` calls: for
-    /// the retention period, and while the journals kept stay within
-    /// [`RETAINED_BYTES`] (the oldest go first).
-    fn retire(self: &Arc<Self>, id: RequestId, bytes: usize) {
-        {
-            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-            retired.runs.push_back((id, bytes));
-            retired.bytes += bytes;
-            let mut journals = self.journals();
-            while let Some(&(oldest, size)) = retired.runs.front() {
-                let expired = !journals.contains_key(&oldest);
-                if !expired && retired.bytes <= RETAINED_BYTES {
-                    break;
-                }
-                retired.runs.pop_front();
-                retired.bytes -= size;
-                journals.remove(&oldest);
-            }
-        }
-        let state = Arc::clone(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(state.retention).await;
-            state.journals().remove(&id);
-        });
-    }
-}
-
-/// Bytes of events kept for finished runs, in all.
-const RETAINED_BYTES: usize = 64 << 20;
-
-/// The finished runs whose journals are kept, and their size.
-#[derive(Debug, Default)]
-struct Retired {
-    runs: std::collections::VecDeque<(RequestId, usize)>,
-    bytes: usize,
 }
 
 /// The gateway service.
@@ -303,7 +278,7 @@ impl proto::gateway_server::Gateway for Gateway {
     type RunStream = Boxed<proto::RunEvent>;
 
     async fn run(&self, req: Request<proto::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
-        let deadline = run::Deadline::starting_now(deadline_of(&req), self.state.max_run);
+        let deadline = run::Deadline::starting_now(deadline_of(&req), self.state.limits.max_run);
         let grant = Grant::of(&req);
         let caller = telemetry::Remote::from_metadata(req.metadata());
         let req = req.into_inner();
@@ -315,7 +290,7 @@ impl proto::gateway_server::Gateway for Gateway {
             .into());
         }
         let detach = req.on_disconnect() == proto::OnDisconnect::Detach;
-        if detach && !self.state.allow_detach {
+        if detach && !self.state.limits.allow_detach {
             return Err(GatewayError::Deployment(
                 "this gateway refuses ON_DISCONNECT_DETACH (PREFAB_ALLOW_DETACH=false): its replicas are \
                  stopped when no request is open (Knative scaling down), which would cancel a detached run; \
@@ -343,12 +318,12 @@ impl proto::gateway_server::Gateway for Gateway {
             let first = &plans[0];
             span.record("prefab_id", first.prefab.manifest.id.as_str());
             span.record("function_name", first.function.name.as_str());
-            self.state.admission.has_room()?;
+            self.state.services.admission.has_room()?;
             // The workspace is made while the inputs are looked at.
             let (probes, prepared) = tokio::join!(
-                stage::probe_all(&self.state.s3, &plans, &self.state.kept)
+                stage::probe_all(&self.state.services.s3, &plans, &self.state.services.kept)
                     .instrument(tracing::info_span!("probe")),
-                run::prepare(&self.state, id, &plans).instrument(tracing::info_span!("workspace")),
+                run::prepare(&self.state.services, id, &plans).instrument(tracing::info_span!("workspace")),
             );
             let (probes, prepared) = (probes?, prepared?);
             let sizes: Vec<(String, u64)> = probes
@@ -361,7 +336,7 @@ impl proto::gateway_server::Gateway for Gateway {
                 .iter()
                 .map(|call| call.iter().map(|looked| looked.probed.info.size).collect())
                 .collect();
-            let need = plan::workspace_need(&plans, &by_call, self.state.admission.reserve_factor());
+            let need = plan::workspace_need(&plans, &by_call, self.state.services.admission.reserve_factor());
             let run::Prepared {
                 record,
                 workspace,
@@ -369,6 +344,7 @@ impl proto::gateway_server::Gateway for Gateway {
             } = prepared;
             let reservation = self
                 .state
+                .services
                 .admission
                 .admit(record, prefabs.clone(), &sizes, need)
                 .instrument(tracing::info_span!("admission"))
@@ -386,11 +362,11 @@ impl proto::gateway_server::Gateway for Gateway {
             admitted.inspect_err(|status| telemetry::record_failure(&span, status))?;
 
         let journal = journal::Journal::new(prefabs);
-        self.state.journals().insert(id, Arc::clone(&journal));
-        self.state.tasks.spawn(persist::run(
+        self.state.runs.insert(id, Arc::clone(&journal));
+        self.state.runs.tasks.spawn(persist::run(
             Arc::clone(&journal),
             reservation.record(),
-            self.state.lease_ttl,
+            self.state.limits.lease_ttl,
         ));
         let work = run::Run {
             state: Arc::clone(&self.state),
@@ -405,6 +381,7 @@ impl proto::gateway_server::Gateway for Gateway {
             trace,
         };
         self.state
+            .runs
             .tasks
             .spawn(work.execute(events::Events::new(Arc::clone(&journal))));
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -443,13 +420,13 @@ impl proto::gateway_server::Gateway for Gateway {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let stream = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::WatchStream);
         // Runs of this replica are followed in memory, others' on the volume.
-        let local = self.state.journals().get(&id).cloned();
+        let local = self.state.runs.journal(id);
         if let Some(journal) = local {
             may_follow(&grant, journal.prefabs())?;
             tokio::spawn(journal.forward(req.after_sequence, tx, false));
             return Ok(stream);
         }
-        let records = Arc::clone(&self.state.records);
+        let records = Arc::clone(&self.state.services.records);
         let found = tokio::task::spawn_blocking(move || {
             let record = records.find(id)?;
             record.lease().map(|lease| (record, lease))
@@ -460,7 +437,7 @@ impl proto::gateway_server::Gateway for Gateway {
             return Err(GatewayError::NotFound(format!(
                 "run {id} is unknown on this workspace volume: it finished more than {} s ago \
                  (PREFAB_RUN_RETENTION_SECONDS), or it never ran here",
-                self.state.retention.as_secs()
+                self.state.runs.retention.as_secs()
             ))
             .into());
         };
@@ -486,8 +463,8 @@ pub async fn serve(
     start_janitor(args, &state, &metrics, &shutdown);
     tracing::info!(
         addr = %listener.local_addr()?,
-        workspace_root = %state.root.path().display(),
-        bucket = %state.bucket,
+        workspace_root = %state.services.root.path().display(),
+        bucket = %state.services.bucket,
         replica = %state.replica,
         auth = tokens.is_some(),
         "gateway serving"
@@ -497,18 +474,22 @@ pub async fn serve(
         Duration::from_secs(args.shutdown_grace_seconds),
         &shutdown,
     );
-    let (tasks, stop, s3) = (state.tasks.clone(), state.stop.clone(), state.s3.clone());
+    let (runs, s3) = (Arc::clone(&state.runs), state.services.s3.clone());
     let server = GatewayServer::new(Gateway::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let service = tonic::service::interceptor::InterceptedService::new(server, auth::interceptor(tokens));
-    let router = crate::server::base_router(GATEWAY_SERVICE, args.tls.config()?)
-        .await?
-        .add_service(service);
+    let router = crate::server::base_router(
+        GATEWAY_SERVICE,
+        crate::proto::FILE_DESCRIPTOR_SET,
+        args.tls.config()?,
+    )
+    .await?
+    .add_service(service);
     let served = crate::server::serve_router(router, listener, shutdown.clone()).await;
     // However serving ended, start the grace-then-stop path.
     shutdown.cancel();
-    drain(&tasks, &stop, &s3).await;
+    drain(&runs, &s3).await;
     served
 }
 
@@ -564,10 +545,10 @@ fn start_janitor(args: &GatewayArgs, state: &State, metrics: &Arc<Metrics>, shut
     let schedule = janitor::Schedule {
         interval: Duration::from_secs(args.janitor_interval_seconds.max(1)),
         grace: Duration::from_secs(args.workspace_max_age_seconds),
-        retention: state.retention,
+        retention: state.runs.retention,
     };
     tokio::spawn(janitor::run(
-        state.root.clone(),
+        state.services.root.clone(),
         schedule,
         shutdown.clone(),
         report,
@@ -577,7 +558,7 @@ fn start_janitor(args: &GatewayArgs, state: &State, metrics: &Arc<Metrics>, shut
 /// Once shutdown begins, gives the runs in flight `grace` to finish, then
 /// cancels them (they clean up as they end).
 fn stop_runs_after_grace(state: &State, grace: Duration, shutdown: &CancellationToken) {
-    let (stop, signal) = (state.stop.clone(), shutdown.clone());
+    let (stop, signal) = (state.runs.stop.clone(), shutdown.clone());
     tokio::spawn(async move {
         signal.cancelled().await;
         tracing::info!(
@@ -592,12 +573,12 @@ fn stop_runs_after_grace(state: &State, grace: Duration, shutdown: &Cancellation
 /// Waits for the runs that outlived their connections (detached ones)
 /// within the grace period, then for the cleanup of those it cancelled, and
 /// for the aborts of uploads they left.
-async fn drain(tasks: &tokio_util::task::TaskTracker, stop: &CancellationToken, s3: &storage::Storage) {
-    tasks.close();
+async fn drain(runs: &runs::Runs, s3: &storage::Storage) {
+    runs.tasks.close();
     tokio::select! {
-        () = tasks.wait() => {}
-        () = stop.cancelled() => {
-            if tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await.is_err() {
+        () = runs.tasks.wait() => {}
+        () = runs.stop.cancelled() => {
+            if tokio::time::timeout(Duration::from_secs(30), runs.tasks.wait()).await.is_err() {
                 tracing::error!("runs did not finish cleaning up; the janitor will remove their workspaces");
             }
         }

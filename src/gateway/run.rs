@@ -14,7 +14,7 @@ use std::{
 use tracing::Instrument;
 
 use super::{
-    GatewayError, State,
+    GatewayError, Services, State,
     admission::Reservation,
     collect::collect_outputs,
     events::Events,
@@ -44,8 +44,12 @@ pub struct Prepared {
 }
 
 /// Makes what run `id` of `plans` needs on the volume (see [`Prepared`]).
-pub async fn prepare(state: &State, id: RequestId, plans: &[CallPlan]) -> Result<Prepared, GatewayError> {
-    let (root, records) = (state.root.clone(), Arc::clone(&state.records));
+pub async fn prepare(
+    services: &Services,
+    id: RequestId,
+    plans: &[CallPlan],
+) -> Result<Prepared, GatewayError> {
+    let (root, records) = (services.root.clone(), Arc::clone(&services.records));
     let inputs: Vec<Vec<String>> = plans
         .iter()
         .map(|plan| plan.inputs.iter().map(|input| input.rel.clone()).collect())
@@ -181,12 +185,13 @@ impl Run {
         let outcome = self.guarded(&events).instrument(span.clone()).await;
         let _enter = span.enter();
         let elapsed = started.elapsed();
-        state.metrics.run_seconds.observe(elapsed.as_secs_f64());
+        state.services.metrics.run_seconds.observe(elapsed.as_secs_f64());
         let label = match &outcome {
             Ok(()) => "ok".to_owned(),
             Err(e) => format!("{:?}", e.code()),
         };
         state
+            .services
             .metrics
             .runs
             .get_or_create(&Outcome { outcome: label })
@@ -208,7 +213,7 @@ impl Run {
                 journal.finish(Err(status));
             }
         }
-        state.retire(id, journal.bytes());
+        state.runs.retire(id, journal.bytes());
     }
 
     /// Runs the calls, and removes the workspace.
@@ -230,12 +235,12 @@ impl Run {
             outcome = self.calls(probes, inputs, events) => outcome,
             () = cancelled.cancelled() => Err(GatewayError::Cancelled),
             exceeded = deadline => Err(exceeded),
-            () = state.stop.cancelled() => Err(GatewayError::Unavailable(
+            () = state.runs.stop.cancelled() => Err(GatewayError::Unavailable(
                 "the gateway shut down before the run finished; it was cancelled and cleaned up, so retry it".into(),
             )),
         };
         self.workspace
-            .remove_later(&state.tasks, tracing::info_span!("cleanup"));
+            .remove_later(&state.runs.tasks, tracing::info_span!("cleanup"));
         drop(self.reservation);
         outcome
     }
@@ -261,15 +266,24 @@ impl Run {
         for ((plan, probes), files) in plans.iter().zip(probes).zip(inputs) {
             let phase = |phase| {
                 state
+                    .services
                     .metrics
                     .phase_seconds
                     .get_or_create(&Phase { phase })
                     .clone()
             };
             let t = Instant::now();
-            let staged = stage_inputs(&state.s3, plan.index, &plan.inputs, probes, files, events).await?;
+            let staged = stage_inputs(
+                &state.services.s3,
+                plan.index,
+                &plan.inputs,
+                probes,
+                files,
+                events,
+            )
+            .await?;
             let bytes = staged.iter().map(|s| s.size).sum();
-            state.metrics.bytes_staged.inc_by(bytes);
+            state.services.metrics.bytes_staged.inc_by(bytes);
             reservation.written(bytes);
             for input in staged {
                 let origin = Origin::Input {
@@ -283,11 +297,15 @@ impl Run {
             phase("stage").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let secrets = super::secrets::for_prefab(state.secrets_dir.as_deref(), &plan.prefab.manifest.id)
-                .await
-                .map_err(|e| {
-                    GatewayError::Internal(format!("cannot read the secrets of {}: {e}", plan.prefab.name))
-                })?;
+            let secrets =
+                super::secrets::for_prefab(state.services.secrets_dir.as_deref(), &plan.prefab.manifest.id)
+                    .await
+                    .map_err(|e| {
+                        GatewayError::Internal(format!(
+                            "cannot read the secrets of {}: {e}",
+                            plan.prefab.name
+                        ))
+                    })?;
             // The runtime gets what is left of the deadline, and a moment more:
             // the gateway's own deadline ends the call first, and says which.
             let budget = deadline_at.map(|at| at.saturating_duration_since(Instant::now()) + RUNTIME_SLACK);
@@ -305,6 +323,7 @@ impl Run {
                 .inspect_err(|e| {
                     if matches!(e, GatewayError::Unavailable(_)) {
                         state
+                            .services
                             .registry
                             .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
                     }
@@ -312,8 +331,17 @@ impl Run {
             phase("invoke").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
-            let collected = collect_outputs(state, ws, plan, reported, events).await?;
+            let collected = collect_outputs(
+                &state.services,
+                state.limits.max_output_bytes,
+                ws,
+                plan,
+                reported,
+                events,
+            )
+            .await?;
             state
+                .services
                 .metrics
                 .bytes_uploaded
                 .inc_by(collected.uploaded.iter().map(|f| f.size).sum());

@@ -9,10 +9,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{
+use prefab_sdk::{
+    Invocation, Outputs, Prefab, PrefabError,
     manifest::{FunctionSpec, Manifest, Param, ParamKind},
     proto::LogStream,
-    runtime::{Invocation, Outputs, Prefab, PrefabError},
 };
 
 /// Read buffer size.

@@ -1,3 +1,3 @@
-//! Example prefabs built only on the public [`crate::runtime`] SDK.
+//! Example prefabs built only on the public API of `prefab-sdk`.
 
 pub mod hello;

@@ -1,4 +1,4 @@
-//! Building the S3 client from [`S3Args`].
+//! Building the S3 client from its [`Settings`].
 
 use std::time::Duration;
 
@@ -9,7 +9,29 @@ use aws_sdk_s3::config::{
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore, rustls_provider::CryptoMode};
 use aws_smithy_types::{retry::RetryConfig, timeout::TimeoutConfig};
 
-use crate::config::S3Args;
+use prefab_sdk::secret::Secret;
+
+use super::ChecksumMode;
+
+/// How to reach and talk to the store.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// An S3-compatible endpoint, `scheme://host[:port]`; `None`: AWS S3.
+    pub endpoint_url: Option<String>,
+    /// The signing region.
+    pub region: String,
+    /// Whether requests name the bucket in the path rather than the host.
+    pub path_style: bool,
+    /// The access key id and its secret; neither: the SDK's anonymous
+    /// requests.
+    pub access_key_id: Option<Secret>,
+    /// See `access_key_id`.
+    pub secret_access_key: Option<Secret>,
+    /// How long a transfer keeps retrying a failing store without progress.
+    pub retry_budget: Duration,
+    /// How uploads prove their bytes to the store.
+    pub checksum: ChecksumMode,
+}
 
 /// Why the S3 settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +54,7 @@ pub enum ClientError {
 /// not retry: [`super::retry`] is the one retry policy, with a time budget.
 /// Upload parts read from local files go to an `http://` endpoint by
 /// `sendfile` (see `super::sendfile`); everything else goes through hyper.
-pub fn connect(args: &S3Args) -> Result<super::Storage, ClientError> {
+pub fn connect(args: &Settings) -> Result<super::Storage, ClientError> {
     let mut http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
     if args
         .endpoint_url
@@ -50,7 +72,7 @@ pub fn connect(args: &S3Args) -> Result<super::Storage, ClientError> {
     let http = http.build_https();
     let mut b = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(args.region().to_owned()))
+        .region(Region::new(args.region.clone()))
         .http_client(super::sendfile::Client::wrap(http))
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -66,7 +88,7 @@ pub fn connect(args: &S3Args) -> Result<super::Storage, ClientError> {
                 .grace_period(Duration::from_secs(30))
                 .build(),
         )
-        .force_path_style(args.path_style());
+        .force_path_style(args.path_style);
     if let Some(endpoint) = &args.endpoint_url {
         validate_endpoint(endpoint)?;
         b = b.endpoint_url(endpoint.trim_end_matches('/'));
@@ -84,7 +106,7 @@ pub fn connect(args: &S3Args) -> Result<super::Storage, ClientError> {
         (None, None) => {}
         _ => return Err(ClientError::PartialCredentials),
     }
-    let retry = super::RetryPolicy::with_budget(Duration::from_secs(args.retry_seconds));
+    let retry = super::RetryPolicy::with_budget(args.retry_budget);
     let client = aws_sdk_s3::Client::from_conf(b.build());
     let endpoint = args.endpoint_url.as_deref().unwrap_or("AWS S3");
     Ok(super::Storage::from_client(

@@ -18,7 +18,7 @@ mod url;
 mod verify;
 
 pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};
-pub use client::{ClientError, connect};
+pub use client::{ClientError, Settings, connect};
 pub use compat::{ChecksumMode, Compat};
 pub use download::{download, download_probed};
 pub use error::{StorageError, error_chain};

@@ -30,7 +30,7 @@ use std::{
 
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
-use super::{DirFd, RequestId, WorkspaceRoot, fd, lease, lease::Lease};
+use super::{DirFd, RequestId, TMP_SUFFIX, WorkspaceRoot, lease, lease::Lease};
 
 /// The folder of run records under the workspace root.
 pub const RUNS_DIR: &str = ".runs";
@@ -204,7 +204,7 @@ impl Records {
                 let id = name
                     .strip_suffix(JOURNAL)
                     .or(name.strip_suffix(LEASE))
-                    .or(name.strip_suffix(fd::TMP_SUFFIX))
+                    .or(name.strip_suffix(TMP_SUFFIX))
                     .unwrap_or(&name);
                 if let Ok(id) = RequestId::parse(id) {
                     ids.push((id, entry.path()));
@@ -266,7 +266,7 @@ impl Drop for AdmissionLock<'_> {
 
 /// The name of the file a lease is written through before its rename.
 fn tmp_name(id: RequestId) -> String {
-    fd::tmp_name(&id.to_string())
+    super::tmp_name(&id.to_string())
 }
 
 /// The lease file of a run not admitted yet (see [`Records::prepare`]);

@@ -207,7 +207,7 @@ async fn an_upload_given_up_while_the_store_creates_it_is_aborted() {
     let stack = Stack::start().await;
     // The store answers CreateMultipartUpload, the first request, late.
     let proxy = Proxy::start(s3_addr(&stack), Fault::DelayFirst(Duration::from_secs(2))).await;
-    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     std::fs::write(&path, text(40 << 20, 9)).unwrap();
@@ -261,7 +261,7 @@ async fn an_upload_dropped_while_it_aborts_is_aborted_all_the_same() {
     // Every answer comes late: when the source fails, parts are still in
     // flight, and the abort waits for them.
     let proxy = Proxy::start(s3_addr(&stack), Fault::DelayEach(Duration::from_millis(1500))).await;
-    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dest = prefab::storage::S3Url::new(BUCKET, "outputs/dropped/big.bin").unwrap();
     let failed = std::sync::Arc::new(tokio::sync::Notify::new());
     let source = FailingSource {
@@ -295,7 +295,7 @@ async fn an_upload_whose_completion_reply_is_lost_still_succeeds() {
     // retry finds no upload to complete.
     let complete: &'static str = Box::leak(format!("POST /{BUCKET}/{key}?uploadId=").into_boxed_str());
     let proxy = Proxy::start(s3_addr(&stack), Fault::LoseReplyTo(complete)).await;
-    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     let data = text(20 << 20, 12);
@@ -322,7 +322,7 @@ async fn an_upload_cut_mid_part_sends_the_part_again_and_is_byte_identical() {
     // The first connection to carry 3 MiB of requests is cut there: inside
     // the body of an 8 MiB part.
     let proxy = Proxy::start(s3_addr(&stack), Fault::CutRequestAfter(3 << 20)).await;
-    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = prefab::storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     let data = text(40 << 20, 11);

@@ -61,7 +61,7 @@ impl Moto {
         let mut args = s3_args(endpoint);
         args.checksum = checksum;
         args.retry_seconds = 5;
-        storage::connect(&args).unwrap()
+        storage::connect(&args.settings()).unwrap()
     }
 
     async fn open_uploads(&self) -> usize {

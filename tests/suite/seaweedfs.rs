@@ -81,7 +81,7 @@ impl Weed {
             .spawn()
             .expect("start weed mini");
         let endpoint = format!("http://127.0.0.1:{s3_port}");
-        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
         let mut weed = Self {
             child,
             endpoint,
@@ -330,7 +330,7 @@ async fn bytes_corrupted_on_the_way_up_fail_the_upload_and_leave_nothing() {
     // carry that much: inside the body of an 8 MiB part.
     let upstream = weed.endpoint.trim_start_matches("http://").parse().unwrap();
     let proxy = proxy::Proxy::start(upstream, proxy::Fault::FlipRequestAt(4 << 20)).await;
-    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     std::fs::write(&path, text(40 << 20, 21)).unwrap();
@@ -360,7 +360,7 @@ async fn an_upload_whose_completion_reply_is_lost_is_found_complete() {
     let complete: &'static str = Box::leak(format!("POST /{BUCKET}/{key}?uploadId=").into_boxed_str());
     let upstream = weed.endpoint.trim_start_matches("http://").parse().unwrap();
     let proxy = proxy::Proxy::start(upstream, proxy::Fault::LoseReplyTo(complete)).await;
-    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr))).unwrap();
+    let s3 = storage::connect(&s3_args(&format!("http://{}", proxy.addr)).settings()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     let data = text(20 << 20, 22);

@@ -159,7 +159,7 @@ async fn a_reply_cut_after_its_last_byte_loses_nothing() {
         ..Object::default()
     };
     let (endpoint, object, server) = serve(object).await;
-    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
     let url = S3Url::parse("s3://bucket/videos/cut.bin").unwrap();
     let info = storage::head(&s3, &url).await.unwrap();
     let out = tempfile::tempfile().unwrap();
@@ -192,7 +192,7 @@ async fn downloads_check_the_crc64_that_oss_keeps() {
                 ..Object::default()
             };
             let (endpoint, _, server) = serve(object).await;
-            let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+            let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
             let url = S3Url::parse("s3://bucket/videos/in.bin").unwrap();
             let info = storage::head(&s3, &url).await.unwrap();
             assert_eq!(
@@ -250,7 +250,7 @@ async fn a_crc32c_of_parts_is_not_taken_for_the_whole_object() {
             ..Object::default()
         };
         let (endpoint, _, server) = serve(object).await;
-        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
         let url = S3Url::parse("s3://bucket/videos/parts.bin").unwrap();
         let info = storage::head(&s3, &url).await.unwrap();
         assert_eq!(info.checksum.map(|c| c.algorithm), taken, "{kind:?} {etag}");
@@ -265,7 +265,7 @@ async fn a_crc32c_of_parts_is_not_taken_for_the_whole_object() {
 async fn probe_and_download(object: Object) -> (bool, (usize, usize), Result<Vec<u8>, String>) {
     let data = object.data.clone();
     let (endpoint, object, server) = serve(object).await;
-    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
     let url = S3Url::parse("s3://bucket/small/in.bin").unwrap();
     let probed = storage::probe(&s3, &url).await.unwrap();
     assert_eq!(probed.info.size, data.len() as u64);
@@ -419,7 +419,7 @@ async fn a_refused_look_says_why() {
             ..Object::default()
         };
         let (endpoint, object, server) = serve(object).await;
-        let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+        let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
         let url = S3Url::parse("s3://bucket/cold/in.bin").unwrap();
         let err = storage::probe(&s3, &url).await.unwrap_err().to_string();
         server.abort();
@@ -482,7 +482,7 @@ async fn a_probe_reply_longer_than_it_said_is_not_read_to_its_end() {
             });
         }
     });
-    let s3 = storage::connect(&s3_args(&endpoint)).unwrap();
+    let s3 = storage::connect(&s3_args(&endpoint).settings()).unwrap();
     let url = S3Url::parse("s3://bucket/endless/in.bin").unwrap();
     let probed = storage::probe(&s3, &url).await.unwrap();
     server.abort();

@@ -165,7 +165,7 @@ impl Cluster {
         .await
         .expect("embedded S3 starts");
         let s3_endpoint = format!("http://{s3_addr}");
-        let s3 = prefab::storage::connect(&common::s3_args(&s3_endpoint)).unwrap();
+        let s3 = prefab::storage::connect(&common::s3_args(&s3_endpoint).settings()).unwrap();
 
         let root_flag = format!("--workspace-root={}", root.display());
         let start = |args: Vec<String>, log: &'static str| {

@@ -146,7 +146,7 @@ impl Volume {
         .await
         .expect("embedded S3 starts");
         let s3_endpoint = format!("http://{s3_addr}");
-        let s3 = prefab::storage::connect(&common::s3_args(&s3_endpoint)).unwrap();
+        let s3 = prefab::storage::connect(&common::s3_args(&s3_endpoint).settings()).unwrap();
         Self {
             tmp,
             bin,

@@ -170,7 +170,7 @@ impl Stack {
                 panic!("gateway failed: {e}");
             }
         });
-        let s3 = prefab::storage::connect(&s3_args(&s3_endpoint)).unwrap();
+        let s3 = prefab::storage::connect(&s3_args(&s3_endpoint).settings()).unwrap();
         Self {
             tmp,
             s3_endpoint,

@@ -17,13 +17,13 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{Invocation, Prefab, PrefabError};
 use crate::{
-    config::Secret,
+    Invocation, Prefab, PrefabError,
     manifest::{FunctionSpec, Manifest, ParamKind},
     proto::{self, prefab_runtime_server::PrefabRuntime},
+    secret::Secret,
     telemetry,
-    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, WorkspaceRoot, access, open_regular},
+    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, Volume, access, open_regular},
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -38,7 +38,7 @@ const EVENT_QUEUE: usize = 64;
 pub struct RuntimeService<P> {
     prefab: Arc<P>,
     manifest: Arc<Manifest>,
-    root: WorkspaceRoot,
+    root: Volume,
     active: Arc<AtomicUsize>,
 }
 
@@ -61,7 +61,7 @@ impl<P: Prefab> RuntimeService<P> {
         Ok(Self {
             prefab,
             manifest: Arc::new(manifest),
-            root: WorkspaceRoot::new(workspace_root)?,
+            root: Volume::new(workspace_root)?,
             active: Arc::default(),
         })
     }
@@ -88,7 +88,7 @@ impl<P: Prefab> RuntimeService<P> {
         tls: Option<tonic::transport::ServerTlsConfig>,
         shutdown: CancellationToken,
     ) -> Result<(), crate::server::BoxError> {
-        let router = crate::server::base_router(RUNTIME_SERVICE, tls)
+        let router = crate::server::base_router(RUNTIME_SERVICE, proto::FILE_DESCRIPTOR_SET, tls)
             .await?
             .add_service(proto::prefab_runtime_server::PrefabRuntimeServer::new(self));
         crate::server::serve_router(router, listener, shutdown).await
@@ -313,7 +313,7 @@ impl<P: Prefab> PrefabRuntime for RuntimeService<P> {
         let (args, workspace) = (call.args.clone(), call.workspace.clone());
         span.record("function", spec.name.as_str());
         span.record("workspace", tracing::field::display(workspace.display()));
-        let redactor = crate::config::Redactor::new(call.secrets().map(|(_, value)| value));
+        let redactor = crate::secret::Redactor::new(call.secrets().map(|(_, value)| value));
         let prefab = Arc::clone(&self.prefab);
         let active = Arc::clone(&self.active);
         tokio::spawn(tracing::Instrument::instrument(

@@ -1,4 +1,4 @@
-//! Serving gRPC: every server of this crate also answers
+//! Serving gRPC: every server (a runtime's, the gateway's) also answers
 //! `grpc.health.v1.Health` and server reflection (`v1` and `v1alpha`), and
 //! stops gracefully when its shutdown token is cancelled.
 
@@ -11,14 +11,17 @@ use tonic::transport::{
     server::{Router, TcpIncoming},
 };
 
-use crate::proto;
-
 /// Any start-up or serving error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Starts a server with health (reporting `service_name` as serving) and
-/// reflection, over TLS when `tls` is given; the caller adds its own service.
-pub async fn base_router(service_name: &str, tls: Option<ServerTlsConfig>) -> Result<Router, BoxError> {
+/// reflection of `descriptors` (an encoded `FileDescriptorSet` naming the
+/// service), over TLS when `tls` is given; the caller adds its own service.
+pub async fn base_router(
+    service_name: &str,
+    descriptors: &'static [u8],
+    tls: Option<ServerTlsConfig>,
+) -> Result<Router, BoxError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(service_name, tonic_health::ServingStatus::Serving)
@@ -27,7 +30,7 @@ pub async fn base_router(service_name: &str, tls: Option<ServerTlsConfig>) -> Re
     // grpcio-reflection and several GUI clients speak only v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;

@@ -9,10 +9,10 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::PrefabError;
 use crate::{
-    config::Secret,
-    proto, telemetry,
+    PrefabError, proto,
+    secret::Secret,
+    telemetry,
     workspace::{DirFd, access},
 };
 
@@ -24,14 +24,14 @@ pub type Outputs = Map<String, Value>;
 /// cancellation token.
 #[derive(Debug)]
 pub struct Invocation {
-    pub(super) function: String,
-    pub(super) args: Map<String, Value>,
-    pub(super) files: HashMap<String, PathBuf>,
-    pub(super) workspace: PathBuf,
-    pub(super) secrets: HashMap<String, Secret>,
-    pub(super) events: mpsc::Sender<Result<proto::InvokeEvent, tonic::Status>>,
-    pub(super) cancel: CancellationToken,
-    pub(super) trace: telemetry::Propagated,
+    pub(crate) function: String,
+    pub(crate) args: Map<String, Value>,
+    pub(crate) files: HashMap<String, PathBuf>,
+    pub(crate) workspace: PathBuf,
+    pub(crate) secrets: HashMap<String, Secret>,
+    pub(crate) events: mpsc::Sender<Result<proto::InvokeEvent, tonic::Status>>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) trace: telemetry::Propagated,
 }
 
 impl Invocation {
