@@ -52,8 +52,6 @@ pub enum ClientError {
 /// requires them, which every S3-compatible store accepts; payload
 /// integrity is the transfer code's (see [`super::compat`]). The SDK does
 /// not retry: [`super::retry`] is the one retry policy, with a time budget.
-/// Upload parts read from local files go to an `http://` endpoint by
-/// `sendfile` (see `super::sendfile`); everything else goes through hyper.
 pub fn connect(args: &Settings) -> Result<super::Storage, ClientError> {
     let mut http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
     if args
@@ -73,7 +71,7 @@ pub fn connect(args: &Settings) -> Result<super::Storage, ClientError> {
     let mut b = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(args.region.clone()))
-        .http_client(super::sendfile::Client::wrap(http))
+        .http_client(http)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .retry_config(RetryConfig::disabled())

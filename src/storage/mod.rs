@@ -11,7 +11,6 @@ mod error;
 mod fetch;
 pub mod ranged;
 pub mod retry;
-mod sendfile;
 pub mod upload;
 mod upload_file;
 mod url;

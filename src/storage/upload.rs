@@ -6,11 +6,9 @@
 //! open upload or a stray part behind.
 //!
 //! Memory: parts of a local file are never held whole. Each is read once
-//! to checksum it, then sent: to a plain-HTTP store straight from the page
-//! cache with `sendfile` (see `sendfile`), over TLS read again 256 KiB at a
-//! time as it goes to the socket (see `upload_file`). An upload holds a few
-//! small buffers per part in flight (at most 4 MiB kept for reuse) whatever
-//! the part size.
+//! to checksum it, then read again 256 KiB at a time as it goes to the
+//! socket (see `upload_file`). An upload holds a few small buffers per part
+//! in flight (at most 4 MiB kept for reuse) whatever the part size.
 //!
 //! Integrity: every PUT and part carries its CRC-64/NVME, and a multipart
 //! upload is created as a full-object CRC-64/NVME one whose completion
@@ -28,8 +26,6 @@
 use std::{fs::File, sync::Arc};
 
 use aws_sdk_s3::{
-    client::customize::CustomizableOperation,
-    config::StalledStreamProtectionConfig,
     primitives::ByteStream,
     types::{ChecksumAlgorithm, ChecksumType, CompletedMultipartUpload, CompletedPart},
 };
@@ -42,7 +38,6 @@ use super::{
     checksum::to_base64,
     compat::Integrity,
     retry::{self, RetryPolicy},
-    sendfile::FileBody,
     upload_file::{FileRange, UploadFile},
 };
 
@@ -160,33 +155,6 @@ impl Part {
         self.md5().await.map(Some).map_err(|e| StorageError::io(url, e))
     }
 
-    /// Sets up `request` to carry this part. A part in a file is marked for
-    /// `sendfile` (taken when the store is reached by plain HTTP, else the
-    /// request sends [`Part::body`]) and exempt from the SDK's check of
-    /// upload speed, which watches the body it sends itself and would see
-    /// none of a part sent by `sendfile` (cutting every such request after
-    /// its grace period). The `sendfile` exchange fails by itself when the
-    /// store takes nothing for the read timeout; over TLS, hyper's read
-    /// timeout bounds the whole request.
-    fn carried_by<T, E, B>(&self, request: CustomizableOperation<T, E, B>) -> CustomizableOperation<T, E, B> {
-        let PartData::File { file, offset, crc } = &self.0 else {
-            return request;
-        };
-        let body = FileBody {
-            file: Arc::clone(file),
-            offset: *offset,
-            len: crc.len(),
-        };
-        let speed_unchecked = aws_sdk_s3::config::Builder::default().stalled_stream_protection(
-            StalledStreamProtectionConfig::enabled()
-                .upload_enabled(false)
-                .build(),
-        );
-        request
-            .mutate_request(move |request| request.add_extension(body.clone()))
-            .config_override(speed_unchecked)
-    }
-
     /// A request body for the part; the SDK can rebuild it to retry.
     fn body(&self) -> ByteStream {
         match &self.0 {
@@ -205,7 +173,7 @@ impl Part {
 const INLINE_CHECKSUM: usize = 256 << 10;
 
 /// Parts of a local file, checksummed on a blocking thread when taken and
-/// sent from the file: by `sendfile`, or read again chunk by chunk over TLS.
+/// sent from the file, read again chunk by chunk.
 #[derive(Debug)]
 pub struct FileSource {
     file: Arc<UploadFile>,
@@ -298,8 +266,7 @@ pub async fn upload_from(
                     .body(first.body())
                     .customize()
                     .disable_payload_signing();
-                let out = first
-                    .carried_by(request)
+                let out = request
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(dest, "PutObject", e))?;
@@ -474,7 +441,7 @@ impl Multipart {
                     .body(part.body())
                     .customize()
                     .disable_payload_signing();
-                part.carried_by(request)
+                request
                     .send()
                     .await
                     .map_err(|e| StorageError::from_sdk(&url, "UploadPart", e))

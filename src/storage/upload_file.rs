@@ -1,7 +1,6 @@
 //! Reading a local file for upload: each part is read once to checksum it
-//! (its CRC goes in the request's headers, before the body) and, unless it
-//! goes by `sendfile` to a plain-HTTP store (see `sendfile`), again, a chunk
-//! at a time, as it goes to the socket. An upload holds a few chunk buffers
+//! (its CRC goes in the request's headers, before the body) and again, a
+//! chunk at a time, as it goes to the socket. An upload holds a few chunk buffers
 //! per part in flight, whatever the part size.
 //!
 //! The second read usually comes from the page cache (the file was just
@@ -75,11 +74,6 @@ impl UploadFile {
                 free.push(buf);
             }
         }
-    }
-
-    /// The file itself.
-    pub(super) fn file(&self) -> &File {
-        &self.file
     }
 
     fn nowait(&self) -> bool {
