@@ -5,7 +5,7 @@
 //! descriptor set of both files for server reflection; a `RunRequest` from
 //! its JSON form.
 
-#[allow(missing_docs, clippy::all)]
+#[allow(missing_docs, clippy::all, rustdoc::all)]
 mod generated {
     tonic::include_proto!("prefab.v1");
 }

@@ -5,7 +5,7 @@
 //! `google.protobuf.Struct` and `serde_json` values, and statuses whose
 //! message fits in the trailers that carry it.
 
-#[allow(missing_docs, clippy::all)]
+#[allow(missing_docs, clippy::all, rustdoc::all)]
 mod generated {
     tonic::include_proto!("prefab.v1");
 }
@@ -87,7 +87,7 @@ pub fn status(code: tonic::Code, message: &str) -> tonic::Status {
 }
 
 /// `message` cut in the middle to at most `max` bytes (at least
-/// [`KEPT_HEAD`] plus 64), saying how much went.
+/// `KEPT_HEAD` plus 64), saying how much went.
 pub fn clip_middle(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if message.len() <= max {
         return message.into();
