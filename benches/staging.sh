@@ -47,26 +47,27 @@ start_prefab "$rel/prefab" staging 29981 "$gw" --s3-bucket bench --workspace-cap
 pids+=($!)
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/29983) 2>/dev/null && break; sleep 0.2; done
 
-sample() { # TOOL
+sample() { # ROUND TOOL (round 0: not counted)
+  local out
   rm -f "$work/out"
   sync; sleep 1
-  case $1 in
-  rclone) set -- rclone "$(python3 benches/measure.py "$bin/rclone" copyto w:bench/big.bin "$work/out")" ;;
-  s5cmd) set -- s5cmd "$(python3 benches/measure.py "$bin/s5cmd" --endpoint-url "$s3" cp s3://bench/big.bin "$work/out")" ;;
-  engine) set -- engine "$(python3 benches/measure.py "$rel/examples/transfer" get s3://bench/big.bin "$work/out")" ;;
-  run-noop) set -- run-noop "$(python3 benches/phases.py "$rel/prefab" run noop exists --json \
-    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin)" ;;
-  run-sha256) set -- run-sha256 "$(python3 benches/phases.py "$rel/prefab" run hello-world-prefab sha256 --json \
-    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin)" ;;
-  esac
-  echo "$round $1 $2" | tee -a "$work/samples" >&2
+  case $2 in
+  rclone) out=$(python3 benches/measure.py "$bin/rclone" copyto w:bench/big.bin "$work/out") ;;
+  s5cmd) out=$(python3 benches/measure.py "$bin/s5cmd" --endpoint-url "$s3" cp s3://bench/big.bin "$work/out") ;;
+  engine) out=$(python3 benches/measure.py "$rel/examples/transfer" get s3://bench/big.bin "$work/out") ;;
+  run-noop) out=$(python3 benches/phases.py "$rel/prefab" run noop exists --json \
+    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin) ;;
+  run-sha256) out=$(python3 benches/phases.py "$rel/prefab" run hello-world-prefab sha256 --json \
+    --gateway "http://127.0.0.1:$gw" -i file=s3://bench/big.bin) ;;
+  esac || { echo "$2 failed in round $1; logs in $work" >&2; exit 1; }
+  echo "$1 $2 $out" | tee -a "$work/samples" >&2
 }
 tools=(rclone s5cmd engine run-noop run-sha256)
 n=${#tools[@]}
 for round in $(seq 1 "$ROUNDS"); do
   # Each round starts with the next tool, after a sample not counted.
-  round=0 sample "${tools[$(((round - 1) % n))]}" 2>/dev/null
-  for i in $(seq 0 $((n - 1))); do sample "${tools[$(((i + round - 1) % n))]}"; done
+  sample 0 "${tools[$(((round - 1) % n))]}"
+  for i in $(seq 0 $((n - 1))); do sample "$round" "${tools[$(((i + round - 1) % n))]}"; done
 done
 
 python3 - "$work/samples" "$BIG_MIB" <<'PY'

@@ -44,8 +44,8 @@ pub struct CallOutputs {
     pub files: Vec<Collected>,
 }
 
-/// Uploads the output files of `plan` (but the intermediate ones) and
-/// returns what the call left.
+/// Uploads the output files of `plan` (but the intermediate ones), none
+/// larger than `max_file_bytes`, and returns what the call left.
 pub async fn collect_outputs(
     services: &Services,
     max_file_bytes: u64,
