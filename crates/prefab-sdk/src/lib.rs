@@ -201,10 +201,10 @@ pub async fn serve_with<P: Prefab>(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let manifest = prefab.manifest();
     let tls = settings.tls.config()?;
-    tracing::info!(%addr, prefab = %manifest.id, version = %manifest.version, tls = tls.is_some(), "runtime serving");
     let service = RuntimeService::new(Arc::new(prefab), settings.workspace_root)?;
+    let manifest = service.manifest();
+    tracing::info!(%addr, prefab = %manifest.id, version = %manifest.version, tls = tls.is_some(), "runtime serving");
     service.serve_tls(listener, tls, shutdown).await
 }
 

@@ -66,6 +66,11 @@ impl<P: Prefab> RuntimeService<P> {
         })
     }
 
+    /// The prefab's manifest, as `Describe` serves it.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     /// The number of function calls running now.
     pub fn active(&self) -> Arc<AtomicUsize> {
         Arc::clone(&self.active)

@@ -35,15 +35,12 @@ impl Prefab for Echo {
     async fn invoke(&self, call: Invocation) -> Result<Outputs, PrefabError> {
         match call.function() {
             "copy" => {
-                let data = tokio::fs::read(call.input("src")?).await?;
+                let mut src = tokio::fs::File::open(call.input("src")?).await?;
                 call.progress(0.5, "copying").await;
                 let mut dst = call.create_output("dst").await?;
-                dst.write_all(&data).await?;
+                let bytes = tokio::io::copy(&mut src, &mut dst).await?;
                 dst.flush().await?;
-                Ok(json!({"bytes": data.len()})
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_default())
+                Ok(json!({"bytes": bytes}).as_object().cloned().unwrap_or_default())
             }
             _ => Err(PrefabError::Failed(format!(
                 "token {} refused",
@@ -69,6 +66,16 @@ async fn served(
         .await
         .unwrap();
     (client, shutdown)
+}
+
+/// An `Invoke` of `function` in workspace `id` with `arguments`.
+fn request(id: RequestId, function: &str, arguments: serde_json::Value) -> proto::InvokeRequest {
+    proto::InvokeRequest {
+        workspace: id.to_string(),
+        function_name: function.into(),
+        arguments: arguments.as_object().cloned().map(proto::json_to_struct),
+        ..Default::default()
+    }
 }
 
 async fn invoke(
@@ -103,17 +110,7 @@ async fn a_prefab_served_by_the_sdk_alone_runs_in_its_workspace() {
     std::fs::create_dir_all(ws.join("outputs/0")).unwrap();
     std::fs::write(ws.join("inputs/0/src.txt"), b"hello, prefab").unwrap();
     let arguments = json!({"src": "inputs/0/src.txt", "dst": "outputs/0/dst.bin"});
-    let events = invoke(
-        &mut client,
-        proto::InvokeRequest {
-            workspace: id.to_string(),
-            function_name: "copy".into(),
-            arguments: Some(proto::json_to_struct(arguments.as_object().unwrap().clone())),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let events = invoke(&mut client, request(id, "copy", arguments)).await.unwrap();
     assert!(
         matches!(&events[0], Event::Progress(p) if p.message == "copying"),
         "{events:?}"
@@ -131,40 +128,19 @@ async fn a_prefab_served_by_the_sdk_alone_runs_in_its_workspace() {
 
     // What the SDK refuses before the function runs, and what it masks.
     let escape = json!({"src": "../../etc/passwd", "dst": "outputs/0/x.bin"});
-    let refused = invoke(
-        &mut client,
-        proto::InvokeRequest {
-            workspace: id.to_string(),
-            function_name: "copy".into(),
-            arguments: Some(proto::json_to_struct(escape.as_object().unwrap().clone())),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let refused = invoke(&mut client, request(id, "copy", escape))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    let stranger = invoke(
-        &mut client,
-        proto::InvokeRequest {
-            workspace: RequestId::new().to_string(),
-            function_name: "copy".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let stranger = invoke(&mut client, request(RequestId::new(), "copy", json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(stranger.code(), tonic::Code::NotFound, "{stranger:?}");
-    let leaked = invoke(
-        &mut client,
-        proto::InvokeRequest {
-            workspace: id.to_string(),
-            function_name: "leak".into(),
-            secrets: [("TOKEN".to_owned(), "s3cr3t-value".to_owned())].into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let leak = proto::InvokeRequest {
+        secrets: [("TOKEN".to_owned(), "s3cr3t-value".to_owned())].into(),
+        ..request(id, "leak", json!({}))
+    };
+    let leaked = invoke(&mut client, leak).await.unwrap_err();
     assert_eq!(leaked.code(), tonic::Code::Unknown);
     assert!(!leaked.message().contains("s3cr3t-value"), "{leaked:?}");
     assert!(leaked.message().contains("[secret]"), "{leaked:?}");
