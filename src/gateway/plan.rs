@@ -23,6 +23,8 @@ pub struct FileInput {
     pub url: S3Url,
     /// Workspace-relative destination, e.g. `inputs/0/text.txt`.
     pub rel: String,
+    /// Whether the function reads it while it is staged.
+    pub streaming: bool,
 }
 
 /// An input file handed over on the workspace from earlier in the run:
@@ -372,6 +374,7 @@ pub fn plan(
                     param: name.clone(),
                     url,
                     rel,
+                    streaming: p.streaming,
                 }),
             }
         } else {

@@ -20,7 +20,7 @@ use super::{
     events::Events,
     invoke::invoke,
     plan::{self, CallPlan, Origin},
-    stage::{Probes, stage_inputs},
+    stage::{self, Probes, stage_inputs},
 };
 use crate::{
     metrics::{Outcome, Phase},
@@ -252,7 +252,7 @@ impl Run {
         inputs: Vec<Vec<PartFile>>,
         events: &Events,
     ) -> Result<(), GatewayError> {
-        let (state, plans, reservation, ws) = (&self.state, &self.plans, &self.reservation, &self.workspace);
+        let (state, plans, ws) = (&self.state, &self.plans, &self.workspace);
         let deadline_at = self.deadline.map(|d| d.at);
         let accepted = proto::RunAccepted {
             request_id: ws.id().to_string(),
@@ -273,27 +273,14 @@ impl Run {
                     .clone()
             };
             let t = Instant::now();
-            let staged = stage_inputs(
-                &state.services.s3,
-                plan.index,
-                &plan.inputs,
-                probes,
-                files,
-                events,
-            )
-            .await?;
-            let bytes = staged.iter().map(|s| s.size).sum();
-            state.services.metrics.bytes_staged.inc_by(bytes);
-            reservation.written(bytes);
-            for input in staged {
-                let origin = Origin::Input {
-                    call: plan.index,
-                    param: input.parameter.clone(),
-                };
-                let rel = RelPath::parse(&input.path).map_err(|e| GatewayError::Internal(e.to_string()))?;
-                on_volume.insert(origin, (rel, input.size, input.crc64nvme));
-            }
+            let (now, streamed) = stage::split(&plan.inputs, probes, files);
+            let staged = stage_inputs(&state.services.s3, plan.index, now, events, false).await?;
+            self.record_staged(plan, staged, &mut on_volume)?;
             self.hand_over(plan, &mut on_volume, &last_users, events).await?;
+            let streamed = match streamed.is_empty() {
+                true => None,
+                false => Some(stage::announce(streamed).await?),
+            };
             phase("stage").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
@@ -317,17 +304,28 @@ impl Run {
                 function_name = %plan.function.name,
             );
             let trace = self.trace.from_span(&span);
-            let reported = invoke(plan, ws.id(), events, secrets, budget, &trace)
-                .instrument(span)
-                .await
-                .inspect_err(|e| {
-                    if matches!(e, GatewayError::Unavailable(_)) {
-                        state
-                            .services
-                            .registry
-                            .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
-                    }
-                })?;
+            let invoking = async {
+                invoke(plan, ws.id(), events, secrets, budget, &trace)
+                    .instrument(span)
+                    .await
+                    .inspect_err(|e| {
+                        if matches!(e, GatewayError::Unavailable(_)) {
+                            state
+                                .services
+                                .registry
+                                .forget(&plan.prefab.manifest.id, &plan.prefab.manifest.version);
+                        }
+                    })
+            };
+            let reported = match streamed {
+                None => invoking.await?,
+                Some(streamed) => {
+                    let staging = stage_inputs(&state.services.s3, plan.index, streamed, events, true);
+                    let (reported, staged) = while_staging(staging, invoking).await?;
+                    self.record_staged(plan, staged, &mut on_volume)?;
+                    reported
+                }
+            };
             phase("invoke").observe(t.elapsed().as_secs_f64());
 
             let t = Instant::now();
@@ -377,6 +375,28 @@ impl Run {
         Ok(())
     }
 
+    /// Counts what call `plan` staged, and notes where it is for later
+    /// calls.
+    fn record_staged(
+        &self,
+        plan: &CallPlan,
+        staged: Vec<proto::InputStaged>,
+        on_volume: &mut HashMap<Origin, (RelPath, u64, String)>,
+    ) -> Result<(), GatewayError> {
+        let bytes = staged.iter().map(|s| s.size).sum();
+        self.state.services.metrics.bytes_staged.inc_by(bytes);
+        self.reservation.written(bytes);
+        for input in staged {
+            let origin = Origin::Input {
+                call: plan.index,
+                param: input.parameter,
+            };
+            let rel = RelPath::parse(&input.path).map_err(|e| GatewayError::Internal(e.to_string()))?;
+            on_volume.insert(origin, (rel, input.size, input.crc64nvme));
+        }
+        Ok(())
+    }
+
     /// Hands call `plan` the files it takes from earlier in the run, each a
     /// second name of the file on the volume; a file's first name goes when
     /// its last user has taken it.
@@ -414,6 +434,33 @@ impl Run {
             events.send(plan.index, Event::Staged(staged)).await?;
         }
         Ok(())
+    }
+}
+
+/// Invokes a function while some of its inputs are still `staging`: its
+/// result counts only once what it read is verified, and a staging failure
+/// fails the call (cancelling the function) whatever the function did.
+async fn while_staging<S, R>(
+    staging: impl Future<Output = Result<S, GatewayError>>,
+    invoking: impl Future<Output = Result<R, GatewayError>>,
+) -> Result<(R, S), GatewayError> {
+    let (mut staging, mut invoking) = (std::pin::pin!(staging), std::pin::pin!(invoking));
+    tokio::select! {
+        staged = &mut staging => {
+            let staged = staged?;
+            Ok((invoking.await?, staged))
+        }
+        reported = &mut invoking => match reported {
+            Ok(reported) => Ok((reported, staging.await?)),
+            // A function whose input failed to stage fails too, but only
+            // after the gateway has published why, which is then the
+            // call's error.
+            Err(e) => tokio::select! {
+                biased;
+                staged = &mut staging => staged.and(Err(e)),
+                () = std::future::ready(()) => Err(e),
+            },
+        },
     }
 }
 

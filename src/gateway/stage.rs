@@ -2,11 +2,17 @@
 //! brings a small object whole), then copy each object into the
 //! workspace as `<name>.part`, renamed to its final name only once complete
 //! and verified. Several inputs move at once.
+//!
+//! An input the function reads front to back (declared `streaming`) is
+//! staged while the function runs: its watermark file says how much of it
+//! is on the volume (see [`crate::workspace::watermark`]), moved at most
+//! every [`PUBLISH_EVERY`], and ends `complete` once the file is verified
+//! and renamed, or `failed` with the error the call then fails with.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
 };
 use tracing::Instrument as _;
@@ -19,7 +25,10 @@ use super::{
 use crate::{
     proto::{self, run_event::Event},
     storage::{self, Probed, Storage},
-    workspace::PartFile,
+    workspace::{
+        PartFile, PartTarget,
+        watermark::{Watermark, shares_page_cache},
+    },
 };
 
 /// Inputs of one call staged at once.
@@ -104,30 +113,63 @@ pub async fn probe_all(s3: &Storage, plans: &[CallPlan], budget: &Kept) -> Resul
     Ok(probes)
 }
 
-/// Stages every input of call `index` into its prepared file; returns
-/// what was staged.
-pub async fn stage_inputs(
-    s3: &Storage,
-    index: u32,
+/// An input of a call about to be staged: what it is, what was found of
+/// it, and its prepared file.
+pub type Staging = (FileInput, Looked, PartFile);
+
+/// Splits a call's inputs into those staged before the function is called
+/// and those it reads while they are staged ([`FileInput::streaming`]).
+pub fn split(
     inputs: &[FileInput],
     probes: Vec<Looked>,
     files: Vec<PartFile>,
+) -> (Vec<Staging>, Vec<Staging>) {
+    let all = inputs.iter().cloned().zip(probes).zip(files);
+    all.map(|((input, looked), file)| (input, looked, file))
+        .partition(|(input, ..)| !input.streaming)
+}
+
+/// Publishes each streamed input's first watermark (nothing staged yet), so
+/// that the function, called next, finds it.
+pub async fn announce(streamed: Vec<Staging>) -> Result<Vec<Staging>, GatewayError> {
+    tokio::task::spawn_blocking(move || {
+        for (input, looked, file) in &streamed {
+            let size = looked.probed.info.size;
+            file.target
+                .publish(&Watermark::Staging { written: 0, size })
+                .map_err(|e| GatewayError::Internal(format!("cannot announce input {}: {e}", input.param)))?;
+        }
+        Ok(streamed)
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(e.to_string()))?
+}
+
+/// Stages `inputs` of call `index` into their prepared files, at most
+/// [`INPUTS_IN_FLIGHT`] at once; with `streamed`, publishing each one's
+/// watermark as it goes. Returns what was staged.
+pub async fn stage_inputs(
+    s3: &Storage,
+    index: u32,
+    inputs: Vec<Staging>,
     events: &Events,
+    streamed: bool,
 ) -> Result<Vec<proto::InputStaged>, GatewayError> {
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    for ((input, looked), file) in inputs.iter().cloned().zip(probes).zip(files) {
+    let count = inputs.len();
+    for (input, looked, file) in inputs {
         let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
-        let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url);
+        let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url, streamed);
         tasks.spawn(
             async move {
                 let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
-                stage_one(&s3, &input, &looked.probed, file, index, &events).await
+                stage_one(&s3, &input, &looked.probed, file, index, &events, streamed).await
             }
             .instrument(span),
         );
     }
-    let mut staged = Vec::with_capacity(inputs.len());
+    let mut staged = Vec::with_capacity(count);
     while let Some(done) = tasks.join_next().await {
         staged.push(done.map_err(|e| GatewayError::Internal(format!("staging task failed: {e}")))??);
     }
@@ -141,6 +183,7 @@ async fn stage_one(
     file: PartFile,
     index: u32,
     events: &Events,
+    streamed: bool,
 ) -> Result<proto::InputStaged, GatewayError> {
     let url = input.url.to_string();
     let size = probed.info.size;
@@ -148,8 +191,48 @@ async fn stage_one(
     progress(0);
     tracing::debug!(%url, size, "staging input");
     let PartFile { file, target } = file;
-    let complete = Box::new(move || target.complete());
-    let done = storage::download_probed(&s3, &input.url, probed, file, &mut progress, Some(complete)).await?;
+    let target = Arc::new(target);
+    let complete: storage::Complete = {
+        let target = Arc::clone(&target);
+        Box::new(move || target.complete())
+    };
+    let done = match streamed {
+        false => {
+            storage::download_probed(&s3, &input.url, probed, file, &mut progress, Some(complete)).await?
+        }
+        true => {
+            let watermark = Watermarks {
+                sync: !shares_page_cache(&file),
+                data: Arc::new(file.try_clone().map_err(|e| {
+                    GatewayError::Internal(format!("cannot stage input {}: {e}", input.param))
+                })?),
+                target,
+                size,
+            };
+            let (prefix, moved) = watch::channel(0);
+            let mut marked = Marked {
+                progress: &mut progress,
+                prefix,
+            };
+            let (downloaded, followed) = tokio::join!(
+                async move {
+                    let downloaded =
+                        storage::download_probed(&s3, &input.url, probed, file, &mut marked, Some(complete))
+                            .await;
+                    drop(marked);
+                    downloaded.map_err(GatewayError::from)
+                },
+                watermark.follow(moved),
+            );
+            let followed = followed.map_err(|e| {
+                GatewayError::Internal(format!(
+                    "cannot publish how far input {} is staged: {e}",
+                    input.param
+                ))
+            });
+            watermark.finish(downloaded, followed).await?
+        }
+    };
     let staged = proto::InputStaged {
         parameter: input.param.clone(),
         url,
@@ -159,6 +242,86 @@ async fn stage_one(
     };
     events.send(index, Event::Staged(staged.clone())).await?;
     Ok(staged)
+}
+
+/// How often at most a streamed input's watermark moves.
+const PUBLISH_EVERY: Duration = Duration::from_millis(4);
+
+/// A streamed input's watermark, moved as its prefix lands on the volume.
+struct Watermarks {
+    target: Arc<PartTarget>,
+    /// The file being staged, to write back before the watermark moves
+    /// where the volume's hosts do not share a page cache.
+    data: Arc<std::fs::File>,
+    sync: bool,
+    size: u64,
+}
+
+impl Watermarks {
+    /// Publishes the prefix written, as it grows, until its sender is gone.
+    async fn follow(&self, mut prefix: watch::Receiver<u64>) -> std::io::Result<()> {
+        while prefix.changed().await.is_ok() {
+            let written = *prefix.borrow_and_update();
+            let (target, data, sync, size) = (
+                Arc::clone(&self.target),
+                Arc::clone(&self.data),
+                self.sync,
+                self.size,
+            );
+            tokio::task::spawn_blocking(move || {
+                if sync {
+                    data.sync_data()?;
+                }
+                target.publish(&Watermark::Staging { written, size })
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            tokio::time::sleep(PUBLISH_EVERY).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes how staging ended: complete, or failed with the error the
+    /// call fails with.
+    async fn finish<T>(
+        &self,
+        downloaded: Result<T, GatewayError>,
+        followed: Result<(), GatewayError>,
+    ) -> Result<T, GatewayError> {
+        let outcome = downloaded.and_then(|done| followed.map(|()| done));
+        let mark = match &outcome {
+            Ok(_) => Watermark::Complete { size: self.size },
+            Err(e) => Watermark::Failed {
+                reason: e.to_string(),
+            },
+        };
+        let target = Arc::clone(&self.target);
+        let published = tokio::task::spawn_blocking(move || target.publish(&mark))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        let done = outcome?;
+        published
+            .map_err(|e| GatewayError::Internal(format!("cannot publish a staged input as complete: {e}")))?;
+        Ok(done)
+    }
+}
+
+/// The progress of a streamed input: events as for any input, and its
+/// prefix for [`Watermarks::follow`].
+struct Marked<'a, P> {
+    progress: &'a mut P,
+    prefix: watch::Sender<u64>,
+}
+
+impl<P: FnMut(u64) + Send> storage::Progress for Marked<'_, P> {
+    fn received(&mut self, bytes: u64) {
+        (self.progress)(bytes);
+    }
+
+    fn written(&mut self, prefix: u64) {
+        self.prefix.send_replace(prefix);
+    }
 }
 
 #[cfg(test)]

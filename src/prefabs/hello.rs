@@ -17,6 +17,8 @@ use prefab_sdk::{
 
 /// Read buffer size.
 const CHUNK: usize = 1 << 20;
+/// Bytes hashed between progress reports.
+const PROGRESS_EVERY: u64 = 16 << 20;
 
 /// The example prefab.
 #[derive(Debug, Default, Clone, Copy)]
@@ -37,7 +39,7 @@ impl Prefab for Hello {
             description: "Example prefab: counts, transforms and hashes files".into(),
             functions: vec![
                 FunctionSpec::new("word_count", "Count words, lines and bytes of a text file")
-                    .param(text())
+                    .param(text().streaming())
                     .output(Param::new("words", Number))
                     .output(Param::new("lines", Number))
                     .output(Param::new("bytes", Number)),
@@ -45,7 +47,7 @@ impl Prefab for Hello {
                     .param(text())
                     .param(Param::new("output", OutputFile).extension("txt")),
                 FunctionSpec::new("sha256", "SHA-256 of a file")
-                    .param(Param::new("file", InputFile))
+                    .param(Param::new("file", InputFile).streaming())
                     .output(Param::new("sha256", String)),
                 FunctionSpec::new("sleep", "Sleep, reporting progress every second")
                     .param(Param::new("seconds", Number))
@@ -75,18 +77,13 @@ fn outputs(value: serde_json::Value) -> Outputs {
 }
 
 async fn word_count(call: &Invocation) -> Result<Outputs, PrefabError> {
-    let mut file = tokio::fs::File::open(call.input("text")?).await?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut input = call.open_input("text").await?;
     let (mut words, mut lines, mut bytes) = (0u64, 0u64, 0u64);
     let mut in_word = false;
-    loop {
+    while let Some(chunk) = input.chunk().await? {
         call.check_cancelled()?;
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        bytes += n as u64;
-        for &b in &buf[..n] {
+        bytes += chunk.len() as u64;
+        for &b in &chunk[..] {
             lines += u64::from(b == b'\n');
             let space = b.is_ascii_whitespace();
             words += u64::from(in_word && space);
@@ -124,22 +121,16 @@ async fn uppercase(call: &Invocation) -> Result<Outputs, PrefabError> {
 }
 
 async fn sha256(call: &Invocation) -> Result<Outputs, PrefabError> {
-    let mut file = tokio::fs::File::open(call.input("file")?).await?;
-    let total = file.metadata().await?.len().max(1);
+    let mut input = call.open_input("file").await?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    let mut reported = 0u64;
-    loop {
+    let (mut done, mut reported) = (0u64, 0u64);
+    while let Some(chunk) = input.chunk().await? {
         call.check_cancelled()?;
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        if done - reported >= 64 * CHUNK as u64 {
+        hasher.update(&chunk);
+        done += chunk.len() as u64;
+        if done - reported >= PROGRESS_EVERY {
             reported = done;
+            let total = input.size().unwrap_or(done).max(1);
             call.progress(done as f64 / total as f64, "hashing").await;
         }
     }

@@ -19,16 +19,16 @@ use std::{
 
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, ChildStdin, Command},
 };
 
-use super::{Invocation, Outputs, Prefab, PrefabError};
+use super::{InputReader, Invocation, Outputs, Prefab, PrefabError};
 use crate::{
     manifest::{ExecSpec, FunctionSpec, Manifest, ParamKind},
     proto::{self, LogStream},
     server::BoxError,
-    workspace::access,
+    workspace::{RelPath, access, open_regular},
 };
 
 /// Time between SIGTERM and SIGKILL.
@@ -106,6 +106,34 @@ fn check_function(f: &FunctionSpec) -> Result<(), String> {
             "function {}: exec.stdout {out:?} is not an OutputFile parameter",
             f.name
         ));
+    }
+    if let Some(input) = &exec.stdin
+        && f.parameter(input).is_none_or(|p| p.kind != ParamKind::InputFile)
+    {
+        return Err(format!(
+            "function {}: exec.stdin {input:?} is not an InputFile parameter",
+            f.name
+        ));
+    }
+    // A streaming input's path names no complete file while the program
+    // runs: it can only be read on standard input.
+    for p in f.parameters.iter().filter(|p| p.streaming) {
+        if exec.stdin.as_ref() != Some(&p.name) {
+            return Err(format!(
+                "function {}: streaming input {:?} must be the program's standard input (exec.stdin = {:?})",
+                f.name, p.name, p.name
+            ));
+        }
+        if exec
+            .command
+            .iter()
+            .any(|arg| placeholders(arg).is_ok_and(|names| names.contains(&p.name)))
+        {
+            return Err(format!(
+                "function {}: streaming input {{{}}} cannot be in the command: the program reads it on standard input",
+                f.name, p.name
+            ));
+        }
     }
     Ok(())
 }
@@ -185,17 +213,71 @@ impl Prefab for ExecPrefab {
                 render(arg, &mut |name| arg_text(&call, spec, name)).map_err(PrefabError::InvalidArgument)?;
             argv.extend(rendered);
         }
-        run(&call, exec, argv).await
+        let stdin = match &exec.stdin {
+            Some(name) if call.files().contains_key(name) => match spec.parameter(name) {
+                Some(p) if p.streaming => Stdin::Streamed(name.clone(), call.open_input(name).await?),
+                _ => Stdin::File(open_input_file(&call, name).await?),
+            },
+            _ => Stdin::Empty,
+        };
+        run(&call, exec, argv, stdin).await
     }
 }
 
-async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Outputs, PrefabError> {
+/// What a program reads on standard input.
+enum Stdin {
+    Empty,
+    /// A complete input file.
+    File(std::fs::File),
+    /// A streaming input (by its parameter), fed through a pipe as it is
+    /// staged.
+    Streamed(String, InputReader),
+}
+
+/// Opens the complete input file `name`, following no link.
+async fn open_input_file(call: &Invocation, name: &str) -> Result<std::fs::File, PrefabError> {
+    let rel = call
+        .arg(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| PrefabError::InvalidArgument(format!("file parameter {name:?} is missing")))?;
+    let rel = RelPath::parse(rel).map_err(|e| PrefabError::InvalidArgument(e.to_string()))?;
+    let workspace = call.workspace().to_owned();
+    let opened = tokio::task::spawn_blocking(move || open_regular(&workspace, &rel))
+        .await
+        .map_err(|e| PrefabError::Failed(e.to_string()))?;
+    let (file, _) = opened.map_err(|e| PrefabError::Failed(format!("cannot open input {name:?}: {e}")))?;
+    Ok(file)
+}
+
+/// Copies a streaming input into the program's standard input as it is
+/// staged; a program that stops reading it is its own business.
+async fn feed(input: Option<(String, InputReader)>, pipe: Option<ChildStdin>) -> Result<(), PrefabError> {
+    let (Some((name, mut reader)), Some(mut pipe)) = (input, pipe) else {
+        return Ok(());
+    };
+    let failed = |e: std::io::Error| PrefabError::Failed(format!("cannot read input {name:?}: {e}"));
+    while let Some(chunk) = reader.chunk().await.map_err(failed)? {
+        match pipe.write_all(&chunk).await {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            written => written.map_err(|e| {
+                PrefabError::Failed(format!("cannot write the program's standard input: {e}"))
+            })?,
+        }
+    }
+    Ok(())
+}
+
+async fn run(
+    call: &Invocation,
+    exec: &ExecSpec,
+    argv: Vec<String>,
+    stdin: Stdin,
+) -> Result<Outputs, PrefabError> {
     let program = argv[0].clone();
     let mut cmd = Command::new(&program);
     cmd.args(&argv[1..])
         .current_dir(call.workspace())
         .env("PREFAB_WORKSPACE", call.workspace())
-        .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
@@ -221,11 +303,26 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         Some(param) => cmd.stdout(capture(call.output(param)?, param).await?),
         None => cmd.stdout(Stdio::piped()),
     };
+    let streamed = match stdin {
+        Stdin::Empty => {
+            cmd.stdin(Stdio::null());
+            None
+        }
+        Stdin::File(file) => {
+            cmd.stdin(file);
+            None
+        }
+        Stdin::Streamed(name, reader) => {
+            cmd.stdin(Stdio::piped());
+            Some((name, reader))
+        }
+    };
     let mut child = cmd
         .spawn()
         .map_err(|e| PrefabError::Failed(format!("cannot start {program}: {e}")))?;
     tracing::info!(program, pid = child.id(), "started");
     let group = ProcessGroup(child.id());
+    let feeding = feed(streamed, child.stdin.take());
     let stdout = child.stdout.take().map(BufReader::new);
     let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let timeout = exec.timeout_seconds.map(Duration::from_secs);
@@ -262,10 +359,15 @@ async fn run(call: &Invocation, exec: &ExecSpec, argv: Vec<String>) -> Result<Ou
         // One limit for the whole run: the loop goes round again when the
         // program closes its output, and must not start a new one then.
         let mut limit = std::pin::pin!(sleep_opt(timeout));
-        let mut drained = false;
+        let mut feeding = std::pin::pin!(feeding);
+        let (mut drained, mut fed) = (false, false);
         let exited = loop {
             tokio::select! {
                 () = &mut io, if !drained => drained = true,
+                done = &mut feeding, if !fed => match done {
+                    Ok(()) => fed = true,
+                    Err(e) => break Err(e),
+                },
                 status = child.wait() => break Ok(status?),
                 () = call.cancellation().cancelled() => break Err(PrefabError::Cancelled),
                 () = &mut limit => break Err(PrefabError::TimedOut(timeout.unwrap_or_default())),

@@ -8,8 +8,8 @@ pub mod exec;
 use std::{net::SocketAddr, path::PathBuf};
 
 pub use prefab_sdk::{
-    DEFAULT_ADDR, DEFAULT_WORKSPACE_ROOT, Invocation, Outputs, Prefab, PrefabError, RUNTIME_SERVICE,
-    RuntimeService, Settings, serve,
+    DEFAULT_ADDR, DEFAULT_WORKSPACE_ROOT, InputReader, Invocation, Outputs, Prefab, PrefabError,
+    RUNTIME_SERVICE, RuntimeService, Settings, serve,
 };
 use tokio_util::sync::CancellationToken;
 

@@ -29,8 +29,7 @@ use super::{
 pub const SMALL_OBJECT: u64 = 1 << 20;
 
 /// Downloads `url` (described by `info`) into `file`, a new empty file
-/// opened for reading and writing, reporting the cumulative byte count to
-/// `progress` as it goes.
+/// opened for reading and writing, reporting to `progress` as it goes.
 ///
 /// The result is verified to have exactly `info.size` bytes, the store's
 /// whole-object checksum if it has one, and, for single-part objects, their
@@ -41,7 +40,7 @@ pub async fn download(
     url: &S3Url,
     info: &ObjectInfo,
     file: File,
-    progress: &mut (dyn FnMut(u64) + Send),
+    progress: &mut dyn Progress,
 ) -> Result<Transfer, StorageError> {
     if info.size > SMALL_OBJECT {
         return super::ranged::download(storage, url, info, file, progress).await;
@@ -51,8 +50,27 @@ pub async fn download(
         fetch_range(&FetchSpec::new(storage, url, info), 0, info.size, &mut gathered).await?;
     }
     let transfer = save(url, info, gathered, file, None).await?;
-    progress(info.size);
+    progress.received(info.size);
     Ok(transfer)
+}
+
+/// What a download reports as it goes. Any `FnMut(u64)` is one that
+/// takes the bytes received.
+pub trait Progress: Send {
+    /// Bytes received so far.
+    fn received(&mut self, bytes: u64);
+
+    /// The length of the file's prefix written so far, every byte of it as
+    /// the store sent it at its offset, from time to time as it grows (a
+    /// reader may take those bytes before the download ends; the checksum
+    /// of the whole is known only then).
+    fn written(&mut self, _prefix: u64) {}
+}
+
+impl<F: FnMut(u64) + Send> Progress for F {
+    fn received(&mut self, bytes: u64) {
+        self(bytes);
+    }
 }
 
 /// What to do with a downloaded file once its bytes are written and
@@ -67,7 +85,7 @@ pub async fn download_probed(
     url: &S3Url,
     probed: &Probed,
     file: File,
-    progress: &mut (dyn FnMut(u64) + Send),
+    progress: &mut dyn Progress,
     complete: Option<Complete>,
 ) -> Result<Transfer, StorageError> {
     let completed = |e| StorageError::io(format!("the file staged from {url}"), e);
@@ -88,7 +106,7 @@ pub async fn download_probed(
         chunks: vec![body.clone()],
     };
     let transfer = save(url, &probed.info, vec![piece], file, complete).await?;
-    progress(transfer.size);
+    progress.received(transfer.size);
     Ok(transfer)
 }
 

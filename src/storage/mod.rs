@@ -19,7 +19,7 @@ mod verify;
 pub use checksum::{Crc64, StoreAlgorithm, StoreChecksum};
 pub use client::{ClientError, Settings, connect};
 pub use compat::{ChecksumMode, Compat};
-pub use download::{download, download_probed};
+pub use download::{Complete, Progress, download, download_probed};
 pub use error::{StorageError, error_chain};
 pub use retry::RetryPolicy;
 pub use upload::upload;

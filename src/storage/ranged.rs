@@ -34,6 +34,7 @@ use tokio::{
 use super::{
     ObjectInfo, S3Url, Storage, StorageError, StoreChecksum, Transfer,
     checksum::{Summed, Sums},
+    download::Progress,
     fetch::{FetchSpec, Piece, PieceSink, fetch_range},
     verify::{expected_md5, verify},
 };
@@ -64,7 +65,7 @@ pub async fn download(
     url: &S3Url,
     info: &ObjectInfo,
     file: File,
-    progress: &mut (dyn FnMut(u64) + Send),
+    progress: &mut dyn Progress,
 ) -> Result<Transfer, StorageError> {
     let io = |e: std::io::Error| StorageError::io(format!("the file staged from {url}"), e);
     let size = info.size;
@@ -122,7 +123,8 @@ pub async fn download(
                 if changed.is_err() {
                     break;
                 }
-                progress(received.load(Ordering::Relaxed));
+                progress.received(received.load(Ordering::Relaxed));
+                progress.written(*hashed.borrow());
             }
         }
     }
@@ -133,7 +135,7 @@ pub async fn download(
     let (sums, md5) = written.map_err(io)?;
     result?;
     let transfer = verify(url, info, sums, md5)?;
-    progress(size);
+    progress.received(size);
     Ok(transfer)
 }
 

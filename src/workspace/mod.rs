@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 
 pub use prefab_sdk::workspace::{
     DirFd, HandleError, INPUTS, OUTPUTS, RelPath, RelPathError, RequestId, TMP_SUFFIX, access, open_regular,
-    tmp_name,
+    tmp_name, watermark,
 };
+use watermark::{Watermark, part_name};
 
 /// The folder holding every workspace.
 #[derive(Debug, Clone)]
@@ -111,7 +112,7 @@ impl Workspace {
     pub fn create_input(&self, rel: &RelPath) -> std::io::Result<PartFile> {
         let (folders, name) = rel.split_last();
         let dir = self.fd.subdir(&folders)?;
-        let file = dir.create_new(&format!("{name}{PART}"), access::INPUT_MODE)?;
+        let file = dir.create_new(&part_name(name), access::INPUT_MODE)?;
         Ok(PartFile {
             file,
             target: PartTarget {
@@ -202,9 +203,6 @@ impl Workspace {
     }
 }
 
-/// The suffix of an input file being staged.
-const PART: &str = ".part";
-
 /// An input file made ready for staging (see [`Workspace::create_input`]).
 #[derive(Debug)]
 pub struct PartFile {
@@ -225,7 +223,13 @@ impl PartTarget {
     /// Renames `<name>.part` to `<name>`: the input is complete, and only
     /// now visible to a function under its name. Blocking.
     pub fn complete(&self) -> std::io::Result<()> {
-        self.dir.rename(&format!("{}{PART}", self.name), &self.name)
+        self.dir.rename(&part_name(&self.name), &self.name)
+    }
+
+    /// Tells a function reading the input while it is staged how far
+    /// staging has come (see [`watermark`]). Blocking.
+    pub fn publish(&self, mark: &Watermark) -> std::io::Result<()> {
+        mark.publish(&self.dir, &self.name)
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    PrefabError, proto,
+    InputReader, PrefabError, proto,
     secret::Secret,
     telemetry,
     workspace::{DirFd, access},
@@ -78,6 +78,34 @@ impl Invocation {
     /// The local path of the input file `name`, ready to read.
     pub fn input(&self, name: &str) -> Result<&Path, PrefabError> {
         self.file(name)
+    }
+
+    /// Opens the input file `name` to read it front to back. For an input
+    /// the function declares [streaming](crate::manifest::Param::streaming),
+    /// the reader returns bytes as soon as the gateway has staged them, while
+    /// [`Invocation::input`]'s path holds the file only once it is
+    /// complete; any other input it reads whole.
+    pub async fn open_input(&self, name: &str) -> Result<InputReader, PrefabError> {
+        let path = self.input(name)?;
+        let outside = || PrefabError::Failed(format!("input {name:?} is not in the workspace"));
+        let rel = path.strip_prefix(&self.workspace).map_err(|_| outside())?;
+        let mut components: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let file_name = components.pop().ok_or_else(outside)?;
+        let workspace = self.workspace.clone();
+        let open = move || {
+            let folders: Vec<&str> = components.iter().map(String::as_str).collect();
+            DirFd::open(&workspace)?
+                .subdir_path_existing(&folders)?
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "its folder is gone"))
+        };
+        let dir = tokio::task::spawn_blocking(open)
+            .await
+            .map_err(|e| PrefabError::Failed(format!("cannot open input {name:?}: {e}")))?
+            .map_err(|e| PrefabError::Failed(format!("cannot open input {name:?}: {e}")))?;
+        Ok(InputReader::new(dir, file_name, self.cancel.clone()))
     }
 
     /// The local path the output file `name` must be written to; its folder

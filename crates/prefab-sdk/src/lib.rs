@@ -64,6 +64,7 @@
 
 #![warn(missing_docs)]
 
+mod input;
 mod invocation;
 pub mod manifest;
 pub mod proto;
@@ -76,6 +77,7 @@ pub mod workspace;
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, sync::Arc};
 
+pub use input::InputReader;
 pub use invocation::{Invocation, Outputs};
 pub use manifest::Manifest;
 use server::BoxError;

@@ -47,6 +47,12 @@ pub struct Param {
     /// For output files: the extension of the uploaded object, without a dot.
     #[serde(default)]
     pub extension: Option<String>,
+    /// For input files: the function reads the file front to back, with
+    /// [`crate::Invocation::open_input`] (the exec runtime: as the program's
+    /// standard input), so the gateway calls it as soon as staging has
+    /// started instead of once the file is complete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streaming: bool,
 }
 
 fn yes() -> bool {
@@ -87,6 +93,12 @@ pub struct ExecSpec {
     /// output; without it, standard output lines become log events.
     #[serde(default)]
     pub stdout: Option<String>,
+    /// An `InputFile` parameter whose bytes the program reads on its
+    /// standard input: a streaming one as it is staged (the only way a
+    /// program reads a streaming input). Without it, standard input is
+    /// empty.
+    #[serde(default)]
+    pub stdin: Option<String>,
     /// Time limit in seconds.
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
@@ -122,6 +134,7 @@ impl Param {
             required: true,
             description: String::new(),
             extension: None,
+            streaming: false,
         }
     }
 
@@ -134,6 +147,13 @@ impl Param {
     /// Sets the extension of an output file.
     pub fn extension(mut self, ext: impl Into<String>) -> Self {
         self.extension = Some(ext.into());
+        self
+    }
+
+    /// Declares an input file read front to back while it is staged (see
+    /// [`Param::streaming`]).
+    pub fn streaming(mut self) -> Self {
+        self.streaming = true;
         self
     }
 
@@ -217,6 +237,16 @@ impl Manifest {
                     ));
                 }
             }
+            if let Some(p) = f
+                .parameters
+                .iter()
+                .find(|p| p.streaming && p.kind != ParamKind::InputFile)
+            {
+                return err(format!(
+                    "{}.{}: only an InputFile can be streaming",
+                    f.name, p.name
+                ));
+            }
             if f.outputs
                 .iter()
                 .any(|p| matches!(p.kind, ParamKind::InputFile | ParamKind::OutputFile))
@@ -281,6 +311,7 @@ impl From<&Param> for proto::Parameter {
             required: p.required,
             description: p.description.clone(),
             extension: p.extension.clone().unwrap_or_default(),
+            streaming: p.streaming,
         }
     }
 }
@@ -329,6 +360,7 @@ impl TryFrom<proto::Manifest> for Manifest {
                 required: p.required,
                 description: p.description,
                 extension: Some(p.extension).filter(|e| !e.is_empty()),
+                streaming: p.streaming,
             })
         };
         let manifest = Manifest {

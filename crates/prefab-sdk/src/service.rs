@@ -23,7 +23,9 @@ use crate::{
     proto::{self, prefab_runtime_server::PrefabRuntime},
     secret::Secret,
     telemetry,
-    workspace::{DirFd, HandleError, INPUTS, OUTPUTS, RelPath, Volume, access, open_regular},
+    workspace::{
+        DirFd, HandleError, INPUTS, OUTPUTS, RelPath, Volume, access, open_regular, watermark::watermark_name,
+    },
 };
 
 /// The gRPC name of the service, as health checks ask for it.
@@ -186,10 +188,20 @@ async fn resolve_files(
         let path = workspace.join(rel.as_str());
         // Checked component by component without following symlinks, so a
         // link planted anywhere on the way is refused.
-        let (base, at, name) = (workspace.to_owned(), path.clone(), p.name.clone());
+        let (base, at, name, streaming) = (workspace.to_owned(), path.clone(), p.name.clone(), p.streaming);
         let checked = tokio::task::spawn_blocking(move || {
             let checked = if is_input {
-                open_regular(&base, &rel).map(drop)
+                // A streaming input may still be staged: then its
+                // watermark is there.
+                let watermark =
+                    || RelPath::parse(&watermark_name(rel.as_str())).map_err(std::io::Error::other);
+                match open_regular(&base, &rel) {
+                    Err(e) if streaming && e.kind() == std::io::ErrorKind::NotFound => watermark()
+                        .and_then(|mark| open_regular(&base, &mark))
+                        .map_err(|_| e),
+                    opened => opened,
+                }
+                .map(drop)
             } else {
                 // Nothing may be at an output's path yet: a link planted
                 // there by another process on the volume would take the

@@ -11,6 +11,7 @@
 pub mod access;
 mod confine;
 mod fd;
+pub mod watermark;
 
 use std::{
     fmt,
