@@ -18,7 +18,7 @@ use prefab_sdk::{
 /// Read buffer size.
 const CHUNK: usize = 1 << 20;
 /// Bytes hashed between progress reports.
-const PROGRESS_EVERY: u64 = 16 << 20;
+const PROGRESS_EVERY: u64 = 4 << 20;
 
 /// The example prefab.
 #[derive(Debug, Default, Clone, Copy)]

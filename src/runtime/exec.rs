@@ -599,5 +599,38 @@ exec = { command = ["sort", "-o", "{output}", "{text}"] }
         );
         assert!(ExecPrefab::parse(&ok.replace("exec = ", "bogus = ")).is_err());
         assert!(ExecPrefab::parse(&ok.replace("sorter", "Sorter")).is_err());
+
+        // A streaming input is read on standard input, and only there.
+        let streamed = ok
+            .replace(
+                r#"type = "InputFile" }"#,
+                r#"type = "InputFile", streaming = true }"#,
+            )
+            .replace(r#""{output}", "{text}"] }"#, r#""{output}"], stdin = "text" }"#);
+        assert!(ExecPrefab::parse(&streamed).is_ok(), "{streamed}");
+        for (bad, complaint) in [
+            (
+                streamed.replace(r#", stdin = "text""#, ""),
+                "must be the program's standard input",
+            ),
+            (
+                streamed.replace(r#""{output}"]"#, r#""{output}", "{text}"]"#),
+                "cannot be in the command",
+            ),
+            (
+                streamed.replace(r#"stdin = "text""#, r#"stdin = "output""#),
+                "not an InputFile",
+            ),
+            (
+                ok.replace(
+                    r#"type = "OutputFile", extension = "txt""#,
+                    r#"type = "OutputFile", streaming = true"#,
+                ),
+                "only an InputFile can be streaming",
+            ),
+        ] {
+            let e = ExecPrefab::parse(&bad).unwrap_err();
+            assert!(e.contains(complaint), "{bad}: {e}");
+        }
     }
 }

@@ -18,6 +18,7 @@ mod run;
 mod seaweedfs;
 mod security;
 mod stores;
+mod streaming;
 mod strict;
 mod tls;
 mod trace;

@@ -25,6 +25,7 @@ const B2_AND_OSS: Strict = Strict {
     refuse_checksum_headers: true,
     refuse_aws_chunked: true,
     damage_first_part: false,
+    flip_object_byte: None,
     rate: None,
 };
 
@@ -53,6 +54,7 @@ const THROTTLED: Strict = Strict {
     refuse_checksum_headers: false,
     refuse_aws_chunked: false,
     damage_first_part: false,
+    flip_object_byte: None,
     rate: Some(THROTTLE),
 };
 

@@ -98,6 +98,8 @@ pub struct Stack {
     pub workspace_root: PathBuf,
     pub runtime_addr: SocketAddr,
     pub runtime_active: Arc<AtomicUsize>,
+    /// Every runtime, as `--endpoints` names them.
+    pub endpoints: String,
     pub gateway_addr: SocketAddr,
     shutdown: CancellationToken,
 }
@@ -178,6 +180,7 @@ impl Stack {
             workspace_root,
             runtime_addr,
             runtime_active,
+            endpoints,
             gateway_addr,
             shutdown,
         }
@@ -237,7 +240,7 @@ impl Stack {
 
 impl Stack {
     /// Starts the real `prefab gateway` binary as a child process (no auth)
-    /// against this stack's store, runtime and workspace root.
+    /// against this stack's store, runtimes and workspace root.
     pub async fn gateway_process(&self) -> (tokio::process::Child, GatewayClient<Channel>) {
         self.gateway_process_with(&[], None).await
     }
@@ -274,10 +277,7 @@ impl Stack {
                 .arg(format!("--addr=127.0.0.1:{port}"))
                 .arg("--no-auth")
                 .arg(format!("--workspace-root={}", self.workspace_root.display()))
-                .arg(format!(
-                    "--endpoints=hello-world-prefab@1.0.0=http://{}",
-                    self.runtime_addr
-                ))
+                .arg(format!("--endpoints={}", self.endpoints))
                 .arg("--endpoint-template=")
                 .arg(format!("--allowed-buckets={INPUT_BUCKET}"))
                 .arg(format!("--s3-endpoint-url={s3_endpoint}"))

@@ -1,7 +1,8 @@
 //! An HTTP/1.1 relay on loopback in front of the test store that behaves
 //! like the stores the embedded one is more lenient than: it refuses the
 //! flexible checksum headers as Backblaze B2 does, refuses `aws-chunked`
-//! bodies as Aliyun OSS does, can damage a part on the way, throttle, and
+//! bodies as Aliyun OSS does, can damage a part or a downloaded byte on the
+//! way, throttle, and
 //! go away for a while (an outage: connections refused and cut). It parses
 //! each request and response head to find where the messages end, and
 //! passes bytes through otherwise.
@@ -30,6 +31,8 @@ pub struct Strict {
     pub refuse_aws_chunked: bool,
     /// Invert one byte in the body of the first `UploadPart`.
     pub damage_first_part: bool,
+    /// Invert the byte at this offset of any object a GET returns it of.
+    pub flip_object_byte: Option<u64>,
     /// Bytes per second in each direction, if limited.
     pub rate: Option<u64>,
 }
@@ -143,6 +146,16 @@ impl Head {
 
     fn content_length(&self) -> u64 {
         self.header("content-length")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Where in the object a response body starts: its `Content-Range`'s
+    /// first byte, or 0.
+    fn range_start(&self) -> u64 {
+        self.header("content-range")
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
@@ -271,13 +284,20 @@ impl Connection {
                 copy_chunked(&mut from_server, &mut client_tx, self.strict.rate, &self.down).await
             } else {
                 let len = response.content_length();
+                let flip = match (method.as_str(), self.strict.flip_object_byte) {
+                    ("GET", Some(at)) => {
+                        let start = response.range_start();
+                        (start..start + len).contains(&at).then(|| at - start)
+                    }
+                    _ => None,
+                };
                 copy_body(
                     &mut from_server,
                     Some(&mut client_tx),
                     len,
                     self.strict.rate,
                     Some(&self.down),
-                    None,
+                    flip,
                 )
                 .await
                 .map(|()| len)
