@@ -274,7 +274,7 @@ impl Run {
             };
             let t = Instant::now();
             let (now, streamed) = stage::split(&plan.inputs, probes, files);
-            let staged = stage_inputs(&state.services.s3, plan.index, now, events, false).await?;
+            let staged = stage_inputs(&state.services.s3, plan.index, now, events, None).await?;
             self.record_staged(plan, staged, &mut on_volume)?;
             self.hand_over(plan, &mut on_volume, &last_users, events).await?;
             let streamed = match streamed.is_empty() {
@@ -320,8 +320,10 @@ impl Run {
             let reported = match streamed {
                 None => invoking.await?,
                 Some(streamed) => {
-                    let staging = stage_inputs(&state.services.s3, plan.index, streamed, events, true);
-                    let (reported, staged) = while_staging(staging, invoking).await?;
+                    let failing = stage::Failing::default();
+                    let staging =
+                        stage_inputs(&state.services.s3, plan.index, streamed, events, Some(&failing));
+                    let (reported, staged) = while_staging(staging, invoking, &failing).await?;
                     self.record_staged(plan, staged, &mut on_volume)?;
                     reported
                 }
@@ -443,6 +445,7 @@ impl Run {
 async fn while_staging<S, R>(
     staging: impl Future<Output = Result<S, GatewayError>>,
     invoking: impl Future<Output = Result<R, GatewayError>>,
+    failing: &stage::Failing,
 ) -> Result<(R, S), GatewayError> {
     let (mut staging, mut invoking) = (std::pin::pin!(staging), std::pin::pin!(invoking));
     tokio::select! {
@@ -453,13 +456,9 @@ async fn while_staging<S, R>(
         reported = &mut invoking => match reported {
             Ok(reported) => Ok((reported, staging.await?)),
             // A function whose input failed to stage fails too, but only
-            // after the gateway has published why, which is then the
-            // call's error.
-            Err(e) => tokio::select! {
-                biased;
-                staged = &mut staging => staged.and(Err(e)),
-                () = std::future::ready(()) => Err(e),
-            },
+            // after `failing` is set: staging's error is the call's.
+            Err(e) if failing.is_set() => staging.await.and(Err(e)),
+            Err(e) => Err(e),
         },
     }
 }
@@ -467,6 +466,44 @@ async fn while_staging<S, R>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_reading_inputs_as_they_stage_fails_as_staging_did() {
+        let failed = |what: &str| GatewayError::Internal(what.into());
+        let message = |r: Result<((), ()), GatewayError>| r.unwrap_err().to_string();
+
+        // Staging fails, says so, and the function fails because of it,
+        // its error arriving first: the call fails with staging's error.
+        let failing = stage::Failing::default();
+        let (told, learns) = tokio::sync::oneshot::channel();
+        let staging = async {
+            failing.set();
+            told.send(()).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<(), _>(failed("checksum mismatch"))
+        };
+        let invoking = async {
+            learns.await.unwrap();
+            Err::<(), _>(failed("the function could not read its input"))
+        };
+        let result = while_staging(staging, invoking, &failing).await;
+        assert_eq!(message(result), "internal error: checksum mismatch");
+
+        // A function failing on its own is not kept waiting for staging.
+        let failing = stage::Failing::default();
+        let staging = std::future::pending::<Result<(), GatewayError>>();
+        let invoking = async { Err::<(), _>(failed("bad argument")) };
+        let result = while_staging(staging, invoking, &failing).await;
+        assert_eq!(message(result), "internal error: bad argument");
+
+        // A result counts only once what it read is verified.
+        let staging = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<(), _>(failed("checksum mismatch"))
+        };
+        let result = while_staging(staging, async { Ok(()) }, &failing).await;
+        assert_eq!(message(result), "internal error: checksum mismatch");
+    }
 
     #[test]
     fn the_work_before_a_run_leaves_the_answer_time_to_travel() {

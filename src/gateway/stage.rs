@@ -9,7 +9,13 @@
 //! every [`PUBLISH_EVERY`], and ends `complete` once the file is verified
 //! and renamed, or `failed` with the error the call then fails with.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, watch},
@@ -145,22 +151,42 @@ pub async fn announce(streamed: Vec<Staging>) -> Result<Vec<Staging>, GatewayErr
     .map_err(|e| GatewayError::Internal(e.to_string()))?
 }
 
+/// Set by the staging of a call's streamed inputs just before it tells the
+/// function that staging failed: the function's failure that follows is
+/// then not the call's error, staging's is.
+#[derive(Debug, Clone, Default)]
+pub struct Failing(Arc<AtomicBool>);
+
+impl Failing {
+    /// Whether staging has failed, or is about to say so.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Says staging failed, before the function can learn it.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Stages `inputs` of call `index` into their prepared files, at most
 /// [`INPUTS_IN_FLIGHT`] at once; with `streamed`, publishing each one's
-/// watermark as it goes. Returns what was staged.
+/// watermark as it goes, and setting it before a failure is published.
+/// Returns what was staged.
 pub async fn stage_inputs(
     s3: &Storage,
     index: u32,
     inputs: Vec<Staging>,
     events: &Events,
-    streamed: bool,
+    streamed: Option<&Failing>,
 ) -> Result<Vec<proto::InputStaged>, GatewayError> {
     let limit = Arc::new(tokio::sync::Semaphore::new(INPUTS_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     let count = inputs.len();
     for (input, looked, file) in inputs {
-        let (s3, events, limit) = (s3.clone(), events.clone(), Arc::clone(&limit));
-        let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url, streamed);
+        let (s3, events, limit, streamed) =
+            (s3.clone(), events.clone(), Arc::clone(&limit), streamed.cloned());
+        let span = tracing::info_span!("stage", parameter = %input.param, url = %input.url, streamed = streamed.is_some());
         tasks.spawn(
             async move {
                 let _permit = limit.acquire_owned().await.expect("semaphore is never closed");
@@ -183,7 +209,7 @@ async fn stage_one(
     file: PartFile,
     index: u32,
     events: &Events,
-    streamed: bool,
+    streamed: Option<Failing>,
 ) -> Result<proto::InputStaged, GatewayError> {
     let url = input.url.to_string();
     let size = probed.info.size;
@@ -197,15 +223,24 @@ async fn stage_one(
         Box::new(move || target.complete())
     };
     let done = match streamed {
-        false => {
+        None => {
             storage::download_probed(&s3, &input.url, probed, file, &mut progress, Some(complete)).await?
         }
-        true => {
+        Some(failing) => {
+            // Asking the volume what it is may be a round trip (NFS).
+            let (file, data, sync) = tokio::task::spawn_blocking(move || {
+                let data = file.try_clone()?;
+                let sync = !shares_page_cache(&data);
+                Ok::<_, std::io::Error>((file, data, sync))
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| GatewayError::Internal(format!("cannot stage input {}: {e}", input.param)))?;
             let watermark = Watermarks {
-                sync: !shares_page_cache(&file),
-                data: Arc::new(file.try_clone().map_err(|e| {
-                    GatewayError::Internal(format!("cannot stage input {}: {e}", input.param))
-                })?),
+                failing,
+                sync,
+                data: Arc::new(data),
                 target,
                 size,
             };
@@ -244,11 +279,15 @@ async fn stage_one(
     Ok(staged)
 }
 
-/// How often at most a streamed input's watermark moves.
-const PUBLISH_EVERY: Duration = Duration::from_millis(4);
+/// How often at most a streamed input's watermark moves: a publication
+/// costs a file created and renamed (0.1 ms here, round trips on NFS, and
+/// a write-back there), and a reader waits at most this long for bytes
+/// that are in.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
 /// A streamed input's watermark, moved as its prefix lands on the volume.
 struct Watermarks {
+    failing: Failing,
     target: Arc<PartTarget>,
     /// The file being staged, to write back before the watermark moves
     /// where the volume's hosts do not share a page cache.
@@ -291,9 +330,12 @@ impl Watermarks {
         let outcome = downloaded.and_then(|done| followed.map(|()| done));
         let mark = match &outcome {
             Ok(_) => Watermark::Complete { size: self.size },
-            Err(e) => Watermark::Failed {
-                reason: e.to_string(),
-            },
+            Err(e) => {
+                self.failing.set();
+                Watermark::Failed {
+                    reason: e.to_string(),
+                }
+            }
         };
         let target = Arc::clone(&self.target);
         let published = tokio::task::spawn_blocking(move || target.publish(&mark))

@@ -67,7 +67,6 @@ impl InputReader {
     /// Reads the input file `name` in the folder `dir`, giving up waiting
     /// when `cancel` is cancelled.
     pub(crate) fn new(dir: DirFd, name: String, cancel: CancellationToken) -> Self {
-        let reopen = !shares_page_cache(&dir);
         let cursor = Cursor {
             dir,
             name,
@@ -76,7 +75,7 @@ impl InputReader {
             readable: 0,
             size: None,
             complete: false,
-            reopen,
+            reopen: None,
         };
         Self {
             state: State::Idle(Box::new(cursor)),
@@ -194,8 +193,8 @@ struct Cursor {
     /// Whether `readable` is the whole file.
     complete: bool,
     /// Whether to open the file anew whenever more is readable (see
-    /// [`crate::workspace::watermark`]).
-    reopen: bool,
+    /// [`crate::workspace::watermark`]), once asked of the volume.
+    reopen: Option<bool>,
 }
 
 enum Next {
@@ -225,7 +224,8 @@ impl Cursor {
                 }
                 Some(Watermark::Staging { written, size }) if written > self.readable => {
                     self.size = Some(size);
-                    if self.reopen || self.file.is_none() {
+                    let reopen = *self.reopen.get_or_insert_with(|| !shares_page_cache(&self.dir));
+                    if reopen || self.file.is_none() {
                         self.file = Some(self.open_staging()?);
                     }
                     self.readable = written;
