@@ -42,6 +42,15 @@ const RATE: u64 = 3 << 20;
 /// The size of the inputs, in MiB: two ranges.
 const MIB: usize = 12;
 
+/// A relay passing everything at [`RATE`].
+const THROTTLED: Strict = Strict {
+    refuse_checksum_headers: false,
+    refuse_aws_chunked: false,
+    damage_first_part: false,
+    flip_object_byte: None,
+    rate: Some(RATE),
+};
+
 /// A stack with the exec prefab, and a gateway process reaching the store
 /// through a relay that behaves as `strict` says.
 async fn through_relay(strict: Strict) -> (Stack, Relay, tokio::process::Child, GatewayClient) {
@@ -92,11 +101,7 @@ fn staged(e: &Event) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_functions_read_the_whole_input_while_it_is_staged() {
-    let throttled = Strict {
-        rate: Some(RATE),
-        ..Strict::default()
-    };
-    let (stack, _relay, _gateway, mut client) = through_relay(throttled).await;
+    let (stack, _relay, _gateway, mut client) = through_relay(THROTTLED).await;
     let data = big_text(MIB, 31);
     let expected = hex::encode(Sha256::digest(&data));
     let url = stack.put_input("stream/in.txt", data).await;
@@ -128,9 +133,8 @@ async fn streaming_functions_read_the_whole_input_while_it_is_staged() {
 async fn a_byte_damaged_on_the_way_fails_a_started_streaming_call_with_data_loss() {
     let size = (MIB as u64) << 20;
     let damaging = Strict {
-        rate: Some(RATE),
         flip_object_byte: Some(size - (1 << 20)),
-        ..Strict::default()
+        ..THROTTLED
     };
     let (stack, _relay, _gateway, mut client) = through_relay(damaging).await;
     let url = stack.put_input("stream/damaged.txt", big_text(MIB, 32)).await;
@@ -163,7 +167,7 @@ async fn a_byte_damaged_on_the_way_fails_a_started_streaming_call_with_data_loss
 async fn cancelling_a_streaming_call_mid_stream_removes_its_workspace() {
     let slow = Strict {
         rate: Some(4 << 20),
-        ..Strict::default()
+        ..THROTTLED
     };
     let (stack, _relay, _gateway, mut client) = through_relay(slow).await;
     let url = stack.put_input("stream/long.txt", big_text(96, 33)).await;
@@ -190,11 +194,7 @@ async fn cancelling_a_streaming_call_mid_stream_removes_its_workspace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_that_do_not_stream_see_only_complete_files() {
-    let throttled = Strict {
-        rate: Some(RATE),
-        ..Strict::default()
-    };
-    let (stack, _relay, _gateway, mut client) = through_relay(throttled).await;
+    let (stack, _relay, _gateway, mut client) = through_relay(THROTTLED).await;
     let data = big_text(MIB, 34);
     let url = stack.put_input("stream/whole.txt", data.clone()).await;
 
