@@ -20,13 +20,14 @@
 //!             version: "1.0.0".into(),
 //!             description: "Copies its input".into(),
 //!             functions: vec![FunctionSpec::new("copy", "Copy a file")
-//!                 .param(Param::new("src", ParamKind::InputFile))
+//!                 .param(Param::new("src", ParamKind::InputFile).streaming())
 //!                 .param(Param::new("dst", ParamKind::OutputFile).extension("bin"))],
 //!         }
 //!     }
 //!
 //!     async fn invoke(&self, call: Invocation) -> Result<Outputs, PrefabError> {
-//!         let mut src = tokio::fs::File::open(call.input("src")?).await?;
+//!         // Read front to back, while the gateway is still staging it.
+//!         let mut src = call.open_input("src").await?;
 //!         tokio::io::copy(&mut src, &mut call.create_output("dst").await?).await?;
 //!         Ok(Outputs::new())
 //!     }
@@ -47,7 +48,8 @@
 //!   runtime's commands) and its checks; the gateway reads the same types.
 //! - [`proto`]: the generated `runtime.proto` messages and stubs.
 //! - [`workspace`]: the shared volume as both sides see it: handles,
-//!   confined no-follow paths, who may use a workspace.
+//!   confined no-follow paths, who may use a workspace, the watermark of an
+//!   input still being staged; [`InputReader`] reads one.
 //! - [`secret`], [`telemetry`], [`server`], [`tls`]: secrets that never
 //!   print, the W3C trace context, health and reflection, TLS from PEM.
 //!
@@ -59,6 +61,10 @@
 //! every file parameter (inputs regular files inside `inputs/`, outputs not
 //! yet existing inside `outputs/`), and calls [`Prefab::invoke`] with an
 //! [`Invocation`] whose progress and log lines stream back as they come.
+//! An input the function declares
+//! [streaming](manifest::Param::streaming) may still be arriving then:
+//! [`Invocation::open_input`] reads it as far as it is staged and waits
+//! for the rest.
 //! The function's result (or error, secrets masked) ends the stream; the
 //! gateway then uploads the output files.
 
