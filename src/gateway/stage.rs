@@ -21,6 +21,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::{
@@ -249,15 +250,16 @@ async fn stage_one(
                 progress: &mut progress,
                 prefix,
             };
+            let ended = CancellationToken::new();
             let (downloaded, followed) = tokio::join!(
-                async move {
+                async {
                     let downloaded =
                         storage::download_probed(&s3, &input.url, probed, file, &mut marked, Some(complete))
                             .await;
-                    drop(marked);
+                    ended.cancel();
                     downloaded.map_err(GatewayError::from)
                 },
-                watermark.follow(moved),
+                watermark.follow(moved, &ended),
             );
             let followed = followed.map_err(|e| {
                 GatewayError::Internal(format!(
@@ -297,9 +299,21 @@ struct Watermarks {
 }
 
 impl Watermarks {
-    /// Publishes the prefix written, as it grows, until its sender is gone.
-    async fn follow(&self, mut prefix: watch::Receiver<u64>) -> std::io::Result<()> {
-        while prefix.changed().await.is_ok() {
+    /// Publishes the prefix written as it grows, until the download has
+    /// `ended` (never leaving a publication behind, which could land after
+    /// the last).
+    async fn follow(
+        &self,
+        mut prefix: watch::Receiver<u64>,
+        ended: &CancellationToken,
+    ) -> std::io::Result<()> {
+        loop {
+            tokio::select! {
+                changed = prefix.changed() => if changed.is_err() {
+                    return Ok(());
+                },
+                () = ended.cancelled() => return Ok(()),
+            }
             let written = *prefix.borrow_and_update();
             let (target, data, sync, size) = (
                 Arc::clone(&self.target),
@@ -315,9 +329,11 @@ impl Watermarks {
             })
             .await
             .map_err(std::io::Error::other)??;
-            tokio::time::sleep(PUBLISH_EVERY).await;
+            tokio::select! {
+                () = tokio::time::sleep(PUBLISH_EVERY) => {}
+                () = ended.cancelled() => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     /// Publishes how staging ended: complete, or failed with the error the

@@ -114,7 +114,10 @@ impl InputReader {
                             self.size = cursor.size;
                             (State::Idle(cursor), Ok(Some(bytes)))
                         }
-                        Ok((_, None)) => (State::Ended, Ok(None)),
+                        Ok((cursor, None)) => {
+                            self.size = cursor.size;
+                            (State::Ended, Ok(None))
+                        }
                         Err(e) => (State::Failed(e.kind(), e.to_string()), Err(e)),
                     };
                     self.state = state;
