@@ -11,8 +11,10 @@ use super::{
     retry::{Next, Retrier},
 };
 
-/// Bytes a range gathers before handing them to the writer.
-pub const WRITE_BATCH: usize = 1 << 20;
+/// Bytes a range gathers before handing them to the writer: few enough
+/// that what the writer copies into the page cache is still in this core's
+/// cache (see [`super::ranged`]).
+pub const WRITE_BATCH: usize = 256 << 10;
 
 /// A run of bytes received back to back, starting at `offset` in the
 /// object, within the range that starts at `range`.
