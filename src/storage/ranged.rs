@@ -55,12 +55,14 @@ const WINDOW: u64 = 4;
 pub(crate) const RANGES_IN_FLIGHT: usize = 16;
 /// Pieces queued between the network and the writer thread. With the
 /// ranges' pieces gathering, about 2 MiB of received bytes wait to be
-/// written: still in the core's cache when `pwritev` copies them into the
-/// page cache. With 1 MiB pieces and eight queued (12 MiB waiting), that
-/// copy read them back from memory and ran at a third of the speed in
-/// about half the runs here (1.4–1.8 s of kernel time for 1 GiB against
-/// 0.6–0.8 s; rotating A/B of `examples/transfer get`, six rounds: median
-/// 1.8 s before, 1.0 s after, s5cmd 1.14 s).
+/// written, still in the core's cache when `pwritev` copies them into the
+/// page cache (it was 12 MiB with 1 MiB pieces and eight queued). On this
+/// project's VM that copy is where a 1 GiB download spends most of its
+/// time, and it runs at a third of its speed in some runs (1.4–3 s of
+/// kernel time instead of 0.6–0.8 s); the smaller pieces made that rarer:
+/// 14 paired samples of `examples/transfer get` in three A/B runs, 11
+/// faster, median of the pairs' ratios 0.84×, pooled medians 1.26 s
+/// against 1.96 s (s5cmd 1.1–1.2 s in the same runs).
 const PIECE_QUEUE: usize = 4;
 /// Pieces queued for the MD5 thread.
 const MD5_QUEUE: usize = 4;
