@@ -11,9 +11,8 @@ use super::{
     retry::{Next, Retrier},
 };
 
-/// Bytes a range gathers before handing them to the writer: few enough
-/// that what the writer copies into the page cache is still in this core's
-/// cache (see [`super::ranged`]).
+/// Bytes a range gathers before handing them to the writer (see
+/// `PIECE_QUEUE` in [`super::ranged`]).
 pub const WRITE_BATCH: usize = 256 << 10;
 
 /// A run of bytes received back to back, starting at `offset` in the

@@ -55,14 +55,10 @@ const WINDOW: u64 = 4;
 pub(crate) const RANGES_IN_FLIGHT: usize = 16;
 /// Pieces queued between the network and the writer thread. With the
 /// ranges' pieces gathering, about 2 MiB of received bytes wait to be
-/// written, still in the core's cache when `pwritev` copies them into the
-/// page cache (it was 12 MiB with 1 MiB pieces and eight queued). On this
-/// project's VM that copy is where a 1 GiB download spends most of its
-/// time, and it runs at a third of its speed in some runs (1.4–3 s of
-/// kernel time instead of 0.6–0.8 s); the smaller pieces made that rarer:
-/// 14 paired samples of `examples/transfer get` in three A/B runs, 11
-/// faster, median of the pairs' ratios 0.84×, pooled medians 1.26 s
-/// against 1.96 s (s5cmd 1.1–1.2 s in the same runs).
+/// written (12 MiB with the 1 MiB pieces and eight queued before): a 1 GiB
+/// GET peaks at 21 MiB of resident memory instead of 43. The smaller pieces
+/// also measured faster (14 pairs of `examples/transfer get`, median ratio
+/// 0.84×), but that was before [`WRITE_STEP`], which explains most of it.
 const PIECE_QUEUE: usize = 4;
 /// Pieces queued for the MD5 thread.
 const MD5_QUEUE: usize = 4;
