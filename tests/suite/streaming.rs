@@ -16,7 +16,8 @@ use common::*;
 use prefab::proto::{self, run_event::Event};
 
 /// An exec prefab with a function reading its input on standard input as
-/// it is staged, and one that is given the complete file's path.
+/// it is staged, one reading a complete file there, and one given the
+/// complete file's path.
 const STREAMER: &str = r#"
 id = "streamer"
 version = "1.0.0"
@@ -26,6 +27,12 @@ name = "checksum"
 parameters = [{ name = "file", type = "InputFile", streaming = true }]
 outputs = [{ name = "sha256", type = "string" }]
 exec = { command = ["sh", "-c", "echo \"::output sha256 $(sha256sum | cut -d' ' -f1)\""], stdin = "file" }
+
+[[function]]
+name = "count"
+parameters = [{ name = "file", type = "InputFile" }]
+outputs = [{ name = "bytes", type = "number" }]
+exec = { command = ["sh", "-c", "echo \"::output bytes $(wc -c)\""], stdin = "file" }
 
 [[function]]
 name = "look"
@@ -216,5 +223,15 @@ async fn functions_that_do_not_stream_see_only_complete_files() {
     let outputs = call_outputs(&events);
     assert_eq!(outputs["size"], data.len() as u64, "{outputs:?}");
     assert_eq!(outputs["unfinished"], 0, "{outputs:?}");
+
+    // One reading a file that is not streaming on standard input gets it
+    // whole, once staged.
+    let (events, failed) = run(&mut client, "streamer", "count", "file", &url).await;
+    assert!(failed.is_none(), "{failed:?}");
+    assert!(
+        position(&events, staged) < position(&events, |e| matches!(e, Event::Invoking(_))),
+        "{events:?}"
+    );
+    assert_eq!(call_outputs(&events)["bytes"], data.len() as u64);
     stack.wait_idle().await;
 }
