@@ -351,6 +351,26 @@ async fn run_everything_as(ids: Ids) {
     .await
     .unwrap_err();
     assert!(failed.message().contains("on purpose"), "{failed:?}");
+
+    // An input big enough for ranged GETs, streamed: the function, as this
+    // user, is called while it is staged and reads it by its watermark.
+    let big = common::big_text(24, 8);
+    let big_url = volume.put_input("big.txt", big.clone()).await;
+    let sha256 = call(
+        "hello-world-prefab",
+        "sha256",
+        serde_json::json!({ "file": big_url }),
+    );
+    let events = run_to_end(&mut client, request(vec![sha256]))
+        .await
+        .unwrap_or_else(|s| panic!("streamed run as {ids:?}: {s:?}\n{}", volume.log("gateway.log")));
+    let at = |is: fn(&Event) -> bool| events.iter().position(is).expect("the event was sent");
+    assert!(
+        at(|e| matches!(e, Event::Invoking(_))) < at(|e| matches!(e, Event::Staged(_))),
+        "{events:?}"
+    );
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&big));
+    assert_eq!(outputs(&events)[0]["sha256"], serde_json::json!(sha));
 }
 
 #[tokio::test]

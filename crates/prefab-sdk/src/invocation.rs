@@ -86,14 +86,7 @@ impl Invocation {
     /// [`Invocation::input`]'s path holds the file only once it is
     /// complete; any other input it reads whole.
     pub async fn open_input(&self, name: &str) -> Result<InputReader, PrefabError> {
-        let path = self.input(name)?;
-        let outside = || PrefabError::Failed(format!("input {name:?} is not in the workspace"));
-        let rel = path.strip_prefix(&self.workspace).map_err(|_| outside())?;
-        let mut components: Vec<String> = rel
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        let file_name = components.pop().ok_or_else(outside)?;
+        let (components, file_name) = self.folders_and_name(name, "input")?;
         let workspace = self.workspace.clone();
         let open = move || {
             let folders: Vec<&str> = components.iter().map(String::as_str).collect();
@@ -103,7 +96,8 @@ impl Invocation {
         };
         let dir = tokio::task::spawn_blocking(open)
             .await
-            .map_err(|e| PrefabError::Failed(format!("cannot open input {name:?}: {e}")))?
+            .map_err(std::io::Error::other)
+            .and_then(|opened| opened)
             .map_err(|e| PrefabError::Failed(format!("cannot open input {name:?}: {e}")))?;
         Ok(InputReader::new(dir, file_name, self.cancel.clone()))
     }
@@ -118,16 +112,7 @@ impl Invocation {
     /// [`Invocation::output`] by hand, it never writes through a file or
     /// link that something else put at that path, or on its way, first.
     pub async fn create_output(&self, name: &str) -> Result<tokio::fs::File, PrefabError> {
-        let outside = || PrefabError::Failed(format!("output {name:?} is not in the workspace"));
-        let rel = self
-            .output(name)?
-            .strip_prefix(&self.workspace)
-            .map_err(|_| outside())?;
-        let mut components: Vec<String> = rel
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        let file_name = components.pop().ok_or_else(outside)?;
+        let (components, file_name) = self.folders_and_name(name, "output")?;
         let (workspace, path) = (self.workspace.clone(), self.output(name)?.to_owned());
         let doing = format!("cannot create output {name:?} at");
         let create = move || {
@@ -144,6 +129,22 @@ impl Invocation {
             .await
             .map_err(|e| PrefabError::Failed(format!("cannot create output {name:?}: {e}")))??;
         Ok(tokio::fs::File::from_std(file))
+    }
+
+    /// The folders (below the workspace) and the name of the file
+    /// parameter `name`; `what` ("input", "output") names it in errors.
+    fn folders_and_name(&self, name: &str, what: &str) -> Result<(Vec<String>, String), PrefabError> {
+        let outside = || PrefabError::Failed(format!("{what} {name:?} is not in the workspace"));
+        let rel = self
+            .file(name)?
+            .strip_prefix(&self.workspace)
+            .map_err(|_| outside())?;
+        let mut components: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let file_name = components.pop().ok_or_else(outside)?;
+        Ok((components, file_name))
     }
 
     /// Every file parameter with its local path.

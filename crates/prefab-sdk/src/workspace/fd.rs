@@ -210,9 +210,15 @@ impl DirFd {
     /// could not store (a full disk, a quota). An fsync here cost each
     /// run about 0.4 ms of its latency.
     pub fn replace(&self, name: &str, contents: &[u8]) -> std::io::Result<()> {
+        self.replace_with_mode(name, contents, PRIVATE_MODE)
+    }
+
+    /// [`DirFd::replace`], the new file with `mode` (readable by the
+    /// workspace group, say).
+    pub fn replace_with_mode(&self, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
         let tmp = tmp_name(name);
         self.remove_file(&tmp)?;
-        let file = self.create_new(&tmp, PRIVATE_MODE)?;
+        let file = self.create_new(&tmp, mode)?;
         self.fill_and_rename(file, &tmp, name, contents)
     }
 

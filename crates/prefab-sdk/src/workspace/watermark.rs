@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use super::{DirFd, access::INPUT_MODE, tmp_name};
+use super::{DirFd, access::INPUT_MODE};
 
 /// The suffix of the watermark file beside a streamed input.
 pub const WATERMARK_SUFFIX: &str = ".watermark";
@@ -114,11 +114,7 @@ impl Watermark {
     /// Writes `self` as the watermark of input file `name` in `dir`,
     /// replacing the last one in one rename. Blocking.
     pub fn publish(&self, dir: &DirFd, name: &str) -> std::io::Result<()> {
-        let target = watermark_name(name);
-        let tmp = tmp_name(&target);
-        dir.remove_file(&tmp)?;
-        let file = dir.create_new(&tmp, INPUT_MODE)?;
-        dir.fill_and_rename(file, &tmp, &target, self.to_string().as_bytes())
+        dir.replace_with_mode(&watermark_name(name), self.to_string().as_bytes(), INPUT_MODE)
     }
 
     /// The watermark of input file `name` in `dir`; `None` if it has none
