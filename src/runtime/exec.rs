@@ -11,7 +11,7 @@
 
 use std::{
     collections::VecDeque,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -19,7 +19,7 @@ use std::{
 
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     process::{Child, ChildStdin, Command},
 };
 
@@ -37,6 +37,9 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 16 << 10;
 /// Standard error lines quoted when a program fails.
 const STDERR_TAIL: usize = 20;
+/// How long to wait before looking again whether a program has read all
+/// of a streaming input from its named pipe, at first and at most.
+const DRAIN_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(20));
 
 /// A prefab defined by an exec manifest.
 #[derive(Debug, Clone)]
@@ -115,24 +118,31 @@ fn check_function(f: &FunctionSpec) -> Result<(), String> {
             f.name
         ));
     }
-    // A streaming input's path names no complete file while the program
-    // runs: it can only be read on standard input.
+    // A streaming input is read once, front to back: on standard input, or
+    // through the one argument its path is in (a named pipe then).
     for p in f.parameters.iter().filter(|p| p.streaming) {
-        if exec.stdin.as_ref() != Some(&p.name) {
-            return Err(format!(
-                "function {}: streaming input {:?} must be the program's standard input (exec.stdin = {:?})",
-                f.name, p.name, p.name
-            ));
-        }
-        if exec
+        let in_command = exec
             .command
             .iter()
-            .any(|arg| placeholders(arg).is_ok_and(|names| names.contains(&p.name)))
-        {
-            return Err(format!(
-                "function {}: streaming input {{{}}} cannot be in the command: the program reads it on standard input",
-                f.name, p.name
-            ));
+            .map(|arg| placeholders(arg).map_or(0, |names| names.iter().filter(|n| **n == p.name).count()))
+            .sum::<usize>();
+        let on_stdin = exec.stdin.as_ref() == Some(&p.name);
+        match (on_stdin, in_command) {
+            (true, 0) | (false, 1) => {}
+            (false, 0) => {
+                return Err(format!(
+                    "function {}: streaming input {:?} is read on standard input (exec.stdin = {:?}) \
+                     or through its path in the command ({{{}}}), and neither names it",
+                    f.name, p.name, p.name, p.name
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "function {}: streaming input {:?} is read once, front to back: \
+                     on standard input or through its path once in the command, not both nor twice",
+                    f.name, p.name
+                ));
+            }
         }
     }
     Ok(())
@@ -207,20 +217,41 @@ impl Prefab for ExecPrefab {
             .function(call.function())
             .ok_or_else(|| PrefabError::InvalidArgument(format!("no function {}", call.function())))?;
         let exec = spec.exec.as_ref().expect("load checked every function has exec");
+        // The streaming inputs this call has, each with where the program
+        // reads it.
+        let mut pipes = NamedPipes::default();
+        let mut streamed = Vec::new();
+        for p in spec.parameters.iter().filter(|p| p.streaming) {
+            let Some(path) = call.files().get(&p.name) else {
+                continue;
+            };
+            let sink = if exec.stdin.as_ref() == Some(&p.name) {
+                Sink::Stdin
+            } else {
+                Sink::Pipe(pipes.create(&p.name, path).await?)
+            };
+            let reader = call.open_input(&p.name).await?;
+            streamed.push(Streamed {
+                name: p.name.clone(),
+                reader,
+                sink,
+            });
+        }
         let mut argv = Vec::with_capacity(exec.command.len());
         for arg in &exec.command {
-            let rendered =
-                render(arg, &mut |name| arg_text(&call, spec, name)).map_err(PrefabError::InvalidArgument)?;
+            let rendered = render(arg, &mut |name| match pipes.path(name) {
+                Some(pipe) => Ok(Some(pipe.to_string_lossy().into_owned())),
+                None => arg_text(&call, spec, name),
+            })
+            .map_err(PrefabError::InvalidArgument)?;
             argv.extend(rendered);
         }
         let stdin = match &exec.stdin {
-            Some(name) if call.files().contains_key(name) => match spec.parameter(name) {
-                Some(p) if p.streaming => Stdin::Streamed(name.clone(), call.open_input(name).await?),
-                _ => Stdin::File(open_input_file(&call, name).await?),
-            },
+            Some(name) if streamed.iter().any(|s| &s.name == name) => Stdin::Streamed,
+            Some(name) if call.files().contains_key(name) => Stdin::File(open_input_file(&call, name).await?),
             _ => Stdin::Empty,
         };
-        run(&call, exec, argv, stdin).await
+        run(&call, exec, argv, stdin, streamed).await
     }
 }
 
@@ -229,9 +260,111 @@ enum Stdin {
     Empty,
     /// A complete input file.
     File(std::fs::File),
-    /// A streaming input (by its parameter), fed through a pipe as it is
-    /// staged.
-    Streamed(String, InputReader),
+    /// A streaming input, fed through a pipe as it is staged.
+    Streamed,
+}
+
+/// A streaming input, fed to the program as it is staged.
+struct Streamed {
+    /// Its parameter.
+    name: String,
+    reader: InputReader,
+    sink: Sink,
+}
+
+/// Where a program reads a streaming input.
+enum Sink {
+    Stdin,
+    /// A named pipe whose path stands for the input in the command, open
+    /// read-write from before the program starts, so that the program finds
+    /// a writer whenever it opens it (one opening it without blocking would
+    /// otherwise read an empty file).
+    Pipe(tokio::net::unix::pipe::Sender),
+}
+
+/// The named pipes of one call's streaming inputs, in a private folder
+/// under the temporary directory (not the workspace: a pipe is a local
+/// thing, whatever volume the workspace is on), removed with this.
+#[derive(Default)]
+struct NamedPipes {
+    dir: Option<PathBuf>,
+    paths: Vec<(String, PathBuf)>,
+}
+
+impl NamedPipes {
+    /// Makes the pipe standing for the streaming input `param`, staged at
+    /// `staged`: named as the input is (a program may look at the
+    /// extension), in a folder of the parameter's name.
+    async fn create(
+        &mut self,
+        param: &str,
+        staged: &Path,
+    ) -> Result<tokio::net::unix::pipe::Sender, PrefabError> {
+        let dir = match &self.dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = std::env::temp_dir().join(format!("prefab-pipes-{}", uuid::Uuid::new_v4()));
+                self.dir = Some(dir.clone());
+                dir
+            }
+        };
+        let name = staged.file_name().unwrap_or(param.as_ref()).to_owned();
+        let path = dir.join(param).join(name);
+        let made = path.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let private = |d: &Path| std::fs::DirBuilder::new().mode(0o700).create(d);
+            if !dir.exists() {
+                private(&dir)?;
+            }
+            private(made.parent().expect("a folder of the parameter's name"))?;
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &made,
+                rustix::fs::FileType::Fifo,
+                0o600.into(),
+                0,
+            )?;
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| PrefabError::Failed(e.to_string()))?;
+        let pipe = made
+            .and_then(|()| {
+                tokio::net::unix::pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_sender(&path)
+            })
+            .map_err(|e| {
+                PrefabError::Failed(format!(
+                    "cannot make a named pipe for streaming input {param:?} at {}: {e}; \
+                 the runtime needs a writable temporary directory (TMPDIR)",
+                    path.display()
+                ))
+            })?;
+        self.paths.push((param.to_owned(), path));
+        Ok(pipe)
+    }
+
+    fn path(&self, param: &str) -> Option<&Path> {
+        self.paths
+            .iter()
+            .find(|(p, _)| p == param)
+            .map(|(_, path)| path.as_path())
+    }
+}
+
+impl Drop for NamedPipes {
+    fn drop(&mut self) {
+        if let (Some(dir), Ok(runtime)) = (self.dir.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn_blocking(move || {
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(dir = %dir.display(), "cannot remove named pipes: {e}");
+                }
+            });
+        }
+    }
 }
 
 /// Opens the complete input file `name`, following no link.
@@ -249,18 +382,52 @@ async fn open_input_file(call: &Invocation, name: &str) -> Result<std::fs::File,
     Ok(file)
 }
 
-/// Copies a streaming input into the program's standard input as it is
-/// staged; a program that stops reading it is its own business.
-async fn feed(input: Option<(String, InputReader)>, pipe: Option<ChildStdin>) -> Result<(), PrefabError> {
-    let (Some((name, mut reader)), Some(mut pipe)) = (input, pipe) else {
-        return Ok(());
-    };
+/// Copies a streaming input into the program as it is staged: into its
+/// standard input, or into its named pipe. A program that stops reading (or
+/// never opens its pipe) is its own business: the feeding stops when it
+/// exits.
+async fn feed(input: Streamed, stdin: Option<ChildStdin>) -> Result<(), PrefabError> {
+    let Streamed {
+        name,
+        mut reader,
+        sink,
+    } = input;
+    match sink {
+        Sink::Stdin => match stdin {
+            Some(mut stdin) => copy(&name, &mut reader, &mut stdin).await,
+            None => Ok(()),
+        },
+        Sink::Pipe(mut pipe) => {
+            copy(&name, &mut reader, &mut pipe).await?;
+            // This end reads too: closing it with bytes still inside would
+            // lose them, so it closes (and the program reads the end of the
+            // file) once the program has read them all.
+            let mut wait = DRAIN_WAIT.0;
+            while rustix::io::ioctl_fionread(&pipe)
+                .map_err(|e| PrefabError::Failed(format!("cannot feed input {name:?} to the program: {e}")))?
+                > 0
+            {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(DRAIN_WAIT.1);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copies the streaming input `name` from `reader` into `to` as it is
+/// staged, until its end or until the program closes its end.
+async fn copy(
+    name: &str,
+    reader: &mut InputReader,
+    to: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), PrefabError> {
     let failed = |e: std::io::Error| PrefabError::Failed(format!("cannot read input {name:?}: {e}"));
     while let Some(chunk) = reader.chunk().await.map_err(failed)? {
-        match pipe.write_all(&chunk).await {
+        match to.write_all(&chunk).await {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
             written => written.map_err(|e| {
-                PrefabError::Failed(format!("cannot write the program's standard input: {e}"))
+                PrefabError::Failed(format!("cannot feed input {name:?} to the program: {e}"))
             })?,
         }
     }
@@ -272,6 +439,7 @@ async fn run(
     exec: &ExecSpec,
     argv: Vec<String>,
     stdin: Stdin,
+    streamed: Vec<Streamed>,
 ) -> Result<Outputs, PrefabError> {
     let program = argv[0].clone();
     let mut cmd = Command::new(&program);
@@ -303,26 +471,23 @@ async fn run(
         Some(param) => cmd.stdout(capture(call.output(param)?, param).await?),
         None => cmd.stdout(Stdio::piped()),
     };
-    let streamed = match stdin {
-        Stdin::Empty => {
-            cmd.stdin(Stdio::null());
-            None
-        }
-        Stdin::File(file) => {
-            cmd.stdin(file);
-            None
-        }
-        Stdin::Streamed(name, reader) => {
-            cmd.stdin(Stdio::piped());
-            Some((name, reader))
-        }
+    match stdin {
+        Stdin::Empty => cmd.stdin(Stdio::null()),
+        Stdin::File(file) => cmd.stdin(file),
+        Stdin::Streamed => cmd.stdin(Stdio::piped()),
     };
     let mut child = cmd
         .spawn()
         .map_err(|e| PrefabError::Failed(format!("cannot start {program}: {e}")))?;
     tracing::info!(program, pid = child.id(), "started");
     let group = ProcessGroup(child.id());
-    let feeding = feed(streamed, child.stdin.take());
+    // Feeding stops when this ends, however it ends.
+    let mut feeding = tokio::task::JoinSet::new();
+    let mut pipe = child.stdin.take();
+    for input in streamed {
+        let stdin = matches!(input.sink, Sink::Stdin).then(|| pipe.take()).flatten();
+        feeding.spawn(feed(input, stdin));
+    }
     let stdout = child.stdout.take().map(BufReader::new);
     let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let timeout = exec.timeout_seconds.map(Duration::from_secs);
@@ -359,14 +524,14 @@ async fn run(
         // One limit for the whole run: the loop goes round again when the
         // program closes its output, and must not start a new one then.
         let mut limit = std::pin::pin!(sleep_opt(timeout));
-        let mut feeding = std::pin::pin!(feeding);
-        let (mut drained, mut fed) = (false, false);
+        let mut drained = false;
         let exited = loop {
             tokio::select! {
                 () = &mut io, if !drained => drained = true,
-                done = &mut feeding, if !fed => match done {
-                    Ok(()) => fed = true,
-                    Err(e) => break Err(e),
+                Some(fed) = feeding.join_next() => match fed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(PrefabError::Failed(format!("feeding an input failed: {e}"))),
                 },
                 status = child.wait() => break Ok(status?),
                 () = call.cancellation().cancelled() => break Err(PrefabError::Cancelled),
@@ -600,22 +765,24 @@ exec = { command = ["sort", "-o", "{output}", "{text}"] }
         assert!(ExecPrefab::parse(&ok.replace("exec = ", "bogus = ")).is_err());
         assert!(ExecPrefab::parse(&ok.replace("sorter", "Sorter")).is_err());
 
-        // A streaming input is read on standard input, and only there.
-        let streamed = ok
-            .replace(
-                r#"type = "InputFile" }"#,
-                r#"type = "InputFile", streaming = true }"#,
-            )
-            .replace(r#""{output}", "{text}"] }"#, r#""{output}"], stdin = "text" }"#);
+        // A streaming input is read once: on standard input, or through
+        // its path in one argument.
+        let by_path = ok.replace(
+            r#"type = "InputFile" }"#,
+            r#"type = "InputFile", streaming = true }"#,
+        );
+        assert!(ExecPrefab::parse(&by_path).is_ok(), "{by_path}");
+        let streamed = by_path.replace(r#""{output}", "{text}"] }"#, r#""{output}"], stdin = "text" }"#);
         assert!(ExecPrefab::parse(&streamed).is_ok(), "{streamed}");
         for (bad, complaint) in [
-            (
-                streamed.replace(r#", stdin = "text""#, ""),
-                "must be the program's standard input",
-            ),
+            (streamed.replace(r#", stdin = "text""#, ""), "neither names it"),
             (
                 streamed.replace(r#""{output}"]"#, r#""{output}", "{text}"]"#),
-                "cannot be in the command",
+                "not both nor twice",
+            ),
+            (
+                by_path.replace(r#""{text}"]"#, r#""{text}", "--again={text}"]"#),
+                "not both nor twice",
             ),
             (
                 streamed.replace(r#"stdin = "text""#, r#"stdin = "output""#),

@@ -396,6 +396,14 @@ class Check:
         if gzip.decompress(self.fetch(files["output"])) != blob:
             raise CheckFailed("gzip compress: the output does not decompress to the input")
         self.ok(f"gzip compress through {gateway.name}: {len(blob)} bytes, output decompresses to the input")
+        # decompress reads its streaming input through a named pipe in the
+        # container's /tmp (an emptyDir under a read-only root).
+        files = self.outputs(list(self.call(stub, {
+            "prefabId": "gzip", "version": "1.0.0", "functionName": "decompress",
+            "inputs": {"file": files["output"]}})))
+        if self.fetch(files["output"]) != blob:
+            raise CheckFailed("gzip decompress: the output is not the original input")
+        self.ok(f"gzip decompress through {gateway.name}: the output is the original {len(blob)} bytes")
 
     def sigterm_mid_run(self, gateway):
         """SIGTERM to a replica while it runs: the run still completes, within the grace period."""

@@ -91,6 +91,17 @@ async fn gzip_manifest_wraps_the_real_tool() {
         .output()
         .unwrap();
     assert!(unzipped.status.success() && unzipped.stdout == input);
+
+    // And back, through the gateway: decompress reads the path it is given,
+    // a named pipe its streaming input flows through.
+    let events = run_to_end(
+        &mut client,
+        call_request("gzip", "decompress", serde_json::json!({ "file": out_url })),
+    )
+    .await
+    .expect("gunzip runs");
+    let restored = stack.get(call_outputs(&events)["output"].as_str().unwrap()).await;
+    assert!(restored == input, "decompress did not restore the input");
     stack.wait_idle().await;
 }
 

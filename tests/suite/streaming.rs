@@ -15,9 +15,10 @@ use crate::common::{
 use common::*;
 use prefab::proto::{self, run_event::Event};
 
-/// An exec prefab with a function reading its input on standard input as
-/// it is staged, one reading a complete file there, and one given the
-/// complete file's path.
+/// An exec prefab with functions reading their input as it is staged, on
+/// standard input and through the named pipe a path in the command stands
+/// for (and one never opening it), one reading a complete file on standard
+/// input, and one given the complete file's path.
 const STREAMER: &str = r#"
 id = "streamer"
 version = "1.0.0"
@@ -27,6 +28,18 @@ name = "checksum"
 parameters = [{ name = "file", type = "InputFile", streaming = true }]
 outputs = [{ name = "sha256", type = "string" }]
 exec = { command = ["sh", "-c", "echo \"::output sha256 $(sha256sum | cut -d' ' -f1)\""], stdin = "file" }
+
+[[function]]
+name = "digest"
+parameters = [{ name = "file", type = "InputFile", streaming = true }]
+outputs = [{ name = "sha256", type = "string" }, { name = "kind", type = "string" }]
+exec = { command = ["sh", "-c", "echo \"::output kind $(stat -c %F \"$0\")\"; echo \"::output sha256 $(sha256sum \"$0\" | cut -d' ' -f1)\"", "{file}"] }
+
+[[function]]
+name = "ignore"
+parameters = [{ name = "file", type = "InputFile", streaming = true }]
+outputs = [{ name = "ignored", type = "string" }]
+exec = { command = ["echo", "::output ignored {file}"] }
 
 [[function]]
 name = "count"
@@ -125,15 +138,34 @@ async fn streaming_functions_read_the_whole_input_while_it_is_staged() {
     );
     assert_eq!(call_outputs(&events)["sha256"], expected.as_str());
 
-    // An exec program reading its standard input as it is staged.
-    let (events, failed) = run(&mut client, "streamer", "checksum", "file", &url).await;
+    // An exec program reading its standard input as it is staged, and one
+    // reading the path it was given: a named pipe.
+    for function in ["checksum", "digest"] {
+        let (events, failed) = run(&mut client, "streamer", function, "file", &url).await;
+        assert!(failed.is_none(), "{function}: {failed:?}");
+        assert!(
+            position(&events, |e| matches!(e, Event::Invoking(_))) < position(&events, staged),
+            "{function}: {events:?}"
+        );
+        let outputs = call_outputs(&events);
+        assert_eq!(outputs["sha256"], expected.as_str(), "{function}");
+        if function == "digest" {
+            assert_eq!(outputs["kind"], "fifo", "{outputs:?}");
+        }
+    }
+
+    // A program that never opens its pipe ends all the same, once its
+    // input is verified; the pipe goes with the call.
+    let (events, failed) = run(&mut client, "streamer", "ignore", "file", &url).await;
     assert!(failed.is_none(), "{failed:?}");
-    assert!(
-        position(&events, |e| matches!(e, Event::Invoking(_))) < position(&events, staged),
-        "{events:?}"
-    );
-    assert_eq!(call_outputs(&events)["sha256"], expected.as_str());
+    let pipe = call_outputs(&events)["ignored"]
+        .as_str()
+        .expect("a path")
+        .to_owned();
+    assert!(pipe.ends_with("/file/file.txt"), "{pipe}");
     stack.wait_idle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!std::path::Path::new(&pipe).exists(), "{pipe} is left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +177,11 @@ async fn a_byte_damaged_on_the_way_fails_a_started_streaming_call_with_data_loss
     };
     let (stack, _relay, _gateway, mut client) = through_relay(damaging).await;
     let url = stack.put_input("stream/damaged.txt", big_text(MIB, 32)).await;
-    for (prefab, function) in [("hello-world-prefab", "sha256"), ("streamer", "checksum")] {
+    for (prefab, function) in [
+        ("hello-world-prefab", "sha256"),
+        ("streamer", "checksum"),
+        ("streamer", "digest"),
+    ] {
         let (events, failed) = run(&mut client, prefab, function, "file", &url).await;
         let status = failed.unwrap_or_else(|| panic!("{function} succeeded on damaged bytes: {events:?}"));
         assert_eq!(status.code(), Code::DataLoss, "{function}: {status:?}");

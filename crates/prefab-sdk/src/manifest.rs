@@ -48,9 +48,10 @@ pub struct Param {
     #[serde(default)]
     pub extension: Option<String>,
     /// For input files: the function reads the file front to back, with
-    /// [`crate::Invocation::open_input`] (the exec runtime: as the program's
-    /// standard input), so the gateway calls it as soon as staging has
-    /// started instead of once the file is complete.
+    /// [`crate::Invocation::open_input`] (an exec program: on its standard
+    /// input, or through a named pipe its path in the command stands for),
+    /// so the gateway calls it as soon as staging has started instead of
+    /// once the file is complete.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub streaming: bool,
 }
@@ -87,16 +88,17 @@ pub struct ExecSpec {
     /// Program and arguments. `{name}` is replaced by the value of
     /// parameter `name` (file parameters by absolute paths); `{{` and `}}`
     /// stand for braces. An argument naming an absent optional parameter is
-    /// left out.
+    /// left out. A streaming input's path is that of a named pipe the
+    /// program reads it from as it is staged, once and front to back (it
+    /// cannot seek or `stat` it for its size).
     pub command: Vec<String>,
     /// An `OutputFile` parameter that receives the program's standard
     /// output; without it, standard output lines become log events.
     #[serde(default)]
     pub stdout: Option<String>,
     /// An `InputFile` parameter whose bytes the program reads on its
-    /// standard input: a streaming one as it is staged (the only way a
-    /// program reads a streaming input). Without it, standard input is
-    /// empty.
+    /// standard input: a streaming one as it is staged. Without it,
+    /// standard input is empty.
     #[serde(default)]
     pub stdin: Option<String>,
     /// Time limit in seconds.
