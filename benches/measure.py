@@ -1,4 +1,5 @@
-"""Runs one command and prints its wall time in seconds and peak RSS in KiB.
+"""Runs one command and prints its wall time in seconds, peak RSS in KiB and
+the CPU time it took (user and system) in seconds.
 
 Usage: python3 measure.py CMD ARGS...   (exits with the command's status)
 """
@@ -11,6 +12,6 @@ import time
 start = time.monotonic()
 code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
 wall = time.monotonic() - start
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(f"{wall:.4f} {peak}")
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"{wall:.4f} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime:.2f}")
 sys.exit(code)

@@ -14,7 +14,7 @@ bench_tools() { # [PACKAGE…]
 start_seaweedfs() { # WEED
   work=$(mktemp -d)
   pids=()
-  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
+  trap stop_all EXIT
   export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
   s3=http://127.0.0.1:8333
   export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=SeaweedFS RCLONE_CONFIG_W_ENDPOINT="$s3" \
@@ -25,6 +25,31 @@ start_seaweedfs() { # WEED
   pids+=($!)
   for _ in $(seq 1 120); do curl -s -o /dev/null "$s3" && break; sleep 0.5; done
   sleep 3
+}
+
+# Stops every process in $pids, removes $work and the shaping of
+# `shape_store`.
+stop_all() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null
+  rm -rf "$work"
+  if [ -n "${shaped:-}" ]; then tc qdisc del dev lo root; fi
+}
+
+# `shape_store MBIT` passes what the store sends (from its port on
+# loopback) at MBIT megabits a second, as a store across a network would,
+# and everything else as before: an HTB class on lo, removed at exit. Needs
+# root, and lo without a queueing discipline of its own.
+shape_store() { # MBIT
+  if ! tc qdisc show dev lo | grep -q '^qdisc noqueue'; then
+    echo "lo has a queueing discipline already; not shaping it" >&2
+    exit 1
+  fi
+  tc qdisc add dev lo root handle 1: htb default 99 direct_qlen 10000
+  shaped=1
+  tc class add dev lo parent 1: classid 1:10 htb rate "${1}mbit" ceil "${1}mbit" \
+    burst 4mb cburst 4mb quantum 262144
+  tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport "${s3##*:}" 0xffff flowid 1:10
 }
 
 # `start_prefab BIN NAME RT GW [GATEWAY FLAG…]` starts BIN's example runtime

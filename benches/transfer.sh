@@ -43,7 +43,7 @@ measure() { # SCENARIO TOOL UNITS CMD...
   rm -rf "$work/out" "$work/got-small"; mkdir -p "$work/got-small"
   # Start each sample with no dirty pages left from the one before.
   sync; sleep 1
-  read -r secs peak < <(python3 benches/measure.py "$@")
+  read -r secs peak _ < <(python3 benches/measure.py "$@")
   if [ -n "${warming:-}" ]; then
     echo "($scenario $tool $secs: warm-up, not counted)" >&2
   else
