@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::DirFd;
+use super::{DirFd, open_replaced};
 
 /// The content of a lease file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,16 +92,10 @@ fn full(errno: i32) -> bool {
 /// Reads the lease at `path`; `None` if there is none, it is unreadable,
 /// or it is a symlink (a planted lease does not count). Blocking.
 pub fn read_blocking(path: &Path) -> Option<Lease> {
-    use std::{io::Read, os::unix::fs::OpenOptionsExt};
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)
-        .ok()?;
-    // A FIFO or device planted as the lease is not a lease.
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
+    use std::io::Read;
+    // Renewals replace it by rename; a FIFO or device planted as the lease
+    // is not a lease.
+    let mut file = open_replaced(rustix::fs::CWD, path).ok()??;
     let mut body = Vec::new();
     file.by_ref().take(64 << 10).read_to_end(&mut body).ok()?;
     serde_json::from_slice(&body).ok()

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use prefab_sdk::workspace::{
     DirFd, HandleError, INPUTS, OUTPUTS, RelPath, RelPathError, RequestId, TMP_SUFFIX, access, open_regular,
-    tmp_name, watermark,
+    open_replaced, tmp_name, watermark,
 };
 use watermark::{Watermark, part_name};
 

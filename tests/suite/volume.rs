@@ -99,6 +99,9 @@ fn is_root() -> bool {
 
 /// A workspace volume, store and `prefab` binary that other users can reach.
 struct Volume {
+    /// The FUSE mount the volume is reached through, if it is; unmounted
+    /// before the folder it is in goes.
+    _fuse: Option<FuseMount>,
     tmp: tempfile::TempDir,
     bin: PathBuf,
     root: PathBuf,
@@ -115,8 +118,37 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// A folder mounted elsewhere through `bindfs` (FUSE), unmounted on drop.
+struct FuseMount(PathBuf);
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let unmounted = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        if !unmounted.is_ok_and(|s| s.success()) {
+            eprintln!("cannot unmount {}", self.0.display());
+        }
+    }
+}
+
+/// How the volume's root is reached.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mount {
+    /// Directly, on the local file system.
+    Local,
+    /// Through FUSE, which `fstatfs` tells apart from a local file system as
+    /// it does NFS.
+    Fuse,
+}
+
 impl Volume {
     async fn new() -> Self {
+        Self::mounted(Mount::Local).await
+    }
+
+    async fn mounted(mount: Mount) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         // The test binary's folder is root's: link the binary where others
@@ -135,6 +167,24 @@ impl Volume {
         std::fs::create_dir(&root).unwrap();
         rustix::fs::chown(&root, None, Some(rustix::fs::Gid::from_raw(GROUP))).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        let fuse = match mount {
+            Mount::Local => None,
+            Mount::Fuse => {
+                // The volume's folder, seen through bindfs at `root`: owners,
+                // modes and links pass through, every user reaches it.
+                let source = tmp.path().join("volume");
+                std::fs::rename(&root, &source).unwrap();
+                std::fs::create_dir(&root).unwrap();
+                let mounted = std::process::Command::new("bindfs")
+                    .args(["-o", "allow_other"])
+                    .arg(&source)
+                    .arg(&root)
+                    .status()
+                    .expect("bindfs runs (.ci/run installs it)");
+                assert!(mounted.success(), "bindfs could not mount the volume");
+                Some(FuseMount(root.clone()))
+            }
+        };
 
         let stop = CancellationToken::new();
         let (s3_addr, _) = dev::s3::spawn(
@@ -148,6 +198,7 @@ impl Volume {
         let s3_endpoint = format!("http://{s3_addr}");
         let s3 = prefab::storage::connect(&common::s3_args(&s3_endpoint).settings()).unwrap();
         Self {
+            _fuse: fuse,
             tmp,
             bin,
             root,
@@ -258,8 +309,8 @@ fn as_user(cmd: &mut Command, ids: Ids) {
 
 /// Runs every example function and the inspecting exec prefab with their
 /// runtimes as `ids`, checking every output.
-async fn run_everything_as(ids: Ids) {
-    let volume = Volume::new().await;
+async fn run_everything_as(ids: Ids, mount: Mount) {
+    let volume = Volume::mounted(mount).await;
     let (_hello, hello) = volume.hello(ids).await;
     let (_inspect, inspect) = volume.inspect(ids).await;
     let endpoints = [("hello-world-prefab", hello), ("inspect", inspect)];
@@ -376,14 +427,77 @@ async fn run_everything_as(ids: Ids) {
 #[tokio::test]
 async fn prefabs_under_another_uid_with_the_workspace_group_work() {
     if is_root() {
-        run_everything_as(PREFAB_USER).await;
+        run_everything_as(PREFAB_USER, Mount::Local).await;
     }
+}
+
+/// On a volume that is not a local file system, as NFS: the gateway writes
+/// staged bytes back before it moves a watermark, a streaming reader opens
+/// its input anew whenever the watermark moves and reads on a blocking
+/// thread (FUSE refuses `RWF_NOWAIT`).
+#[tokio::test]
+async fn prefabs_work_on_a_volume_that_is_not_a_local_file_system() {
+    if is_root() && has_bindfs() {
+        run_everything_as(PREFAB_USER, Mount::Fuse).await;
+    }
+}
+
+/// A lease being renewed (replaced by rename, by another process as a
+/// replica would) is never read as absent: a live run would look abandoned
+/// to the janitor. On FUSE, opens racing a rename miss the name now and then.
+#[tokio::test]
+async fn a_lease_renewed_on_a_network_like_volume_is_never_read_as_absent() {
+    use prefab::workspace::{DirFd, lease};
+    if !(is_root() && has_bindfs()) {
+        return;
+    }
+    let volume = Volume::mounted(Mount::Fuse).await;
+    let dir = DirFd::open(&volume.root).unwrap();
+    let lease = lease::Lease::new("replica-a", Duration::from_secs(60));
+    lease::write_blocking(&dir, "lease", &lease).unwrap();
+    // The renewals come from another process, as from another replica.
+    let script = "while :; do printf '%s' \"$1\" > lease.tmp && mv -f lease.tmp lease; done";
+    let mut renewing = std::process::Command::new("sh")
+        .args(["-c", script, "sh", &serde_json::to_string(&lease).unwrap()])
+        .current_dir(&volume.root)
+        .spawn()
+        .unwrap();
+    let path = volume.root.join("lease");
+    let reads = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(2);
+        let (mut reads, mut missed) = (0, 0);
+        while Instant::now() < until {
+            reads += 1;
+            if lease::read_blocking(&path).is_none() {
+                missed += 1;
+            }
+        }
+        (reads, missed)
+    })
+    .await
+    .unwrap();
+    renewing.kill().unwrap();
+    renewing.wait().unwrap();
+    let (reads, missed) = reads;
+    assert_eq!(missed, 0, "{missed} of {reads} reads found no lease");
+}
+
+fn has_bindfs() -> bool {
+    if std::process::Command::new("bindfs")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return true;
+    }
+    eprintln!("skipped: needs bindfs (FUSE), which .ci/run installs");
+    false
 }
 
 #[tokio::test]
 async fn a_root_prefab_squashed_to_nobody_works_with_the_group() {
     if is_root() {
-        run_everything_as(SQUASHED_ROOT).await;
+        run_everything_as(SQUASHED_ROOT, Mount::Local).await;
     }
 }
 
@@ -480,10 +594,22 @@ fn milestones(events: &[proto::RunEvent]) -> Vec<proto::RunEvent> {
 
 #[tokio::test]
 async fn gateway_replicas_share_runs_and_the_volume_budget() {
-    if !is_root() {
-        return;
+    if is_root() {
+        replicas_share_runs_and_the_volume_budget(Mount::Local).await;
     }
-    let volume = Volume::new().await;
+}
+
+/// The same on a volume that is not a local file system, where leases are
+/// renewed by renames that a reader racing them can miss for an instant.
+#[tokio::test]
+async fn gateway_replicas_share_runs_on_a_volume_that_is_not_a_local_file_system() {
+    if is_root() && has_bindfs() {
+        replicas_share_runs_and_the_volume_budget(Mount::Fuse).await;
+    }
+}
+
+async fn replicas_share_runs_and_the_volume_budget(mount: Mount) {
+    let volume = Volume::mounted(mount).await;
     let (_hello, hello) = volume.hello(PREFAB_USER).await;
     let (_inspect, inspect) = volume.inspect(PREFAB_USER).await;
     let endpoints = [("hello-world-prefab", hello), ("inspect", inspect)];

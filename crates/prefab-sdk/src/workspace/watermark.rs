@@ -120,7 +120,7 @@ impl Watermark {
     /// The watermark of input file `name` in `dir`; `None` if it has none
     /// (it was not streamed). Blocking.
     pub fn read(dir: &DirFd, name: &str) -> std::io::Result<Option<Self>> {
-        let Some(mut file) = dir.open_file(&watermark_name(name))? else {
+        let Some(mut file) = dir.open_replaced(&watermark_name(name))? else {
             return Ok(None);
         };
         let mut text = String::with_capacity(64);
