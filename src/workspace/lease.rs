@@ -92,10 +92,28 @@ fn full(errno: i32) -> bool {
 /// Reads the lease at `path`; `None` if there is none, it is unreadable,
 /// or it is a symlink (a planted lease does not count). Blocking.
 pub fn read_blocking(path: &Path) -> Option<Lease> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .ok()?;
+    parse(file)
+}
+
+/// Reads the lease at `path`, which should be there: as [`read_blocking`],
+/// but one being renewed as it is looked up is looked up again (see
+/// [`open_replaced`]). Blocking.
+pub fn read_expected(path: &Path) -> Option<Lease> {
+    parse(open_replaced(rustix::fs::CWD, path).ok()??)
+}
+
+fn parse(mut file: std::fs::File) -> Option<Lease> {
     use std::io::Read;
-    // Renewals replace it by rename; a FIFO or device planted as the lease
-    // is not a lease.
-    let mut file = open_replaced(rustix::fs::CWD, path).ok()??;
+    // A FIFO or device planted as the lease is not a lease.
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
     let mut body = Vec::new();
     file.by_ref().take(64 << 10).read_to_end(&mut body).ok()?;
     serde_json::from_slice(&body).ok()

@@ -80,7 +80,12 @@ impl Folders {
         if let Some(live) = lease::read_blocking(&self.live_lease(id)) {
             return Some(live);
         }
-        let mut ended = lease::read_blocking(&self.record(id, LEASE))?;
+        let Some(mut ended) = lease::read_blocking(&self.record(id, LEASE)) else {
+            // Neither: a run without a record, or a live lease being renewed
+            // as it was looked up (network and FUSE volumes), which must
+            // not make the run look abandoned.
+            return lease::read_expected(&self.live_lease(id));
+        };
         let written = |path: PathBuf| std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok();
         let at = written(self.record(id, JOURNAL)).or_else(|| written(self.record(id, LEASE)));
         let at = at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
@@ -165,7 +170,10 @@ impl Records {
 
     /// The leases of the runs not yet ended, by run (those of owners that
     /// died are left for the janitor). Blocking; call it holding the
-    /// admission lock.
+    /// admission lock. On a network volume a lease being renewed as this
+    /// reads it can be missed (see [`lease::read_expected`]), leaving its
+    /// reservation out of this one admission: looking each one up again
+    /// would hold the lock through every run that ends meanwhile.
     pub fn live_leases(&self) -> std::io::Result<Vec<(RequestId, Lease)>> {
         let mut leases = Vec::new();
         for entry in std::fs::read_dir(self.shared.path.join(LIVE_DIR))? {

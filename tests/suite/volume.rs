@@ -442,33 +442,36 @@ async fn prefabs_work_on_a_volume_that_is_not_a_local_file_system() {
     }
 }
 
-/// A lease being renewed (replaced by rename, by another process as a
-/// replica would) is never read as absent: a live run would look abandoned
-/// to the janitor. On FUSE, opens racing a rename miss the name now and then.
+/// A live run's lease being renewed (replaced by rename, by another process
+/// as by another replica) is never read as absent, which would make the run
+/// look abandoned to the janitor: on FUSE, opens racing a rename miss the
+/// name now and then.
 #[tokio::test]
 async fn a_lease_renewed_on_a_network_like_volume_is_never_read_as_absent() {
-    use prefab::workspace::{DirFd, lease};
+    use prefab::workspace::{WorkspaceRoot, lease::Lease, record::Records};
     if !(is_root() && has_bindfs()) {
         return;
     }
     let volume = Volume::mounted(Mount::Fuse).await;
-    let dir = DirFd::open(&volume.root).unwrap();
-    let lease = lease::Lease::new("replica-a", Duration::from_secs(60));
-    lease::write_blocking(&dir, "lease", &lease).unwrap();
+    let records = Records::open(&WorkspaceRoot::new(&volume.root).unwrap()).unwrap();
+    let id = prefab::workspace::RequestId::new();
+    let pending = records.prepare(id).unwrap();
+    let lease = Lease::new("replica-a", Duration::from_secs(60));
+    let _record = records.create(pending, lease.clone()).unwrap();
     // The renewals come from another process, as from another replica.
-    let script = "while :; do printf '%s' \"$1\" > lease.tmp && mv -f lease.tmp lease; done";
+    let script = "while :; do printf '%s' \"$1\" > \"$2.tmp\" && mv -f \"$2.tmp\" \"$2\"; done";
+    let live = records.path().join(".live").join(id.to_string());
     let mut renewing = std::process::Command::new("sh")
         .args(["-c", script, "sh", &serde_json::to_string(&lease).unwrap()])
-        .current_dir(&volume.root)
+        .arg(&live)
         .spawn()
         .unwrap();
-    let path = volume.root.join("lease");
-    let reads = tokio::task::spawn_blocking(move || {
+    let (reads, missed) = tokio::task::spawn_blocking(move || {
         let until = Instant::now() + Duration::from_secs(2);
         let (mut reads, mut missed) = (0, 0);
         while Instant::now() < until {
             reads += 1;
-            if lease::read_blocking(&path).is_none() {
+            if records.lease(id).is_none() {
                 missed += 1;
             }
         }
@@ -478,7 +481,6 @@ async fn a_lease_renewed_on_a_network_like_volume_is_never_read_as_absent() {
     .unwrap();
     renewing.kill().unwrap();
     renewing.wait().unwrap();
-    let (reads, missed) = reads;
     assert_eq!(missed, 0, "{missed} of {reads} reads found no lease");
 }
 

@@ -230,7 +230,15 @@ impl Cursor {
             if self.complete {
                 return Ok(Next::End);
             }
-            let mark = Watermark::read(&self.dir, &self.name)?;
+            let mark = match Watermark::read(&self.dir, &self.name)? {
+                Some(mark) => Some(mark),
+                // Not streamed, or staged and renamed: the complete file.
+                None if self.dir.open_file(&self.name)?.is_some() => None,
+                // Neither a watermark nor the file: a watermark replaced as
+                // it was looked up (network and FUSE volumes), or the input
+                // is gone (then opening it says so).
+                None => Watermark::read_expected(&self.dir, &self.name)?,
+            };
             match mark {
                 // Not streamed: the complete file is under its name.
                 None => {

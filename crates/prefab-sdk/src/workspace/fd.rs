@@ -191,13 +191,6 @@ impl DirFd {
         Ok(Some(file))
     }
 
-    /// Opens the regular file `name` here as [`DirFd::open_file`] does, for
-    /// a file that others replace by renaming a new one over it (a
-    /// watermark); see [`open_replaced`].
-    pub fn open_replaced(&self, name: &str) -> std::io::Result<Option<File>> {
-        open_replaced(self, Path::new(name))
-    }
-
     /// Fails if anything (a symlink included) has the name `name` here.
     pub fn ensure_absent(&self, name: &str) -> std::io::Result<()> {
         match rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -306,28 +299,34 @@ fn close_checked(file: File) -> std::io::Result<()> {
     }
 }
 
-/// How many more times [`open_replaced`] looks a missing file up.
-const REPLACED_RETRIES: usize = 8;
+/// How [`open_replaced`] looks a missing file up again: at once this many
+/// times, then after each of these pauses (63 ms in all).
+const REPLACED_RETRIES: (usize, [u64; 6]) = (8, [1, 2, 4, 8, 16, 32]);
 
 /// Opens the regular file at `path` (relative to `dir`, following no link)
-/// for reading, a file that others replace by renaming a new one over it:
-/// a lease, a watermark. `None` if there is none.
+/// for reading: a file that should be there, which others replace by
+/// renaming a new one over it (a lease, a watermark). `None` if there is
+/// none. Blocking.
 ///
 /// The rename is atomic, but on FUSE and network volumes an open racing it
-/// can find the name gone for an instant: the name still led to the file
-/// replaced, which is no more (bindfs: 6 % of opens racing a rename loop
-/// failed with `ENOENT`, never more than twice in a row; NFS reports
-/// `ESTALE`). So a missing or stale file is looked up again a few times
-/// before it counts as absent: a renewed lease read as none would make a
-/// live run look abandoned.
+/// can find the name gone: the name still led to the file replaced, which
+/// is no more (bindfs: 3–6 % of opens racing a rename loop failed with
+/// `ENOENT`, mostly once or twice in a row, longer when the renaming
+/// process waits for a CPU; NFS reports `ESTALE`). So a missing or stale
+/// file is looked up again for a while before it counts as absent: where
+/// absence is normal, read the file plainly first and call this only to
+/// confirm it.
 pub fn open_replaced(dir: impl std::os::fd::AsFd, path: &Path) -> std::io::Result<Option<File>> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let mut retries = REPLACED_RETRIES;
+    let (at_once, pauses) = REPLACED_RETRIES;
+    let mut pauses = std::iter::repeat_n(0, at_once).chain(pauses);
     let file = loop {
         match rustix::fs::openat(&dir, path, flags, Mode::empty()) {
             Ok(fd) => break File::from(fd),
-            Err(Errno::NOENT | Errno::STALE) if retries > 0 => retries -= 1,
-            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::NOENT | Errno::STALE) => match pauses.next() {
+                Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                None => return Ok(None),
+            },
             Err(e) => return Err(refuse(&path.to_string_lossy(), e)),
         }
     };

@@ -120,12 +120,24 @@ impl Watermark {
     /// The watermark of input file `name` in `dir`; `None` if it has none
     /// (it was not streamed). Blocking.
     pub fn read(dir: &DirFd, name: &str) -> std::io::Result<Option<Self>> {
-        let Some(mut file) = dir.open_replaced(&watermark_name(name))? else {
-            return Ok(None);
-        };
+        dir.open_file(&watermark_name(name))?
+            .map(Self::read_from)
+            .transpose()
+    }
+
+    /// The watermark of input file `name` in `dir`, which should have one:
+    /// as [`Watermark::read`], but one being replaced as it is looked up is
+    /// looked up again (see [`super::open_replaced`]). Blocking.
+    pub fn read_expected(dir: &DirFd, name: &str) -> std::io::Result<Option<Self>> {
+        super::open_replaced(dir, std::path::Path::new(&watermark_name(name)))?
+            .map(Self::read_from)
+            .transpose()
+    }
+
+    fn read_from(mut file: std::fs::File) -> std::io::Result<Self> {
         let mut text = String::with_capacity(64);
         std::io::Read::read_to_string(&mut std::io::Read::take(&mut file, 4096), &mut text)?;
-        text.parse().map(Some)
+        text.parse()
     }
 }
 
