@@ -67,7 +67,8 @@ sample() { # ROUND TOOL (round 0: not counted)
   local out store node
   rm -f "$work/out"
   sync; sleep 1
-  store=$(cpu "$weed_pid") node=$(cpu "$gw_pid" "$rt_pid" "$noop_pid")
+  store=$(cpu "$weed_pid")
+  node=$(cpu "$gw_pid" "$rt_pid" "$noop_pid")
   case $2 in
   rclone) out=$(python3 benches/measure.py "$bin/rclone" copyto w:bench/big.bin "$work/out") ;;
   s5cmd) out=$(python3 benches/measure.py "$bin/s5cmd" --endpoint-url "$s3" cp s3://bench/big.bin "$work/out") ;;

@@ -38,7 +38,8 @@ const MAX_LINE: usize = 16 << 10;
 /// Standard error lines quoted when a program fails.
 const STDERR_TAIL: usize = 20;
 /// How long to wait before looking again whether a program has read all
-/// of a streaming input from its named pipe, at first and at most.
+/// of a streaming input from its named pipe, or opened it, at first and at
+/// most.
 const DRAIN_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(20));
 
 /// A prefab defined by an exec manifest.
@@ -275,11 +276,46 @@ struct Streamed {
 /// Where a program reads a streaming input.
 enum Sink {
     Stdin,
-    /// A named pipe whose path stands for the input in the command, open
-    /// read-write from before the program starts, so that the program finds
-    /// a writer whenever it opens it (one opening it without blocking would
-    /// otherwise read an empty file).
-    Pipe(tokio::net::unix::pipe::Sender),
+    Pipe(NamedPipe),
+}
+
+/// A named pipe whose path stands for a streaming input in the command,
+/// open at both ends from before the program starts: the program finds a
+/// writer whenever it opens it (one opening it without blocking would
+/// otherwise read an empty file), and what is written waits in the pipe
+/// until it does.
+struct NamedPipe {
+    path: PathBuf,
+    writer: tokio::net::unix::pipe::Sender,
+    /// This process's reading end, which keeps the pipe and what is in it.
+    reader: std::os::fd::OwnedFd,
+}
+
+impl NamedPipe {
+    /// Waits until the program has read everything written, and has the
+    /// pipe open: only then can this side close without losing bytes or
+    /// leaving a program that opens it later waiting for a writer forever.
+    async fn drained(self) -> std::io::Result<()> {
+        let mut wait = DRAIN_WAIT.0;
+        while rustix::io::ioctl_fionread(&self.reader)? > 0 {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(DRAIN_WAIT.1);
+        }
+        drop(self.reader);
+        // With this side's reader closed, opening a writer without blocking
+        // succeeds only while another process reads.
+        let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
+        loop {
+            match rustix::fs::open(&self.path, flags, rustix::fs::Mode::empty()) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::NXIO) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(DRAIN_WAIT.1);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 /// The named pipes of one call's streaming inputs, in a private folder
@@ -295,11 +331,7 @@ impl NamedPipes {
     /// Makes the pipe standing for the streaming input `param`, staged at
     /// `staged`: named as the input is (a program may look at the
     /// extension), in a folder of the parameter's name.
-    async fn create(
-        &mut self,
-        param: &str,
-        staged: &Path,
-    ) -> Result<tokio::net::unix::pipe::Sender, PrefabError> {
+    async fn create(&mut self, param: &str, staged: &Path) -> Result<NamedPipe, PrefabError> {
         let dir = match &self.dir {
             Some(dir) => dir.clone(),
             None => {
@@ -330,11 +362,18 @@ impl NamedPipes {
         .map_err(|e| PrefabError::Failed(e.to_string()))?;
         let pipe = made
             .and_then(|()| {
-                tokio::net::unix::pipe::OpenOptions::new()
-                    .read_write(true)
-                    .open_sender(&path)
+                // The reading end first: a writer cannot open without one.
+                let flags =
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
+                let reader = rustix::fs::open(&path, flags, rustix::fs::Mode::empty())?;
+                let writer = tokio::net::unix::pipe::OpenOptions::new().open_sender(&path)?;
+                Ok(NamedPipe {
+                    path: path.clone(),
+                    writer,
+                    reader,
+                })
             })
-            .map_err(|e| {
+            .map_err(|e: std::io::Error| {
                 PrefabError::Failed(format!(
                     "cannot make a named pipe for streaming input {param:?} at {}: {e}; \
                  the runtime needs a writable temporary directory (TMPDIR)",
@@ -355,14 +394,21 @@ impl NamedPipes {
 
 impl Drop for NamedPipes {
     fn drop(&mut self) {
-        if let (Some(dir), Ok(runtime)) = (self.dir.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn_blocking(move || {
-                if let Err(e) = std::fs::remove_dir_all(&dir)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(dir = %dir.display(), "cannot remove named pipes: {e}");
-                }
-            });
+        let Some(dir) = self.dir.take() else {
+            return;
+        };
+        let remove = move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), "cannot remove named pipes: {e}");
+            }
+        };
+        // Off the async threads where there are any (a folder of one or
+        // two pipes: here, when the runtime is going away).
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
@@ -385,38 +431,43 @@ async fn open_input_file(call: &Invocation, name: &str) -> Result<std::fs::File,
 /// Copies a streaming input into the program as it is staged: into its
 /// standard input, or into its named pipe. A program that stops reading (or
 /// never opens its pipe) is its own business: the feeding stops when it
-/// exits.
-async fn feed(input: Streamed, stdin: Option<ChildStdin>) -> Result<(), PrefabError> {
+/// exits. A failure is sent on `failed`, and the feeding then holds the
+/// program's end open until it is stopped, so that the program never takes
+/// a cut-off input for a whole one.
+async fn feed(input: Streamed, stdin: Option<ChildStdin>, failed: tokio::sync::mpsc::Sender<PrefabError>) {
     let Streamed {
         name,
         mut reader,
         sink,
     } = input;
-    match sink {
+    let fed = match sink {
         Sink::Stdin => match stdin {
-            Some(mut stdin) => copy(&name, &mut reader, &mut stdin).await,
+            Some(mut stdin) => copy(&name, &mut reader, &mut stdin)
+                .await
+                .map_err(|e| (e, Some(stdin))),
             None => Ok(()),
         },
-        Sink::Pipe(mut pipe) => {
-            copy(&name, &mut reader, &mut pipe).await?;
-            // This end reads too: closing it with bytes still inside would
-            // lose them, so it closes (and the program reads the end of the
-            // file) once the program has read them all.
-            let mut wait = DRAIN_WAIT.0;
-            while rustix::io::ioctl_fionread(&pipe)
-                .map_err(|e| PrefabError::Failed(format!("cannot feed input {name:?} to the program: {e}")))?
-                > 0
-            {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(DRAIN_WAIT.1);
+        Sink::Pipe(mut pipe) => match copy(&name, &mut reader, &mut pipe.writer).await {
+            Ok(()) => pipe.drained().await.map_err(|e| {
+                let e = PrefabError::Failed(format!("cannot feed input {name:?} to the program: {e}"));
+                (e, None)
+            }),
+            Err(e) => {
+                let _held = pipe;
+                let _ = failed.send(e).await;
+                return std::future::pending().await;
             }
-            Ok(())
-        }
+        },
+    };
+    if let Err((e, _held)) = fed {
+        let _ = failed.send(e).await;
+        std::future::pending::<()>().await;
     }
 }
 
 /// Copies the streaming input `name` from `reader` into `to` as it is
-/// staged, until its end or until the program closes its end.
+/// staged, until its end or until the program closes its standard input
+/// (a named pipe, which this process also holds open, never closes so).
 async fn copy(
     name: &str,
     reader: &mut InputReader,
@@ -483,11 +534,13 @@ async fn run(
     let group = ProcessGroup(child.id());
     // Feeding stops when this ends, however it ends.
     let mut feeding = tokio::task::JoinSet::new();
+    let (failing, mut feed_failed) = tokio::sync::mpsc::channel(1);
     let mut pipe = child.stdin.take();
     for input in streamed {
         let stdin = matches!(input.sink, Sink::Stdin).then(|| pipe.take()).flatten();
-        feeding.spawn(feed(input, stdin));
+        feeding.spawn(feed(input, stdin, failing.clone()));
     }
+    drop(failing);
     let stdout = child.stdout.take().map(BufReader::new);
     let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let timeout = exec.timeout_seconds.map(Duration::from_secs);
@@ -528,12 +581,15 @@ async fn run(
         let exited = loop {
             tokio::select! {
                 () = &mut io, if !drained => drained = true,
-                Some(fed) = feeding.join_next() => match fed {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Err(e),
-                    Err(e) => break Err(PrefabError::Failed(format!("feeding an input failed: {e}"))),
+                Some(e) = feed_failed.recv() => break Err(e),
+                Some(Err(e)) = feeding.join_next() => {
+                    break Err(PrefabError::Failed(format!("feeding an input failed: {e}")));
+                }
+                // A feeding that failed as the program exited counts.
+                status = child.wait() => match feed_failed.try_recv() {
+                    Ok(e) => break Err(e),
+                    Err(_) => break Ok(status?),
                 },
-                status = child.wait() => break Ok(status?),
                 () = call.cancellation().cancelled() => break Err(PrefabError::Cancelled),
                 () = &mut limit => break Err(PrefabError::TimedOut(timeout.unwrap_or_default())),
             }

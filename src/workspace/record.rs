@@ -76,16 +76,22 @@ impl Folders {
 
     /// The lease of run `id`: its live one, else the one of its record,
     /// finished when its journal (or the lease) was last written.
+    ///
+    /// With neither, it looks for the live one again for a while: on a
+    /// network or FUSE volume a lease being renewed as it is looked up can
+    /// seem gone, and a live run must not look abandoned (to the janitor,
+    /// to a sweep, to a replica following it).
     fn lease(&self, id: RequestId) -> Option<Lease> {
         if let Some(live) = lease::read_blocking(&self.live_lease(id)) {
             return Some(live);
         }
-        let Some(mut ended) = lease::read_blocking(&self.record(id, LEASE)) else {
-            // Neither: a run without a record, or a live lease being renewed
-            // as it was looked up (network and FUSE volumes), which must
-            // not make the run look abandoned.
-            return lease::read_expected(&self.live_lease(id));
-        };
+        self.ended_lease(id)
+            .or_else(|| lease::read_expected(&self.live_lease(id)).or_else(|| self.ended_lease(id)))
+    }
+
+    /// The lease of run `id`'s record, once it ended.
+    fn ended_lease(&self, id: RequestId) -> Option<Lease> {
+        let mut ended = lease::read_blocking(&self.record(id, LEASE))?;
         let written = |path: PathBuf| std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok();
         let at = written(self.record(id, JOURNAL)).or_else(|| written(self.record(id, LEASE)));
         let at = at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
@@ -154,6 +160,16 @@ impl Records {
 
     /// Opens the record of run `id` for reading, if there is one. Blocking.
     pub fn find(&self, id: RequestId) -> Option<RecordReader> {
+        // An id without a single file is no run's: no looking again.
+        let folders = &self.shared;
+        let files = [
+            folders.live_lease(id),
+            folders.record(id, LEASE),
+            folders.record(id, JOURNAL),
+        ];
+        if !files.iter().any(|f| std::fs::symlink_metadata(f).is_ok()) {
+            return None;
+        }
         let reader = RecordReader {
             id,
             folders: Arc::clone(&self.shared),

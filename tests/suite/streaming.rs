@@ -164,8 +164,26 @@ async fn streaming_functions_read_the_whole_input_while_it_is_staged() {
         .to_owned();
     assert!(pipe.ends_with("/file/file.txt"), "{pipe}");
     stack.wait_idle().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!std::path::Path::new(&pipe).exists(), "{pipe} is left");
+    wait_for("the named pipe removed", || !std::path::Path::new(&pipe).exists()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_streaming_input_reads_as_empty() {
+    let (stack, _relay, _gateway, mut client) = through_relay(THROTTLED).await;
+    let url = stack.put_input("stream/empty.txt", Vec::new()).await;
+    let empty = hex::encode(Sha256::digest(b""));
+    // Read by the SDK's reader, on standard input, and through a named pipe
+    // the program opens after everything (nothing) was fed.
+    for (prefab, function) in [
+        ("hello-world-prefab", "sha256"),
+        ("streamer", "checksum"),
+        ("streamer", "digest"),
+    ] {
+        let (events, failed) = run(&mut client, prefab, function, "file", &url).await;
+        assert!(failed.is_none(), "{function}: {failed:?}");
+        assert_eq!(call_outputs(&events)["sha256"], empty.as_str(), "{function}");
+    }
+    stack.wait_idle().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,7 +182,8 @@ impl DirFd {
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let file = match rustix::fs::openat(&self.0, name, flags, Mode::empty()) {
             Ok(fd) => File::from(fd),
-            Err(Errno::NOENT) => return Ok(None),
+            // Stale (NFS): the name led to a file that is gone.
+            Err(Errno::NOENT | Errno::STALE) => return Ok(None),
             Err(e) => return Err(refuse(name, e)),
         };
         if !file.metadata()?.is_file() {
@@ -300,8 +301,8 @@ fn close_checked(file: File) -> std::io::Result<()> {
 }
 
 /// How [`open_replaced`] looks a missing file up again: at once this many
-/// times, then after each of these pauses (63 ms in all).
-const REPLACED_RETRIES: (usize, [u64; 6]) = (8, [1, 2, 4, 8, 16, 32]);
+/// times, then after each of these pauses (255 ms in all).
+const REPLACED_RETRIES: (usize, [u64; 8]) = (8, [1, 2, 4, 8, 16, 32, 64, 128]);
 
 /// Opens the regular file at `path` (relative to `dir`, following no link)
 /// for reading: a file that should be there, which others replace by
