@@ -440,23 +440,21 @@ async fn feed(input: Streamed, stdin: Option<ChildStdin>, failed: tokio::sync::m
         mut reader,
         sink,
     } = input;
-    let fed = match sink {
+    // On failure, the program's end goes with the error, to be held.
+    let fed: Result<(), (PrefabError, Box<dyn Send>)> = match sink {
         Sink::Stdin => match stdin {
-            Some(mut stdin) => copy(&name, &mut reader, &mut stdin)
-                .await
-                .map_err(|e| (e, Some(stdin))),
+            Some(mut stdin) => match copy(&name, &mut reader, &mut stdin).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err((e, Box::new(stdin))),
+            },
             None => Ok(()),
         },
         Sink::Pipe(mut pipe) => match copy(&name, &mut reader, &mut pipe.writer).await {
             Ok(()) => pipe.drained().await.map_err(|e| {
                 let e = PrefabError::Failed(format!("cannot feed input {name:?} to the program: {e}"));
-                (e, None)
+                (e, Box::new(()) as Box<dyn Send>)
             }),
-            Err(e) => {
-                let _held = pipe;
-                let _ = failed.send(e).await;
-                return std::future::pending().await;
-            }
+            Err(e) => Err((e, Box::new(pipe))),
         },
     };
     if let Err((e, _held)) = fed {
