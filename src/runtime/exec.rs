@@ -252,7 +252,9 @@ impl Prefab for ExecPrefab {
             Some(name) if call.files().contains_key(name) => Stdin::File(open_input_file(&call, name).await?),
             _ => Stdin::Empty,
         };
-        run(&call, exec, argv, stdin, streamed).await
+        let result = run(&call, exec, argv, stdin, streamed).await;
+        pipes.remove().await;
+        result
     }
 }
 
@@ -392,24 +394,31 @@ impl NamedPipes {
     }
 }
 
+impl NamedPipes {
+    /// Removes the pipes' folder, when the call is over.
+    async fn remove(mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = tokio::task::spawn_blocking(move || remove_pipes(&dir)).await;
+        }
+    }
+}
+
+/// A call dropped before its end (its runtime going away) removes its
+/// pipes here, where there may be no blocking pool left to do it: a folder
+/// of one or two pipes on the local temporary directory.
 impl Drop for NamedPipes {
     fn drop(&mut self) {
-        let Some(dir) = self.dir.take() else {
-            return;
-        };
-        let remove = move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), "cannot remove named pipes: {e}");
-            }
-        };
-        // Off the async threads where there are any (a folder of one or
-        // two pipes: here, when the runtime is going away).
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
-            Err(_) => remove(),
+        if let Some(dir) = self.dir.take() {
+            remove_pipes(&dir);
         }
+    }
+}
+
+fn remove_pipes(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), "cannot remove named pipes: {e}");
     }
 }
 
