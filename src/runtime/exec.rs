@@ -299,24 +299,31 @@ impl NamedPipe {
     /// leaving a program that opens it later waiting for a writer forever.
     async fn drained(self) -> std::io::Result<()> {
         let mut wait = DRAIN_WAIT.0;
-        while rustix::io::ioctl_fionread(&self.reader)? > 0 {
-            tokio::time::sleep(wait).await;
+        let mut pause = || {
+            let now = wait;
             wait = (wait * 2).min(DRAIN_WAIT.1);
+            tokio::time::sleep(now)
+        };
+        while rustix::io::ioctl_fionread(&self.reader)? > 0 {
+            pause().await;
         }
         drop(self.reader);
-        // With this side's reader closed, opening a writer without blocking
-        // succeeds only while another process reads.
-        let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
-        loop {
-            match rustix::fs::open(&self.path, flags, rustix::fs::Mode::empty()) {
-                Ok(_) => return Ok(()),
-                Err(rustix::io::Errno::NXIO) => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(DRAIN_WAIT.1);
-                }
-                Err(e) => return Err(e.into()),
-            }
+        while !read_elsewhere(&self.path)? {
+            pause().await;
         }
+        Ok(())
+    }
+}
+
+/// Whether a process has the named pipe at `path` open for reading (this
+/// one holding no reading end): opening a writer without blocking succeeds
+/// only then.
+fn read_elsewhere(path: &Path) -> std::io::Result<bool> {
+    let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
+    match rustix::fs::open(path, flags, rustix::fs::Mode::empty()) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NXIO) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 use super::{Crc64, checksum::Crc64Stream};
+use prefab_sdk::workspace::{Cached, read_cached_at};
 
 /// Bytes per read when checksumming or sending part of a file: small enough
 /// to stay in the CPU cache between the page cache and the socket.
@@ -166,30 +167,17 @@ impl FileRange {
         }
         let want = (CHUNK as u64).min(self.remaining) as usize;
         let mut buf = self.file.buffer(want);
-        let read = rustix::io::preadv2(
-            &self.file.file,
-            &mut [std::io::IoSliceMut::new(&mut buf[..want])],
-            self.offset,
-            rustix::io::ReadWriteFlags::NOWAIT,
-        );
-        match read {
-            Ok(n) if n > 0 => {
+        match read_cached_at(&self.file.file, &mut buf[..want], self.offset) {
+            Cached::Read(n) => {
                 self.offset += n as u64;
                 self.remaining -= n as u64;
                 self.cached_reads += 1;
                 return Some(Chunk::bytes(buf, n, &self.file));
             }
-            // Not in the page cache, interrupted, or the file cut short (0):
-            // the blocking read waits for the disk, or reports the end.
-            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-            // No RWF_NOWAIT here (EOPNOTSUPP), or no preadv2 (ENOSYS).
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
-                self.file.nowait.store(false, Ordering::Relaxed);
-            }
-            // The blocking read meets it again and reports it if it lasts.
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a cached chunk failed; reading it on a blocking thread")
-            }
+            // The blocking read waits for the disk, or reports the end or
+            // the error.
+            Cached::NotCached => {}
+            Cached::Unsupported => self.file.nowait.store(false, Ordering::Relaxed),
         }
         self.file.give_back(buf);
         None
@@ -329,14 +317,7 @@ mod tests {
     /// overlayfs on older kernels do not); the cached path is checked only
     /// where it is taken.
     fn takes_nowait(file: &File) -> bool {
-        let mut byte = [0u8];
-        let read = rustix::io::preadv2(
-            file,
-            &mut [std::io::IoSliceMut::new(&mut byte)],
-            0,
-            rustix::io::ReadWriteFlags::NOWAIT,
-        );
-        if matches!(read, Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS)) {
+        if read_cached_at(file, &mut [0], 0) == Cached::Unsupported {
             eprintln!("the test directory's file system has no RWF_NOWAIT: only blocking reads are checked");
             return false;
         }

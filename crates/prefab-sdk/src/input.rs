@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::workspace::{
-    DirFd,
+    Cached, DirFd, read_cached_at,
     watermark::{Watermark, part_name, shares_page_cache},
 };
 
@@ -231,24 +231,24 @@ impl Cursor {
                 return Ok(Next::End);
             }
             let mark = match Watermark::read(&self.dir, &self.name)? {
-                Some(mark) => Some(mark),
-                // Not streamed, or staged and renamed: the complete file.
-                None if self.dir.open_file(&self.name)?.is_some() => None,
-                // Neither a watermark nor the file: a watermark replaced as
-                // it was looked up (network and FUSE volumes), or the input
-                // is gone (then opening it says so).
-                None => Watermark::read_expected(&self.dir, &self.name)?,
+                Some(mark) => mark,
+                None => match self.dir.open_file(&self.name)? {
+                    // Not streamed: the complete file is under its name.
+                    Some(file) => {
+                        self.readable = file.metadata()?.len();
+                        self.size = Some(self.readable);
+                        self.file = Some(file);
+                        self.complete = true;
+                        continue;
+                    }
+                    // Neither a watermark nor the file: a watermark replaced
+                    // as it was looked up (network and FUSE volumes), or the
+                    // input is gone.
+                    None => Watermark::read_expected(&self.dir, &self.name)?.ok_or_else(|| self.gone())?,
+                },
             };
             match mark {
-                // Not streamed: the complete file is under its name.
-                None => {
-                    let file = self.open(&self.name)?;
-                    self.readable = file.metadata()?.len();
-                    self.size = Some(self.readable);
-                    self.file = Some(file);
-                    self.complete = true;
-                }
-                Some(Watermark::Staging { written, size }) if written > self.readable => {
+                Watermark::Staging { written, size } if written > self.readable => {
                     self.size = Some(size);
                     let reopen = *self.reopen.get_or_insert_with(|| !shares_page_cache(&self.dir));
                     if reopen || self.file.is_none() {
@@ -256,8 +256,8 @@ impl Cursor {
                     }
                     self.readable = written;
                 }
-                Some(Watermark::Staging { .. }) => return Ok(Next::Wait),
-                Some(Watermark::Complete { size }) => {
+                Watermark::Staging { .. } => return Ok(Next::Wait),
+                Watermark::Complete { size } => {
                     let file = self.open(&self.name)?;
                     let len = file.metadata()?.len();
                     if len != size {
@@ -271,7 +271,7 @@ impl Cursor {
                     self.size = Some(size);
                     self.complete = true;
                 }
-                Some(Watermark::Failed { reason }) => {
+                Watermark::Failed { reason } => {
                     return Err(std::io::Error::other(format!(
                         "staging input {} failed: {reason}",
                         self.name
@@ -282,10 +282,8 @@ impl Cursor {
     }
 
     /// Reads up to [`CACHED_CHUNK`] of what is readable, if the page cache
-    /// holds it, without blocking: `RWF_NOWAIT` returns what is cached and
-    /// never waits for the disk or the network. That saves a hand-off to a
-    /// blocking thread per chunk; staged bytes were just written, so they
-    /// are nearly always there.
+    /// holds it, on the caller's thread ([`read_cached_at`]): staged bytes
+    /// were just written, so they are nearly always there.
     fn read_cached(&mut self) -> Option<Bytes> {
         let file = self
             .file
@@ -294,25 +292,14 @@ impl Cursor {
         let want = (self.readable - self.pos).min(CACHED_CHUNK as u64) as usize;
         self.cached.reserve(want);
         self.cached.resize(want, 0);
-        let read = rustix::io::preadv2(
-            file,
-            &mut [std::io::IoSliceMut::new(&mut self.cached)],
-            self.pos,
-            rustix::io::ReadWriteFlags::NOWAIT,
-        );
-        match read {
-            Ok(n) if n > 0 => {
+        match read_cached_at(file, &mut self.cached, self.pos) {
+            Cached::Read(n) => {
                 self.cached.truncate(n);
                 self.pos += n as u64;
                 return Some(self.cached.split().freeze());
             }
-            // Not cached, interrupted, or the file cut short (0): the
-            // blocking read waits for it, or reports the end.
-            Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
-            // No RWF_NOWAIT here (EOPNOTSUPP), or no preadv2 (ENOSYS); the
-            // blocking read meets any other error again and reports it.
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => self.nowait = false,
-            Err(_) => {}
+            Cached::NotCached => {}
+            Cached::Unsupported => self.nowait = false,
         }
         self.cached.clear();
         None
@@ -354,15 +341,17 @@ impl Cursor {
 
     /// Opens `name` (following no link); it is read at positions.
     fn open(&self, name: &str) -> std::io::Result<File> {
-        self.dir.open_file(name)?.ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!(
-                    "input {} is gone: the call was cancelled or its workspace removed",
-                    self.name
-                ),
-            )
-        })
+        self.dir.open_file(name)?.ok_or_else(|| self.gone())
+    }
+
+    fn gone(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "input {} is gone: the call was cancelled or its workspace removed",
+                self.name
+            ),
+        )
     }
 }
 
@@ -393,16 +382,8 @@ mod tests {
         }
         assert!(got == data, "chunk by chunk, the bytes differ");
         assert_eq!(sizes[0], CHUNK as usize);
-        let cached = std::fs::File::open(tmp.path().join("in.bin")).is_ok_and(|f| {
-            let mut probe = [0u8; 1];
-            rustix::io::preadv2(
-                &f,
-                &mut [std::io::IoSliceMut::new(&mut probe)],
-                0,
-                rustix::io::ReadWriteFlags::NOWAIT,
-            )
-            .is_ok()
-        });
+        let cached = std::fs::File::open(tmp.path().join("in.bin"))
+            .is_ok_and(|f| read_cached_at(&f, &mut [0], 0) != Cached::Unsupported);
         if cached {
             assert!(sizes[1..].iter().all(|&n| n <= CACHED_CHUNK), "{sizes:?}");
             assert_eq!(sizes.len(), 1 + (2 * CHUNK as usize + 7).div_ceil(CACHED_CHUNK));

@@ -300,6 +300,38 @@ fn close_checked(file: File) -> std::io::Result<()> {
     }
 }
 
+/// What [`read_cached_at`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cached {
+    /// This many bytes (at least one) were in the page cache.
+    Read(usize),
+    /// Not in the page cache (or interrupted, or past the file's end, or an
+    /// error a blocking read will meet again): read it blocking.
+    NotCached,
+    /// This file system takes no `RWF_NOWAIT` reads (`EOPNOTSUPP`: NFS,
+    /// FUSE), or the kernel no `preadv2`: read blocking from now on.
+    Unsupported,
+}
+
+/// Reads into `buf`, at `offset` in `file`, what the page cache holds, if
+/// any, without blocking: `RWF_NOWAIT` returns what is cached and never
+/// starts or waits for disk or network I/O (it can still wait briefly for
+/// memory, like any allocation). A file just written or read is read so
+/// where it is needed, saving a hand-off to a blocking thread.
+pub fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> Cached {
+    let read = rustix::io::preadv2(
+        file,
+        &mut [std::io::IoSliceMut::new(buf)],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    match read {
+        Ok(n) if n > 0 => Cached::Read(n),
+        Err(Errno::OPNOTSUPP | Errno::NOSYS) => Cached::Unsupported,
+        _ => Cached::NotCached,
+    }
+}
+
 /// How [`open_replaced`] looks a missing file up again: at once this many
 /// times, then after each of these pauses (255 ms in all).
 const REPLACED_RETRIES: (usize, [u64; 8]) = (8, [1, 2, 4, 8, 16, 32, 64, 128]);

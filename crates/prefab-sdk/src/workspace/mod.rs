@@ -19,7 +19,7 @@ use std::{
 };
 
 pub use confine::{RelPath, RelPathError, open_regular};
-pub use fd::{DirFd, TMP_SUFFIX, open_replaced, tmp_name};
+pub use fd::{Cached, DirFd, TMP_SUFFIX, open_replaced, read_cached_at, tmp_name};
 use uuid::Uuid;
 
 /// Name of the folder staged inputs go to.
