@@ -677,6 +677,30 @@ async fn replicas_share_runs_and_the_volume_budget(mount: Mount) {
     let (again, end) = watch(&mut c, &id).await;
     assert!(end.is_ok() && milestones(&again) == milestones(&on_a));
 
+    // A streamed input (its watermark read by the runtime, as uid 1000),
+    // run on B and followed to its end from C.
+    let text = common::text(300_000, 9);
+    let url = volume.put_input("streamed.txt", text.clone()).await;
+    let id = start_detached(
+        &mut b,
+        vec![call(
+            "hello-world-prefab",
+            "word_count",
+            serde_json::json!({ "text": url }),
+        )],
+    )
+    .await;
+    let ((on_b, end_b), (on_c, end_c)) = tokio::join!(watch(&mut b, &id), watch(&mut c, &id));
+    assert!(end_b.is_ok() && end_c.is_ok(), "{end_b:?} {end_c:?}");
+    assert_eq!(
+        milestones(&on_c),
+        milestones(&on_b),
+        "C saw other milestones than B"
+    );
+    let words = String::from_utf8_lossy(&text).split_whitespace().count();
+    let events: Vec<Event> = on_b.into_iter().filter_map(|e| e.event).collect();
+    assert_eq!(outputs(&events)[0]["words"], serde_json::json!(words));
+
     // A run admitted on A that holds most of the budget makes B refuse one.
     let half = volume.put_input("half.bin", vec![7; 300_000]).await;
     let hold = |url: &str| {
